@@ -1,0 +1,334 @@
+"""Backend strategies that load a causal LM with LoRA adapters.
+
+* ``unsloth``: Unsloth's FastLanguageModel (4-bit NF4, fused kernels, its own
+  offloaded gradient checkpointing). CUDA only; Unsloth cannot even be
+  imported without a GPU, so it is an optional extra imported lazily, and
+  before transformers/peft where possible (:func:`preimport_unsloth`).
+* ``hf``: transformers + peft, with bitsandbytes 4-bit NF4 when CUDA and
+  bitsandbytes are there; full precision on CPU.
+* ``auto``: ``unsloth`` when CUDA and Unsloth are available, else ``hf``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "unsloth", "hf")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+def unsloth_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def resolve_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        return "unsloth" if unsloth_available() else "hf"
+    if name == "unsloth":
+        if not torch.cuda.is_available():
+            raise UserError("backend 'unsloth' needs a CUDA GPU; use backend 'hf' (or 'auto') on this machine")
+        if not unsloth_available():
+            raise UserError("backend 'unsloth' needs the optional extra: pip install 'bengali_empathy[unsloth]'")
+    return name
+
+
+def _backend_from_argv(argv: list[str]) -> str:
+    """Best-effort read of ``model.backend`` from CLI args and --config files."""
+    backend = "auto"
+    it = iter(range(len(argv)))
+    for i in it:
+        arg = argv[i]
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            try:
+                import yaml
+
+                with open(argv[i + 1], encoding="utf-8") as fh:
+                    cfg = yaml.safe_load(fh) or {}
+                backend = (cfg.get("model") or {}).get("backend", backend) or backend
+            except Exception:  # noqa: BLE001 - the CLI reports config errors itself
+                pass
+        elif arg.startswith("--config="):
+            return _backend_from_argv(["--config", arg.split("=", 1)[1]] + argv[i + 1:])
+        elif arg.startswith("--model.backend="):
+            backend = arg.split("=", 1)[1]
+        elif arg in ("--model.backend", "--backend") and i + 1 < len(argv):
+            backend = argv[i + 1]
+        elif arg.startswith("--backend="):
+            backend = arg.split("=", 1)[1]
+    return backend
+
+
+def preimport_unsloth(argv: Optional[list[str]] = None) -> bool:
+    """Import Unsloth before transformers/peft when it will be used (it patches them on import)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if _backend_from_argv(argv) not in ("auto", "unsloth") or not unsloth_available():
+        return False
+    if "transformers" in sys.modules or "peft" in sys.modules:
+        log.warning("transformers was imported before unsloth; some Unsloth patches may not apply")
+    _quiet_unsloth_env()
+    import unsloth  # noqa: F401
+
+    return True
+
+
+def _quiet_unsloth_env() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+
+
+def bitsandbytes_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing or broken install
+        return False
+    return True
+
+
+def read_adapter_config(adapter_path: str | os.PathLike) -> dict:
+    path = Path(adapter_path)
+    cfg = path / "adapter_config.json"
+    if not cfg.is_file():
+        raise UserError(f"adapter directory {path} has no adapter_config.json")
+    with open(cfg, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def load_adapter_weights(model, adapter_path: str | os.PathLike) -> None:
+    """Load saved LoRA weights into a PEFT model built with the same LoRA settings."""
+    from peft import set_peft_model_state_dict
+
+    path = Path(adapter_path)
+    st = path / "adapter_model.safetensors"
+    if st.is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(st))
+    elif (path / "adapter_model.bin").is_file():
+        state = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise UserError(f"adapter directory {path} has no adapter_model.safetensors")
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise UserError(f"adapter {path} does not match the model (unexpected keys, e.g. {unexpected[0]})")
+
+
+def lora_settings_from_adapter(adapter_path: str | os.PathLike, default: LoraSettings) -> LoraSettings:
+    cfg = read_adapter_config(adapter_path)
+    targets = cfg.get("target_modules") or default.target_modules
+    if isinstance(targets, str):
+        targets = [targets]
+    return LoraSettings(r=int(cfg.get("r", default.r)), alpha=int(cfg.get("lora_alpha", default.alpha)),
+                        dropout=float(cfg.get("lora_dropout", default.dropout)), target_modules=sorted(targets))
+
+
+class Backend:
+    """Strategy interface: load a LoRA model, switch train/inference modes, compute the loss."""
+
+    name = "base"
+
+    def __init__(self, load_in_4bit: bool = True, gradient_checkpointing: bool = True, seed: int = 3407) -> None:
+        self.load_in_4bit = load_in_4bit
+        self.gradient_checkpointing = gradient_checkpointing
+        self.seed = seed
+        self.quantized = False
+
+    def load(self, model_path: Path, max_seq_length: int, lora: LoraSettings, adapter_path: Optional[str]):
+        raise NotImplementedError
+
+    def for_training(self, model) -> None:
+        model.train()
+
+    def for_inference(self, model) -> None:
+        model.eval()
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @staticmethod
+    def checkpointing_flags(model) -> int:
+        """Number of modules whose gradient-checkpointing flag is on."""
+        return sum(1 for m in model.modules() if getattr(m, "gradient_checkpointing", False) is not False
+                   and getattr(m, "gradient_checkpointing", False) is not None)
+
+    def gradient_checkpointing_active(self, model) -> bool:
+        return model.training and self.checkpointing_flags(model) > 0
+
+    @staticmethod
+    def count_parameters(model) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = 0
+        for p in model.parameters():
+            n = p.numel()
+            # bitsandbytes Params4bit store two 4-bit values per uint8 element
+            if p.dtype == torch.uint8 and hasattr(p, "quant_state"):
+                n *= 2
+            total += n
+        return trainable, total
+
+
+def _reply_token_count(batch: dict) -> torch.Tensor:
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+class HFPeftBackend(Backend):
+    """transformers + peft (+ bitsandbytes 4-bit NF4 on CUDA)."""
+
+    name = "hf"
+
+    def load(self, model_path: Path, max_seq_length: int, lora: LoraSettings, adapter_path: Optional[str]):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        from .tokenizer import load_tokenizer
+
+        cuda = torch.cuda.is_available()
+        kwargs: dict = {"local_files_only": True}
+        if cuda:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+            kwargs["attn_implementation"] = "sdpa"
+        else:
+            dtype = torch.float32
+        kwargs["dtype"] = dtype
+        if self.load_in_4bit and bitsandbytes_available():
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            )
+            self.quantized = True
+        elif self.load_in_4bit:
+            why = "no CUDA GPU" if not cuda else "bitsandbytes is not installed"
+            warnings.warn(f"load_in_4bit ignored ({why}): loading {model_path.name} in {dtype}", stacklevel=2)
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
+        model.config.use_cache = False
+        gc_kwargs = {"use_reentrant": False}
+        if self.quantized:
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=self.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+            )
+        elif self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        if adapter_path:
+            lora = lora_settings_from_adapter(adapter_path, lora)
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+        torch.manual_seed(self.seed)
+        model = get_peft_model(model, config)
+        if adapter_path:
+            load_adapter_weights(model, adapter_path)
+        tokenizer = load_tokenizer(model_path)
+        return model, tokenizer
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-weighted cross-entropy over reply tokens only.
+
+        The LM head runs only on positions whose next token is a reply token,
+        so the (batch x seq x 128256) logits tensor is never built.
+        """
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        decoder = base.get_decoder()
+        head = base.get_output_embeddings()
+        labels = batch["labels"]
+        targets = labels[:, 1:]
+        select = targets != IGNORE_INDEX
+        out = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                      position_ids=batch.get("position_ids"), use_cache=False)
+        hidden = out.last_hidden_state[:, :-1][select]
+        logits = head(hidden).float()
+        n = select.sum()
+        loss = F.cross_entropy(logits, targets[select], reduction="sum") / n.clamp(min=1)
+        return loss, n
+
+
+class UnslothBackend(Backend):
+    """Unsloth FastLanguageModel with LoRA and Unsloth's gradient checkpointing."""
+
+    name = "unsloth"
+
+    def load(self, model_path: Path, max_seq_length: int, lora: LoraSettings, adapter_path: Optional[str]):
+        _quiet_unsloth_env()
+        from unsloth import FastLanguageModel
+
+        from .tokenizer import load_tokenizer
+
+        model, _ = FastLanguageModel.from_pretrained(
+            model_name=str(model_path), max_seq_length=max_seq_length, dtype=None,
+            load_in_4bit=self.load_in_4bit, local_files_only=True,
+        )
+        self.quantized = self.load_in_4bit
+        if adapter_path:
+            lora = lora_settings_from_adapter(adapter_path, lora)
+        model = FastLanguageModel.get_peft_model(
+            model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules), bias="none",
+            use_gradient_checkpointing="unsloth" if self.gradient_checkpointing else False,
+            random_state=self.seed, max_seq_length=max_seq_length,
+        )
+        if adapter_path:
+            load_adapter_weights(model, adapter_path)
+        # Our tokenizer (pad = <|finetune_right_pad_id|>, right padding) for both backends.
+        tokenizer = load_tokenizer(model_path)
+        return model, tokenizer
+
+    def for_training(self, model) -> None:
+        """Re-arm Unsloth's gradient checkpointing.
+
+        Outside Unsloth's own Trainer nothing calls ``for_training``: after any
+        ``generate`` (which runs ``for_inference`` and clears the flags) or a
+        Lightning eval/train switch, the layers silently train without
+        checkpointing. Lightning's hooks call this instead of ``model.train()``.
+        """
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_training(
+            model, use_gradient_checkpointing="unsloth" if self.gradient_checkpointing else False
+        )
+
+    def for_inference(self, model) -> None:
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_inference(model)
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        # Unsloth's fused cross-entropy returns a token mean over labels != -100
+        # (and empty logits), so the loss is the only output we use.
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                    position_ids=batch.get("position_ids"), labels=batch["labels"])
+        return out.loss, _reply_token_count(batch)
+
+
+def make_backend(name: str, **kwargs) -> Backend:
+    resolved = resolve_backend(name)
+    return UnslothBackend(**kwargs) if resolved == "unsloth" else HFPeftBackend(**kwargs)

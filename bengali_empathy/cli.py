@@ -1,0 +1,150 @@
+"""Command line: LightningCLI for fit/validate/test/predict, plus chat, export and benchmark."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .errors import UserError
+
+EXTRA_COMMANDS = ("chat", "export", "benchmark")
+
+
+def tokenizer_path_for(model_name_or_path: str) -> Optional[str]:
+    """The data module reads the tokenizer of the model being trained (embedded one for the tiny model)."""
+    from .modeling import TINY_MODEL
+
+    return None if model_name_or_path == TINY_MODEL else model_name_or_path
+
+
+def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.cli import LightningCLI
+
+    from .callbacks import PredictionWriter, ThroughputMonitor
+    from .data import EmpatheticDialogueDataModule
+    from .module import EmpathyLM
+
+    class EmpathyCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments("model.model_name_or_path", "data.tokenizer_path", compute_fn=tokenizer_path_for)
+            parser.link_arguments("data.max_seq_length", "model.max_seq_length")
+
+        def _prepare_data(self) -> None:
+            # Tokenise and validate the corpus before anything is written.
+            self.datamodule.prepare()
+
+        before_fit = before_validate = before_test = before_predict = _prepare_data
+
+    return EmpathyCLI(
+        EmpathyLM,
+        EmpatheticDialogueDataModule,
+        args=args,
+        run=run,
+        seed_everything_default=42,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "callbacks": [
+                ThroughputMonitor(window=5),
+                LearningRateMonitor(logging_interval="step"),
+                PredictionWriter(),
+            ],
+            "log_every_n_steps": 5,
+        },
+        parser_kwargs={"description": "Fine-tune Llama-3.1 to reply with empathy in Bengali (QLoRA + Lightning)."},
+    )
+
+
+# --------------------------------------------------------------------------- chat
+
+
+def chat_main(argv: list[str]) -> int:
+    from .modeling import TINY_MODEL
+
+    p = argparse.ArgumentParser(prog="python -m bengali_empathy chat",
+                                description="Reply to Bengali messages with a (fine-tuned) model.")
+    p.add_argument("--model", default=TINY_MODEL, help="local checkpoint directory or tiny-random-llama")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (e.g. lightning_logs/version_0/adapter)")
+    p.add_argument("--backend", default="auto", help="auto, unsloth or hf")
+    p.add_argument("--message", "-m", action="append", help="message to answer (repeatable); else read stdin lines")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--no-4bit", action="store_true", help="load the base model unquantised")
+    a = p.parse_args(argv)
+    import torch
+
+    from .data import ChatFormatter
+    from .module import EmpathyLM
+
+    model_name = a.model
+    if a.adapter and a.model == TINY_MODEL:
+        model_name = _adapter_base(a.adapter) or TINY_MODEL
+    lm = EmpathyLM(model_name_or_path=model_name, backend=a.backend, adapter_path=a.adapter,
+                   load_in_4bit=not a.no_4bit, gradient_checkpointing=False)
+    lm.configure_model()
+    if torch.cuda.is_available() and not lm.backend.quantized:
+        lm.to("cuda")
+    lm.eval()
+    fmt = ChatFormatter(lm.tokenizer, max_seq_length=lm.hparams.max_seq_length)
+    messages = a.message if a.message else (line.strip() for line in sys.stdin)
+    interactive = not a.message and sys.stdin.isatty()
+    if interactive:
+        print("Type a message (Ctrl-D to quit).", file=sys.stderr)
+    for msg in messages:
+        if not msg:
+            continue
+        print(lm.chat(msg, fmt, a.max_new_tokens), flush=True)
+    return 0
+
+
+def _adapter_base(adapter: str) -> Optional[str]:
+    import json
+
+    meta = Path(adapter) / "bengali_empathy.json"
+    if meta.is_file():
+        return json.loads(meta.read_text(encoding="utf-8")).get("model_name_or_path")
+    return None
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bengali_empathy export",
+                                description="Merge a LoRA adapter into its base model and save 16-bit weights.")
+    p.add_argument("--adapter", required=True, help="LoRA adapter directory")
+    p.add_argument("--output", required=True, help="directory for the merged checkpoint (must not exist)")
+    p.add_argument("--model", default=None, help="base checkpoint (default: the one recorded in the adapter)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    a = p.parse_args(argv)
+    from .export import merge_adapter
+
+    out = merge_adapter(a.adapter, a.output, base=a.model, dtype=a.dtype)
+    print(f"merged model written to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    cli_args = argv  # None: LightningCLI reads sys.argv itself
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] == "chat":
+            return chat_main(argv[1:])
+        if argv and argv[0] == "export":
+            return export_main(argv[1:])
+        if argv and argv[0] == "benchmark":
+            from .benchmark import main as bench_main
+
+            return bench_main(argv[1:])
+        lightning_cli(cli_args)
+        return 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,40 @@
+"""Merge a LoRA adapter into its base model and save a 16-bit checkpoint."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from .errors import UserError
+
+
+def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, base: Optional[str] = None,
+                  dtype: str = "bfloat16") -> Path:
+    """Load the base in ``dtype`` (never quantised), apply the adapter, merge, save to ``output``."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from .cli import _adapter_base
+    from .modeling import resolve_model_path
+    from .tokenizer import load_tokenizer
+
+    adapter, output = Path(adapter), Path(output)
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"not a LoRA adapter directory (no adapter_config.json): {adapter}")
+    if output.exists():
+        raise UserError(f"output directory already exists: {output}")
+    base = base or _adapter_base(str(adapter))
+    if base is None:
+        raise UserError("the adapter does not record its base model: pass --model")
+    base_path = resolve_model_path(base)
+    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=getattr(torch, dtype), local_files_only=True)
+    model = PeftModel.from_pretrained(model, str(adapter))
+    model = model.merge_and_unload()
+    tmp = output.with_name(output.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    load_tokenizer(adapter if (adapter / "tokenizer.json").is_file() else base_path).save_pretrained(str(tmp))
+    os.replace(tmp, output)
+    return output
