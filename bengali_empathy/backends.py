@@ -163,6 +163,9 @@ class Backend:
         self.gradient_checkpointing = gradient_checkpointing
         self.seed = seed
         self.quantized = False
+        # Re-arm gradient checkpointing on every switch back to training (see
+        # UnslothBackend.for_training). False only to reproduce the bug in benchmarks.
+        self.rearm_checkpointing = True
 
     def load(self, model_path: Path, max_seq_length: int, lora: LoraSettings, adapter_path: Optional[str]):
         raise NotImplementedError
@@ -312,6 +315,9 @@ class UnslothBackend(Backend):
         """
         from unsloth import FastLanguageModel
 
+        if not self.rearm_checkpointing:
+            model.train()  # what Lightning alone does: flags cleared by for_inference stay off
+            return
         FastLanguageModel.for_training(
             model, use_gradient_checkpointing="unsloth" if self.gradient_checkpointing else False
         )
@@ -324,7 +330,10 @@ class UnslothBackend(Backend):
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         # Unsloth's fused cross-entropy returns a token mean over labels != -100
         # (and empty logits), so the loss is the only output we use.
-        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+        mask = batch.get("attention_mask")
+        if mask is not None and bool(mask.all()):
+            mask = None  # no padding: let Unsloth take its pure-causal fast attention path
+        out = model(input_ids=batch["input_ids"], attention_mask=mask,
                     position_ids=batch.get("position_ids"), labels=batch["labels"])
         return out.loss, _reply_token_count(batch)
 

@@ -76,6 +76,7 @@ def run(args) -> dict:
                    optimizer=args.optimizer, max_new_tokens=4, val_generate_batches=1, log_samples=0,
                    save_adapter_on_fit_end=False)
     lm.configure_model()
+    lm.backend.rearm_checkpointing = args.rearm
     load_s = time.perf_counter() - t_load
     device = torch.device("cuda" if cuda else "cpu")
     if not lm.backend.quantized:
@@ -89,7 +90,7 @@ def run(args) -> dict:
         "arch": args.arch, "backend": lm.backend.name, "loop": args.loop, "seq_len": args.seq_len,
         "batch_size": args.batch_size, "steps_timed": args.steps, "quantized_4bit": lm.backend.quantized,
         "gradient_checkpointing_requested": not args.no_gradient_checkpointing,
-        "trainable_params": lm.param_counts[0], "load_s": round(load_s, 1),
+        "trainable_params": lm.param_counts[0], "rearm_checkpointing": args.rearm, "load_s": round(load_s, 1),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
     times: dict = {}
@@ -174,6 +175,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--no-sanity-val", dest="sanity_val", action="store_false",
                    help="skip the sanity-check validation (with generation) before training")
+    p.add_argument("--no-rearm", dest="rearm", action="store_false",
+                   help="do not re-arm Unsloth's gradient checkpointing after eval/generate (reproduces the bug)")
     p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     args = p.parse_args(argv)
     result = run(args)
