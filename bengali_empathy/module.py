@@ -199,8 +199,9 @@ class EmpathyLM(L.LightningModule):
         was_training = self.model.training
         self.backend.for_inference(self.model)
         try:
-            ids = batch["gen_input_ids"].to(self.device)
-            mask = batch["gen_attention_mask"].to(self.device)
+            device = next(self.model.parameters()).device  # also right outside a Trainer
+            ids = batch["gen_input_ids"].to(device)
+            mask = batch["gen_attention_mask"].to(device)
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens or self.hparams.max_new_tokens,
                 do_sample=False, eos_token_id=stop_token_ids(self.tokenizer), pad_token_id=self.tokenizer.pad_token_id,
