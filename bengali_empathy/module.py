@@ -254,7 +254,7 @@ class EmpathyLM(L.LightningModule):
         tmp = directory.with_name(directory.name + ".tmp")
         self.model.save_pretrained(str(tmp))
         self.tokenizer.save_pretrained(str(tmp))
-        meta = {"base_model": str(self.model_path or self.hparams.model_name_or_path),
+        meta = {"base_model": str(self.model_path or resolve_model_path(self.hparams.model_name_or_path)),
                 "model_name_or_path": self.hparams.model_name_or_path, "backend": self.backend.name}
         (tmp / "bengali_empathy.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")
         if directory.exists():
