@@ -74,7 +74,6 @@ def chat_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     import torch
 
-    from .data import ChatFormatter
     from .module import EmpathyLM
 
     model_name = a.model
@@ -86,7 +85,6 @@ def chat_main(argv: list[str]) -> int:
     if torch.cuda.is_available() and not lm.backend.quantized:
         lm.to("cuda")
     lm.eval()
-    fmt = ChatFormatter(lm.tokenizer, max_seq_length=lm.hparams.max_seq_length)
     messages = a.message if a.message else (line.strip() for line in sys.stdin)
     interactive = not a.message and sys.stdin.isatty()
     if interactive:
@@ -94,7 +92,7 @@ def chat_main(argv: list[str]) -> int:
     for msg in messages:
         if not msg:
             continue
-        print(lm.chat(msg, fmt, a.max_new_tokens), flush=True)
+        print(lm.chat(msg, max_new_tokens=a.max_new_tokens), flush=True)
     return 0
 
 

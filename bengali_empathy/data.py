@@ -1,266 +1,296 @@
-"""Bengali empathetic-dialogue data: reading, splitting, chat formatting, masking, packing.
+"""Conversations -> tokens: Llama-3 chat formatting, reply-only labels, length policy, packing, batching.
 
-A corpus is a local CSV or JSONL file with one (prompt, response) pair a row.
-Every row goes to train, val or test by a stable hash of its id (or its text),
-so the split is the same in memory and when streaming, and does not move when
-rows are added or reordered.
+The corpus module turns rows into conversations; this module owns everything after:
+
+* :class:`ChatEncoder` renders the Llama-3.1 chat format turn by turn, so the
+  span of every assistant reply is known without re-tokenising (the result is
+  checked against the tokenizer's own ``apply_chat_template``);
+* :class:`RowEncoder` is the ``datasets.map`` transform: row -> conversation ->
+  ids + label spans + the split, with ``on_too_long`` applied and every dropped or
+  truncated row kept as a status (so it is counted, never silent);
+* packing concatenates training conversations with restarting position ids;
+* :class:`Collator` builds labels (``-100`` outside the replies) and the left-padded
+  generation prompts;
+* :class:`EmpatheticDialogueDataModule` wires it to Lightning: in memory (HF Arrow
+  cache: a second run starts from the cache) or streamed (shuffle buffer that
+  changes every epoch, sharded per rank), with resumable loaders.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import itertools
 import json
 import os
-import random
-from dataclasses import dataclass
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Literal, Optional
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset
 
+from .corpus import (
+    DEFAULT_SYSTEM_PROMPT, SPLITS, Conversation, CorpusFormat, bundled_corpus_path, corpus_files, diagnose, load_file,
+    split_of,
+)
 from .errors import UserError
 
 IGNORE_INDEX = -100
+# Bump when the encoded columns change, so old Arrow caches are not reused.
+ENCODING_VERSION = 2
 
-# "You are an empathetic, caring assistant. Understand the user's feelings
-# attentively and reply in Bengali in warm, respectful, supportive language."
-DEFAULT_SYSTEM_PROMPT = (
-    "আপনি একজন সহমর্মী ও যত্নশীল সহকারী। ব্যবহারকারীর অনুভূতি মন দিয়ে বুঝুন "
-    "এবং উষ্ণ, সম্মানজনক ও সহায়ক ভাষায় বাংলায় উত্তর দিন।"
-)
-
-SPLITS = ("train", "val", "test")
+OnTooLong = Literal["error", "drop", "truncate", "truncate_history"]
+TrainOn = Literal["all_assistant", "last_assistant"]
+Split = Literal["train", "val", "test"]
+KEPT = ("ok", "truncated")
 
 
-def bundled_corpus_path() -> Path:
-    """The small Bengali empathetic-dialogue sample shipped with the package."""
-    return Path(__file__).parent / "resources" / "sample_dialogues.jsonl"
+# --------------------------------------------------------------------------- chat format
 
 
-# --------------------------------------------------------------------------- reading
+class ChatEncoder:
+    """The Llama-3.1 chat format as token ids, assembled turn by turn.
 
-
-def _detect_format(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        return "jsonl"
-    if suffix in (".csv", ".tsv"):
-        return "csv"
-    raise UserError(f"unsupported corpus format '{suffix}' for {path}: use .csv, .tsv or .jsonl")
-
-
-def iter_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, row)`` from a CSV/TSV/JSONL file, lazily (works on huge files)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"corpus file not found: {path}")
-    fmt = _detect_format(path)
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        if fmt == "jsonl":
-            for lineno, line in enumerate(fh, start=1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{path}:{lineno}: each JSONL line must be an object")
-                yield lineno, row
-        else:
-            delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-            reader = csv.DictReader(fh, delimiter=delimiter)
-            if reader.fieldnames is None:
-                return
-            for row in reader:
-                yield reader.line_num, row
-
-
-def split_of(key: str, val_fraction: float, test_fraction: float, seed: int) -> str:
-    """Stable train/val/test assignment from a hash of ``key``."""
-    digest = hashlib.blake2b(f"{seed}\x00{key}".encode("utf-8"), digest_size=8).digest()
-    u = int.from_bytes(digest, "big") / 2**64
-    if u < test_fraction:
-        return "test"
-    if u < test_fraction + val_fraction:
-        return "val"
-    return "train"
-
-
-@dataclass
-class Dialogue:
-    """One (prompt, response) pair with its provenance."""
-
-    id: str
-    prompt: str
-    response: str
-    emotion: Optional[str] = None
-
-
-class CorpusReader:
-    """Validates a corpus file and yields :class:`Dialogue` rows of one split."""
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        prompt_column: str = "prompt",
-        response_column: str = "response",
-        id_column: Optional[str] = "id",
-        emotion_column: Optional[str] = "emotion",
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        seed: int = 42,
-    ) -> None:
-        self.path = Path(path)
-        self.prompt_column = prompt_column
-        self.response_column = response_column
-        self.id_column = id_column
-        self.emotion_column = emotion_column
-        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise UserError(
-                f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in [0, 1) and sum below 1"
-            )
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.seed = seed
-
-    def check(self) -> None:
-        """Fail fast with one clear line: missing file, wrong columns or empty corpus."""
-        first = next(iter_rows(self.path), None)
-        if first is None:
-            raise UserError(f"corpus is empty: {self.path}")
-        lineno, row = first
-        missing = [c for c in (self.prompt_column, self.response_column) if c not in row]
-        if missing:
-            raise UserError(
-                f"{self.path}: missing column(s) {', '.join(repr(c) for c in missing)}; "
-                f"found {', '.join(repr(c) for c in row)} (set data.prompt_column / data.response_column)"
-            )
-
-    def _to_dialogue(self, lineno: int, row: dict) -> Optional[Dialogue]:
-        prompt = row.get(self.prompt_column)
-        response = row.get(self.response_column)
-        if prompt is None or response is None:
-            raise UserError(
-                f"{self.path}:{lineno}: missing {self.prompt_column!r} or {self.response_column!r}"
-            )
-        prompt, response = str(prompt).strip(), str(response).strip()
-        if not prompt or not response:
-            return None  # blank rows carry no signal
-        rid = row.get(self.id_column) if self.id_column else None
-        rid = str(rid) if rid not in (None, "") else f"{prompt}\x00{response}"
-        emotion = row.get(self.emotion_column) if self.emotion_column else None
-        return Dialogue(id=rid, prompt=prompt, response=response, emotion=emotion)
-
-    def iter_split(self, split: str) -> Iterator[Dialogue]:
-        if split not in SPLITS:
-            raise ValueError(split)
-        for lineno, row in iter_rows(self.path):
-            d = self._to_dialogue(lineno, row)
-            if d is None:
-                continue
-            if split_of(d.id, self.val_fraction, self.test_fraction, self.seed) == split:
-                yield d
-
-    def read_all(self) -> dict[str, list[Dialogue]]:
-        out: dict[str, list[Dialogue]] = {s: [] for s in SPLITS}
-        for lineno, row in iter_rows(self.path):
-            d = self._to_dialogue(lineno, row)
-            if d is not None:
-                out[split_of(d.id, self.val_fraction, self.test_fraction, self.seed)].append(d)
-        if not any(out.values()):
-            raise UserError(f"corpus has no non-empty {self.prompt_column!r}/{self.response_column!r} rows: {self.path}")
-        return out
-
-
-# --------------------------------------------------------------------------- formatting
-
-
-class ChatFormatter:
-    """Turns a dialogue into Llama-3.1 chat tokens with the prompt masked out of the loss.
-
-    ``input_ids = chat_template(system, user) + assistant header + reply + <|eot_id|>``;
-    labels are ``-100`` over everything before the reply, so the loss covers
-    the reply and its end-of-turn token only.
+    ``<|begin_of_text|>`` + system header + the template's preamble (Llama 3.1's
+    knowledge-cutoff lines) + system text + ``<|eot_id|>``, then for every turn its
+    role header, its text and ``<|eot_id|>``. Texts are tokenised on their own
+    (pre-tokenisation never merges across the header's ``\\n\\n``), so the spans of
+    the replies fall out of the assembly; :meth:`check` compares the result with
+    ``tokenizer.apply_chat_template`` on real rows.
     """
 
-    def __init__(self, tokenizer, system_prompt: str = DEFAULT_SYSTEM_PROMPT, max_seq_length: int = 2048,
-                 on_too_long: str = "error") -> None:
+    def __init__(self, tokenizer) -> None:
         from .tokenizer import end_of_turn_id
 
-        if on_too_long not in ("error", "truncate", "drop"):
-            raise UserError(f"on_too_long must be 'error', 'truncate' or 'drop', not {on_too_long!r}")
         self.tokenizer = tokenizer
-        self.system_prompt = system_prompt
-        self.max_seq_length = max_seq_length
-        self.on_too_long = on_too_long
-        self.eot_id = end_of_turn_id(tokenizer)
+        self.eot = end_of_turn_id(tokenizer)
+        marker = "\x07"
+        head = "<|start_header_id|>system<|end_header_id|>\n\n"
+        text = tokenizer.apply_chat_template([{"role": "system", "content": marker}], tokenize=False)
+        if not isinstance(text, str) or head not in text or marker not in text:
+            raise UserError("the tokenizer's chat template is not the Llama-3 format (no system header)")
+        before = text.split(marker, 1)[0]
+        prefix, preamble = before.split(head, 1)
+        self.prefix = self._ids(prefix)
+        self.system_header = self._ids(head + preamble)
+        self.headers = {r: self._ids(f"<|start_header_id|>{r}<|end_header_id|>\n\n") for r in ("user", "assistant")}
 
-    def messages(self, prompt: str) -> list[dict]:
-        msgs = []
-        if self.system_prompt:
-            msgs.append({"role": "system", "content": self.system_prompt})
-        msgs.append({"role": "user", "content": prompt})
-        return msgs
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        out = self.tokenizer.apply_chat_template(self.messages(prompt), add_generation_prompt=True, tokenize=True)
-        if isinstance(out, dict) or hasattr(out, "keys"):
-            out = out["input_ids"]
-        return list(out)
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of many texts at once (the fast tokenizer's batch path)."""
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
-    def encode(self, d: Dialogue) -> Optional[dict]:
-        p_ids = self.prompt_ids(d.prompt)
-        r_ids = self.tokenizer(d.response, add_special_tokens=False)["input_ids"] + [self.eot_id]
-        total = len(p_ids) + len(r_ids)
-        if total > self.max_seq_length:
-            if self.on_too_long == "error":
-                raise UserError(
-                    f"dialogue {d.id[:40]!r} is {total} tokens, longer than max_seq_length={self.max_seq_length} "
-                    "(raise max_seq_length or set data.on_too_long to 'truncate' or 'drop')"
-                )
-            if self.on_too_long == "drop" or len(p_ids) >= self.max_seq_length:
-                return None
-            r_ids = r_ids[: self.max_seq_length - len(p_ids)]
-        return {
-            "input_ids": p_ids + r_ids,
-            "labels": [IGNORE_INDEX] * len(p_ids) + r_ids,
-            "prompt_ids": p_ids,
-            "id": d.id,
-            "prompt": d.prompt,
-            "reference": d.response,
-        }
+    def assemble(self, system_ids: list[int], turns: list[tuple[str, list[int]]],
+                 generation_prompt: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of a conversation and the ``(start, end)`` span of every assistant reply (its ``<|eot_id|>`` included)."""
+        ids = self.prefix + self.system_header + system_ids + [self.eot]
+        spans = []
+        for role, t in turns:
+            ids += self.headers[role]
+            start = len(ids)
+            ids += t + [self.eot]
+            if role == "assistant":
+                spans.append((start, len(ids)))
+        if generation_prompt:
+            ids += self.headers["assistant"]
+        return ids, spans
+
+    def prompt_ids(self, system: str, turns: list[dict]) -> list[int]:
+        """Generation prompt for a chat: the turns so far and an open assistant header."""
+        texts = self.tokenize([system] + [t["content"] for t in turns])
+        return self.assemble(texts[0] if system else [], [(t["role"], x) for t, x in zip(turns, texts[1:])],
+                             generation_prompt=True)[0]
+
+    def check(self, system: str, turns: list[dict], where: str) -> None:
+        """Fail unless the assembly equals the tokenizer's own chat template for this conversation."""
+        ours = self.prompt_ids(system, turns)[: -len(self.headers["assistant"])]
+        msgs = [{"role": "system", "content": system}] + turns
+        ref = self.tokenizer.apply_chat_template(msgs, tokenize=True)
+        ref = list(ref["input_ids"] if hasattr(ref, "keys") else ref)
+        if ours != ref:
+            k = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
+            raise UserError(f"{where}: the tokenizer's chat template differs from the Llama-3 format at token {k}; "
+                            "this package formats Llama-3 chat only")
+
+    def cache_key(self) -> str:
+        probe = self._ids("আমি আজ খুব একা বোধ করছি। Hello 123\n")
+        return json.dumps([len(self.tokenizer), self.prefix, self.system_header, self.headers, self.eot, probe])
 
 
-def pack_examples(examples: Iterable[dict], max_seq_length: int) -> Iterator[dict]:
-    """Greedily concatenate encoded examples into rows of at most ``max_seq_length`` tokens.
+# --------------------------------------------------------------------------- rows -> tokens
 
-    Each packed row carries ``position_ids`` that restart at 0 for every example;
-    with no attention mask, transformers turns that into a block-diagonal causal
-    mask, so packed examples never attend to each other.
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    system_prompt: str
+    max_seq_length: int
+    on_too_long: str
+    train_on: str
+    val_fraction: float
+    test_fraction: float
+    seed: int
+
+
+ENCODED_COLUMNS = ("input_ids", "label_spans", "prompt_len", "n_tokens", "raw_tokens", "reply_tokens", "status",
+                   "n_turns", "id", "group", "split", "row", "prompt", "reference", "category")
+
+
+class RowEncoder:
+    """``datasets.map`` transform of one corpus file: rows -> conversations -> token ids and label spans.
+
+    Output columns: ``input_ids``; ``label_spans`` (flat ``[start, end, ...]`` of the
+    trained replies); ``prompt_len`` (generation prompt = ``input_ids[:prompt_len]``,
+    ending in the final reply's header); lengths; ``status`` (``ok``, ``truncated``,
+    ``too_long`` or ``empty``, the last two dropped later but counted); the split;
+    and ``id/group/row/prompt/reference/category`` for evaluation and error messages.
     """
-    cur: dict = {"input_ids": [], "labels": [], "position_ids": [], "n_examples": 0}
+
+    def __init__(self, fmt: CorpusFormat, chat: ChatEncoder, opts: EncodeOptions, file: str) -> None:
+        self.fmt, self.chat, self.opts, self.file = fmt, chat, opts, file
+
+    def _conversations(self, batch: dict, rows: list[int]) -> list[Optional[Conversation]]:
+        keys = list(batch)
+        return [self.fmt.conversation({k: batch[k][i] for k in keys}, f"{self.file}: row {r}")
+                for i, r in enumerate(rows)]
+
+    def assign(self, batch: dict, indices: list[int]) -> dict:
+        """Row numbers and splits only (cheap: streaming filters a split before tokenising)."""
+        rows = [i + 1 for i in indices]
+        convs = self._conversations(batch, rows)
+        o = self.opts
+        return {"row": rows, "split": [split_of(c.group if c else f"{self.file}\x00{r}", o.val_fraction,
+                                                o.test_fraction, o.seed) for c, r in zip(convs, rows)]}
+
+    def encode_with_split(self, batch: dict, indices: list[int]) -> dict:
+        return self.encode({**batch, **self.assign(batch, indices)})
+
+    def encode(self, batch: dict) -> dict:
+        rows = batch["row"]
+        convs = self._conversations({k: v for k, v in batch.items() if k not in ("row", "split")}, rows)
+        texts, owners = [], []
+        for j, c in enumerate(convs):
+            if c is None:
+                continue
+            texts.append(self.opts.system_prompt if c.system is None else c.system)
+            texts += [t["content"] for t in c.turns]
+            owners.append(j)
+        ids = iter(self.chat.tokenize(texts))
+        out = {k: [] for k in ENCODED_COLUMNS}
+        for j, c in enumerate(convs):
+            where = f"{self.file}: row {rows[j]}"
+            if c is None:
+                self._append(out, "empty", [], [], 0, 0, 0, where, j, batch, None)
+                continue
+            system_ids = next(ids)
+            turns = [(t["role"], next(ids)) for t in c.turns]
+            self._encode_one(out, system_ids, turns, c, where, j, batch)
+        return out
+
+    def _encode_one(self, out, system_ids, turns, c: Conversation, where, j, batch) -> None:
+        o, chat = self.opts, self.chat
+        limit = o.max_seq_length
+        full, spans = chat.assemble(system_ids, turns)
+        raw = len(full)
+        status = "ok"
+        if raw > limit:
+            if o.on_too_long == "error":
+                raise UserError(f"{where}: conversation is {raw} tokens, longer than max_seq_length={limit} (raise "
+                                "data.max_seq_length or set data.on_too_long to drop, truncate or truncate_history)")
+            if o.on_too_long == "drop":
+                self._append(out, "too_long", [], [], 0, raw, len(turns), where, j, batch, c)
+                return
+            status = "truncated"
+            if o.on_too_long == "truncate_history":
+                last_user = max((k for k, (r, _) in enumerate(turns) if r == "user"), default=0)
+                while len(full) > limit and last_user > 0:
+                    drop = 2 if turns[0][0] == "user" and turns[1][0] == "assistant" and last_user >= 2 else 1
+                    turns, last_user = turns[drop:], last_user - drop
+                    full, spans = chat.assemble(system_ids, turns)
+            full = full[:limit]
+        if spans[-1][0] >= len(full):  # not one token of the final reply fits
+            self._append(out, "too_long", [], [], 0, raw, len(turns), where, j, batch, c)
+            return
+        if o.train_on == "last_assistant":
+            spans = spans[-1:]
+        spans = [(s, min(e, len(full))) for s, e in spans if s < len(full)]
+        self._append(out, status, full, spans, spans[-1][0], raw, len(turns), where, j, batch, c)
+
+    @staticmethod
+    def _append(out, status, ids, spans, prompt_len, raw, n_turns, where, j, batch, c) -> None:
+        out["input_ids"].append(ids)
+        out["label_spans"].append([x for s in spans for x in s])
+        out["prompt_len"].append(prompt_len)
+        out["n_tokens"].append(len(ids))
+        out["raw_tokens"].append(raw)
+        out["reply_tokens"].append(sum(e - s for s, e in spans))
+        out["status"].append(status)
+        out["n_turns"].append(n_turns)
+        out["id"].append(c.id if c else where)
+        out["group"].append(c.group if c else where)
+        out["split"].append(batch["split"][j])
+        out["row"].append(where)
+        users = [t["content"] for t in c.turns if t["role"] == "user"] if c else []
+        out["prompt"].append(users[-1] if users else "")
+        out["reference"].append(c.turns[-1]["content"] if c else "")
+        out["category"].append(c.category if c else None)
+
+
+# --------------------------------------------------------------------------- packing and batching
+
+
+def pack_groups(lengths: Iterable[int], max_seq_length: int) -> list[list[int]]:
+    """Greedy packing: consecutive examples (in the given order) into rows of at most ``max_seq_length`` tokens."""
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if cur and used + n > max_seq_length:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def pack_examples(examples: list[dict]) -> dict:
+    """One packed training row from examples: ids concatenated, spans shifted, ``seq_lens`` per example.
+
+    The collator turns ``seq_lens`` into position ids that restart at 0 for every
+    example; with no attention mask transformers derives a block-diagonal causal
+    mask from them, so packed conversations never attend to each other.
+    """
+    ids, spans, lens = [], [], []
     for ex in examples:
-        n = len(ex["input_ids"])
-        if cur["input_ids"] and len(cur["input_ids"]) + n > max_seq_length:
-            yield cur
-            cur = {"input_ids": [], "labels": [], "position_ids": [], "n_examples": 0}
-        cur["input_ids"] += ex["input_ids"]
-        cur["labels"] += ex["labels"]
-        cur["position_ids"] += list(range(n))
-        cur["n_examples"] += 1
-    if cur["input_ids"]:
-        yield cur
+        off = len(ids)
+        ids += ex["input_ids"]
+        spans += [x + off for x in ex["label_spans"]]
+        lens.append(len(ex["input_ids"]))
+    return {"input_ids": ids, "label_spans": spans, "seq_lens": lens}
+
+
+class PackedDataset(Dataset):
+    """Map-style view of packed rows over an encoded split (packs hold indices, not copies)."""
+
+    def __init__(self, encoded, groups: list[list[int]]) -> None:
+        self.encoded = encoded
+        self.groups = groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, k: int) -> dict:
+        rows = self.encoded[self.groups[k]]
+        return pack_examples([{"input_ids": a, "label_spans": b} for a, b in zip(rows["input_ids"], rows["label_spans"])])
 
 
 class Collator:
-    """Pads a list of encoded examples into tensors (right padding for training,
-    left-padded ``gen_input_ids`` for generation when prompts are present)."""
+    """Pads encoded examples into tensors: right padding for the loss, left-padded
+    ``gen_input_ids`` (the prompt up to the final reply's header) for generation."""
 
     def __init__(self, pad_id: int, pad_to_multiple_of: int = 8) -> None:
         self.pad_id = pad_id
@@ -271,123 +301,178 @@ class Collator:
 
     def __call__(self, batch: list[dict]) -> dict:
         width = self._width(max(len(ex["input_ids"]) for ex in batch))
-        packed = "position_ids" in batch[0]
+        packed = "seq_lens" in batch[0]
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        pos = torch.zeros((len(batch), width), dtype=torch.long)
+        pos = torch.arange(width).repeat(len(batch), 1)
         for i, ex in enumerate(batch):
             n = len(ex["input_ids"])
-            ids[i, :n] = torch.tensor(ex["input_ids"])
-            labels[i, :n] = torch.tensor(ex["labels"])
+            row = torch.tensor(ex["input_ids"], dtype=torch.long)
+            ids[i, :n] = row
             mask[i, :n] = 1
+            sp = ex["label_spans"]
+            for s, e in zip(sp[::2], sp[1::2]):
+                labels[i, s:e] = row[s:e]
             if packed:
-                pos[i, :n] = torch.tensor(ex["position_ids"])
-                pos[i, n:] = torch.arange(width - n)  # padding forms its own (masked-out) segment
-            else:
-                pos[i] = torch.arange(width)
-        out = {"input_ids": ids, "labels": labels, "position_ids": pos, "n_tokens": mask.sum()}
-        if packed:
-            out["attention_mask"] = None
-        else:
-            out["attention_mask"] = mask
-        if "prompt_ids" in batch[0]:
-            pw = max(len(ex["prompt_ids"]) for ex in batch)
+                pos[i, :n] = torch.cat([torch.arange(m) for m in ex["seq_lens"]])
+                pos[i, n:] = torch.arange(width - n)  # padding forms its own (label-free) segment
+        out = {"input_ids": ids, "labels": labels, "position_ids": pos, "n_tokens": mask.sum(),
+               "attention_mask": None if packed else mask}
+        if "prompt_len" in batch[0]:
+            pw = max(ex["prompt_len"] for ex in batch)
             gen = torch.full((len(batch), pw), self.pad_id, dtype=torch.long)
             gmask = torch.zeros((len(batch), pw), dtype=torch.long)
             for i, ex in enumerate(batch):
-                n = len(ex["prompt_ids"])
-                gen[i, pw - n:] = torch.tensor(ex["prompt_ids"])
+                n = ex["prompt_len"]
+                gen[i, pw - n:] = torch.tensor(ex["input_ids"][:n], dtype=torch.long)
                 gmask[i, pw - n:] = 1
-            out["gen_input_ids"] = gen
-            out["gen_attention_mask"] = gmask
-            out["id"] = [ex["id"] for ex in batch]
-            out["prompt"] = [ex["prompt"] for ex in batch]
-            out["reference"] = [ex["reference"] for ex in batch]
+            out.update(gen_input_ids=gen, gen_attention_mask=gmask)
+            for key in ("id", "prompt", "reference", "category"):
+                out[key] = [ex.get(key) for ex in batch]
         return out
 
 
-# --------------------------------------------------------------------------- datasets
+# --------------------------------------------------------------------------- statistics
 
 
-class EncodedDataset(Dataset):
-    def __init__(self, examples: list[dict]) -> None:
-        self.examples = examples
+def split_stats(columns: dict, max_seq_length: int) -> dict:
+    """Rows, conversations, turns, token-length percentiles, % over the limit and reply tokens of one split."""
+    status = np.asarray(columns["status"], dtype=object)
+    raw = np.asarray(columns["raw_tokens"], dtype=np.int64)
+    nonempty = status != "empty"
+    kept = np.isin(status, KEPT)
+    lengths = raw[nonempty]
+    pct = (lambda q: int(np.percentile(lengths, q))) if lengths.size else (lambda q: 0)
+    return {
+        "rows": int(status.size),
+        "conversations": len(set(np.asarray(columns["group"], dtype=object)[nonempty].tolist())),
+        "turns": int(np.asarray(columns["n_turns"], dtype=np.int64)[nonempty].sum()),
+        "tokens_p50": pct(50), "tokens_p90": pct(90), "tokens_p99": pct(99), "tokens_max": pct(100),
+        "over_max_pct": round(100.0 * float((lengths > max_seq_length).mean()) if lengths.size else 0.0, 2),
+        "reply_tokens": int(np.asarray(columns["reply_tokens"], dtype=np.int64)[kept].sum()),
+        "kept": int(kept.sum()),
+        "truncated": int((status == "truncated").sum()),
+        "dropped_too_long": int((status == "too_long").sum()),
+        "dropped_empty": int((status == "empty").sum()),
+    }
 
-    def __len__(self) -> int:
-        return len(self.examples)
 
-    def __getitem__(self, i: int) -> dict:
-        return self.examples[i]
+STAT_COLUMNS = ("rows", "conversations", "turns", "tokens_p50", "tokens_p90", "tokens_p99", "tokens_max",
+                "over_max_pct", "reply_tokens", "kept", "truncated", "dropped_too_long", "dropped_empty")
 
 
-class StreamingDataset(IterableDataset):
-    """Reads, encodes (and optionally packs) one split lazily, with a shuffle buffer.
+def format_stats(stats: dict, max_seq_length: int) -> str:
+    """A plain-text table of :func:`split_stats` per split."""
+    head = ["split"] + [c.replace("tokens_", "") if c.startswith("tokens_p") or c == "tokens_max" else c
+                        for c in STAT_COLUMNS]
+    rows = [[s] + [str(stats[s][c]) for c in STAT_COLUMNS] for s in SPLITS if s in stats]
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "  ".join(x.rjust(w) for x, w in zip(r, widths))  # noqa: E731
+    title = f"data (token lengths before truncation; max_seq_length={max_seq_length})"
+    return "\n".join([title, line(head)] + [line(r) for r in rows])
 
-    Safe with several DataLoader workers and several processes: rows are dealt
-    out round-robin over (rank, worker) so no row is seen twice in an epoch.
+
+def flat_stats(stats: dict) -> dict:
+    """``{"data/train/rows": ..., ...}`` for TensorBoard hparams."""
+    return {f"data/{s}/{k}": v for s, d in stats.items() for k, v in d.items()}
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class StreamSplit(IterableDataset):
+    """One split of a streamed corpus: HF ``IterableDataset`` rows -> kept examples (-> packs).
+
+    Counts every row's status as it passes (dropped and truncated rows are reported
+    per epoch), turns reader failures into one line naming the file, and forwards
+    ``set_epoch`` / ``state_dict`` / ``load_state_dict`` to the HF stream so the
+    shuffle order changes every epoch and a resumed run continues where it stopped.
     """
 
-    def __init__(self, reader: CorpusReader, formatter: ChatFormatter, split: str, pack: bool = False,
-                 shuffle_buffer: int = 0, seed: int = 42, rank: int = 0, world_size: int = 1) -> None:
-        self.reader = reader
-        self.formatter = formatter
-        self.split = split
-        self.pack = pack
-        self.shuffle_buffer = shuffle_buffer
-        self.seed = seed
-        self.epoch = 0
-        self.rank = rank
-        self.world_size = world_size
+    def __init__(self, stream, files: list[Path], pack_to: Optional[int] = None) -> None:
+        self.stream = stream
+        self.files = files
+        self.pack_to = pack_to
+        self.counts: dict[str, int] = {}
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.stream.set_epoch(epoch)
 
-    def _shard(self, it: Iterator) -> Iterator:
-        info = torch.utils.data.get_worker_info()
-        workers, wid = (info.num_workers, info.id) if info else (1, 0)
-        shards = workers * self.world_size
-        index = self.rank * workers + wid
-        return itertools.islice(it, index, None, shards)
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
 
-    def _shuffled(self, it: Iterator) -> Iterator:
-        if self.shuffle_buffer <= 1:
-            yield from it
-            return
-        rng = random.Random(self.seed + self.epoch)
-        buf: list = []
-        for x in it:
-            buf.append(x)
-            if len(buf) >= self.shuffle_buffer:
-                yield buf.pop(rng.randrange(len(buf)))
-        rng.shuffle(buf)
-        yield from buf
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+    def _kept(self) -> Iterator[dict]:
+        self.counts = {}
+        try:
+            for ex in self.stream:
+                self.counts[ex["status"]] = self.counts.get(ex["status"], 0) + 1
+                if ex["status"] in KEPT:
+                    yield ex
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a reader failure mid-stream: name the file and line
+            for f in self.files:
+                err = diagnose(f, exc)
+                if not str(err).startswith("cannot read"):
+                    raise err from None
+            raise diagnose(self.files[0], exc) from None
 
     def __iter__(self) -> Iterator[dict]:
-        encoded = (self.formatter.encode(d) for d in self._shard(self.reader.iter_split(self.split)))
-        encoded = (e for e in encoded if e is not None)
-        encoded = self._shuffled(encoded)
-        if self.pack:
-            yield from pack_examples(encoded, self.formatter.max_seq_length)
-        else:
-            yield from encoded
+        if not self.pack_to:
+            yield from self._kept()
+            return
+        buf, used = [], 0
+        for ex in self._kept():
+            n = len(ex["input_ids"])
+            if buf and used + n > self.pack_to:
+                yield pack_examples(buf)
+                buf, used = [], 0
+            buf.append(ex)
+            used += n
+        if buf:
+            yield pack_examples(buf)
+
+
+# --------------------------------------------------------------------------- data module
 
 
 class EmpatheticDialogueDataModule(L.LightningDataModule):
-    """LightningDataModule for a Bengali empathetic-dialogue corpus.
+    """LightningDataModule for Bengali conversations (single exchanges or multi-turn).
 
     Args:
-        corpus_path: CSV/TSV/JSONL file; ``None`` uses the bundled sample.
-        tokenizer_path: local tokenizer/checkpoint directory; ``None`` uses the
-            embedded Llama-3.1 tokenizer (linked to ``model.model_name_or_path`` by the CLI).
-        prompt_column / response_column: column names of the user turn and the reply.
-        system_prompt: system turn (Bengali by default).
-        max_seq_length: longest tokenised dialogue.
-        on_too_long: 'error' (default), 'truncate' the reply, or 'drop' the row.
-        pack: concatenate training dialogues into rows of ``max_seq_length`` tokens.
-        streaming: read the file lazily instead of loading it (for large corpora).
-        predict_split: split used by ``predict`` ('test' by default).
-        max_predict_samples: cap on dialogues for ``predict`` (``None`` = all).
+        corpus_path: a .jsonl/.json/.csv/.tsv/.parquet file, a directory of them, or a glob;
+            ``None`` uses the bundled sample (pairs + multi-turn conversations).
+        tokenizer_path: local tokenizer/checkpoint directory; ``None`` uses the embedded
+            Llama-3.1 tokenizer (linked to ``model.model_name_or_path`` by the CLI).
+        prompt_column / response_column: one exchange per row from these two columns.
+        messages_column: a column of ``{role, content}`` turns (or ShareGPT ``{from, value}``);
+            auto-detected as ``messages`` / ``conversations`` when the prompt column is absent.
+        prompt_template / response_template: build the turns from several columns,
+            e.g. ``"{Question-Title}\\n{Questions}"``.
+        system_column: per-row system prompt (empty cells use ``system_prompt``).
+        id_column: row id (default ``id``; a hash of the text when absent).
+        group_column: rows of one group always share a split (auto: ``conversation_id`` /
+            ``dialogue_id`` / ``conv_id`` when present).
+        category_column: a category/emotion label carried to predictions.
+        system_prompt: default system turn (Bengali).
+        max_seq_length: longest tokenised conversation.
+        on_too_long: ``error``; ``drop`` the row; ``truncate`` its tail; or ``truncate_history``:
+            drop the oldest whole turns (keeping the system prompt and the final exchange),
+            then cut the reply's tail.
+        train_on: loss on ``all_assistant`` replies or only the ``last_assistant`` one.
+        val_fraction / test_fraction / seed: the stable hash split.
+        batch_size / eval_batch_size: training and evaluation batch sizes.
+        pack: concatenate training conversations into rows of ``max_seq_length`` tokens.
+        streaming: read the corpus lazily (shuffle buffer, sharded per rank) instead of an Arrow cache.
+        shuffle_buffer: streaming shuffle buffer (rows).
+        num_workers: DataLoader worker processes.
+        num_proc: processes for tokenising in memory (``None``: all cores for large corpora).
+        predict_split: split used by ``predict``.
+        max_predict_samples: cap on conversations for ``predict`` (``None`` = all).
     """
 
     def __init__(
@@ -396,10 +481,17 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         tokenizer_path: Optional[str] = None,
         prompt_column: str = "prompt",
         response_column: str = "response",
+        messages_column: Optional[str] = None,
+        prompt_template: Optional[str] = None,
+        response_template: Optional[str] = None,
+        system_column: Optional[str] = None,
         id_column: Optional[str] = "id",
+        group_column: Optional[str] = None,
+        category_column: Optional[str] = None,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         max_seq_length: int = 2048,
-        on_too_long: str = "error",
+        on_too_long: OnTooLong = "error",
+        train_on: TrainOn = "all_assistant",
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         batch_size: int = 4,
@@ -408,26 +500,30 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         streaming: bool = False,
         shuffle_buffer: int = 1000,
         num_workers: int = 0,
-        predict_split: str = "test",
+        num_proc: Optional[int] = None,
+        predict_split: Split = "test",
         max_predict_samples: Optional[int] = None,
         seed: int = 42,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if predict_split not in SPLITS:
-            raise UserError(f"predict_split must be one of {SPLITS}, not {predict_split!r}")
         if batch_size < 1:
             raise UserError(f"batch_size must be >= 1, not {batch_size}")
         if max_seq_length < 16:
             raise UserError(f"max_seq_length must be >= 16, not {max_seq_length}")
-        if on_too_long not in ("error", "truncate", "drop"):
-            raise UserError(f"on_too_long must be 'error', 'truncate' or 'drop', not {on_too_long!r}")
-        self.corpus_path = Path(corpus_path) if corpus_path else bundled_corpus_path()
-        self.reader = CorpusReader(
-            self.corpus_path, prompt_column, response_column, id_column,
-            val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-        )
-        self.reader.check()  # bad input fails here, before any output is written
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise UserError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) "
+                            "must be in [0, 1) and sum below 1")
+        self.corpus_path = str(corpus_path) if corpus_path else str(bundled_corpus_path())
+        self.files = corpus_files(self.corpus_path)
+        self._formats: dict[Path, CorpusFormat] = {}
+        self._first_rows: dict[Path, dict] = {}
+        for f in self.files:  # bad columns or templates fail here, before any output is written
+            row = self._first_row(f)
+            self._first_rows[f] = row
+            self._formats[f] = CorpusFormat(
+                list(row), str(f), prompt_column, response_column, messages_column, prompt_template,
+                response_template, system_column, id_column, group_column, category_column)
         self.tokenizer_path = tokenizer_path
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -437,7 +533,18 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self.stats: dict[str, dict] = {}
 
-    # -- tokenizer / formatter
+    @staticmethod
+    def _first_row(f: Path) -> dict:
+        try:
+            return next(iter(load_file(f, streaming=True)))
+        except StopIteration:
+            raise UserError(f"corpus is empty: {f}") from None
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reader failure on the first rows
+            raise diagnose(f, exc) from None
+
+    # -- tokenizer / encoders
     @property
     def tokenizer(self):
         if self._tokenizer is None:
@@ -447,68 +554,162 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         return self._tokenizer
 
     @property
-    def formatter(self) -> ChatFormatter:
-        return ChatFormatter(self.tokenizer, self.hparams.system_prompt, self.hparams.max_seq_length,
-                             self.hparams.on_too_long)
+    def options(self) -> EncodeOptions:
+        h = self.hparams
+        return EncodeOptions(h.system_prompt, h.max_seq_length, h.on_too_long, h.train_on, h.val_fraction,
+                             h.test_fraction, h.seed)
+
+    def chat_encoder(self) -> ChatEncoder:
+        return ChatEncoder(self.tokenizer)
 
     def collator(self) -> Collator:
         return Collator(self.tokenizer.pad_token_id)
 
-    # -- setup
+    def _encoders(self) -> dict[Path, RowEncoder]:
+        chat = self.chat_encoder()
+        encoders = {f: RowEncoder(self._formats[f], chat, self.options, str(f)) for f in self.files}
+        f = self.files[0]
+        conv = self._formats[f].conversation(self._first_rows[f], f"{f}: row 1")
+        if conv is not None:
+            chat.check(conv.system if conv.system is not None else self.hparams.system_prompt, conv.turns,
+                       f"{f}: row 1")
+        return encoders
+
+    # -- in memory
+    def _encode_in_memory(self):
+        import datasets
+
+        encoders = self._encoders()
+        parts = []
+        for f, enc in encoders.items():
+            raw = load_file(f, streaming=False)
+            key = json.dumps([ENCODING_VERSION, raw._fingerprint, enc.chat.cache_key(), asdict(self.options),
+                              vars(enc.fmt)], sort_keys=True, default=str)
+            fingerprint = hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+            num_proc = self.hparams.num_proc
+            if num_proc is None:
+                num_proc = min(os.cpu_count() or 1, 8) if len(raw) >= 20_000 else None
+            try:
+                parts.append(raw.map(enc.encode_with_split, batched=True, batch_size=256, with_indices=True,
+                                     remove_columns=raw.column_names, new_fingerprint=fingerprint,
+                                     num_proc=num_proc, desc=f"tokenising {f.name}"))
+            except UserError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a UserError re-raised from a worker process
+                if "UserError" in type(exc).__name__ or isinstance(exc.__cause__, UserError):
+                    raise UserError(str(exc.__cause__ or exc)) from None
+                raise
+        return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
     def setup(self, stage: Optional[str] = None) -> None:
         if self.datasets:
             return
-        fmt = self.formatter
         if self.streaming:
-            rank = self.trainer.global_rank if self.trainer is not None else 0
-            world = self.trainer.world_size if self.trainer is not None else 1
-            for split in SPLITS:
-                self.datasets[split] = StreamingDataset(
-                    self.reader, fmt, split, pack=self.pack and split == "train",
-                    shuffle_buffer=self.hparams.shuffle_buffer if split == "train" else 0,
-                    seed=self.hparams.seed, rank=rank, world_size=world,
-                )
+            self._setup_streaming()
             return
-        rows = self.reader.read_all()
+        encoded = self._encode_in_memory()
+        split_col = encoded.select_columns(["split"]).with_format("numpy")[:]["split"]
         for split in SPLITS:
-            enc = [e for e in (fmt.encode(d) for d in rows[split]) if e is not None]
-            dropped = len(rows[split]) - len(enc)
-            n_tok = sum(len(e["input_ids"]) for e in enc)
-            n_lab = sum(sum(1 for x in e["labels"] if x != IGNORE_INDEX) for e in enc)
-            self.stats[split] = {"dialogues": len(enc), "dropped": dropped, "tokens": n_tok, "reply_tokens": n_lab}
-            if split == "train" and self.pack:
-                rng = random.Random(self.hparams.seed)
-                order = enc[:]
-                rng.shuffle(order)
-                enc = list(pack_examples(order, self.hparams.max_seq_length))
-            self.datasets[split] = EncodedDataset(enc)
-        if not self.stats["train"]["dialogues"]:
-            raise UserError(f"no training dialogues in {self.corpus_path} after the split")
+            part = encoded.select(np.flatnonzero(split_col == split))
+            cols = part.select_columns(["status", "raw_tokens", "n_tokens", "group", "n_turns", "reply_tokens"]) \
+                .with_format("numpy")[:]
+            self.stats[split] = split_stats(cols, self.hparams.max_seq_length)
+            kept = np.flatnonzero(np.isin(cols["status"], KEPT))
+            part = part.select(kept)
+            if split == "train":
+                part = part.select_columns(["input_ids", "label_spans"])
+                if self.pack:
+                    order = np.random.default_rng(self.hparams.seed).permutation(len(kept))
+                    groups = pack_groups(cols["n_tokens"][kept][order], self.hparams.max_seq_length)
+                    part = PackedDataset(part, [order[g].tolist() for g in groups])
+            else:
+                part = part.select_columns(["input_ids", "label_spans", "prompt_len", "id", "prompt", "reference",
+                                            "category"])
+            self.datasets[split] = part
+        if not self.stats["train"]["kept"]:
+            raise UserError(f"no training conversations in {self.corpus_path} after the split "
+                            f"({self.stats['train']['rows']} rows went to train)")
+
+    # -- streaming
+    def _setup_streaming(self) -> None:
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+
+        encoders = self._encoders()
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        world = self.trainer.world_size if self.trainer is not None else 1
+        for split in SPLITS:
+            streams = []
+            for f, enc in encoders.items():
+                s = load_file(f, streaming=True)
+                s = s.map(enc.assign, batched=True, batch_size=256, with_indices=True)
+                s = s.filter(lambda sp, want=split: sp == want, input_columns="split")
+                s = s.map(enc.encode, batched=True, batch_size=256, remove_columns=list(self._first_rows[f]))
+                streams.append(s)
+            stream = streams[0] if len(streams) == 1 else datasets.concatenate_datasets(streams)
+            if split == "train" and self.hparams.shuffle_buffer > 1:
+                stream = stream.shuffle(seed=self.hparams.seed, buffer_size=self.hparams.shuffle_buffer)
+            if world > 1:
+                stream = split_dataset_by_node(stream, rank=rank, world_size=world)
+            pack_to = self.hparams.max_seq_length if split == "train" and self.pack else None
+            self.datasets[split] = StreamSplit(stream, self.files, pack_to)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle a streamed training split for ``epoch`` (Lightning only does this for samplers)."""
+        ds = self.datasets.get("train")
+        if hasattr(ds, "set_epoch"):
+            ds.set_epoch(epoch)
+
+    def stream_counts(self, split: str) -> dict[str, int]:
+        """Row statuses seen while streaming ``split`` in this process (empty in memory)."""
+        ds = self.datasets.get(split)
+        return dict(getattr(ds, "counts", {}) or {})
+
+    def compute_stats(self) -> dict:
+        """Per-split statistics; streaming reads the corpus once for them."""
+        self.setup()
+        if self.stats:
+            return self.stats
+        for split in SPLITS:
+            ds: StreamSplit = self.datasets[split]
+            cols = {k: [] for k in ("status", "raw_tokens", "group", "n_turns", "reply_tokens")}
+            for ex in ds.stream:
+                for k in cols:
+                    cols[k].append(ex[k])
+            self.stats[split] = split_stats(cols, self.hparams.max_seq_length)
+        return self.stats
 
     def prepare(self) -> None:
-        """Tokenise and validate everything up front (called by the CLI before running)."""
+        """Tokenise and validate up front (called by the CLI before a run), and print the statistics."""
         self.setup("fit")
+        if self.stats:
+            print(format_stats(self.stats, self.hparams.max_seq_length), file=sys.stderr, flush=True)
 
     # -- loaders
-    def _loader(self, split: str, train: bool, limit: Optional[int] = None) -> DataLoader:
+    def _loader(self, split: str, train: bool, limit: Optional[int] = None):
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
         ds = self.datasets[split]
-        if limit is not None and isinstance(ds, EncodedDataset):
-            ds = EncodedDataset(ds.examples[:limit])
-        shuffle = train and isinstance(ds, EncodedDataset)
-        return DataLoader(
+        if limit is not None:
+            ds = StreamSplit(ds.stream.take(limit), ds.files) if isinstance(ds, StreamSplit) else \
+                ds.select(range(min(limit, len(ds))))
+        shuffle = train and not isinstance(ds, StreamSplit)
+        # StatefulDataLoader: Lightning saves its position in checkpoints, so a run
+        # resumed mid-epoch continues with the batches it would have seen.
+        return StatefulDataLoader(
             ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=shuffle,
             collate_fn=self.collator(), num_workers=self.hparams.num_workers,
             generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self):
         return self._loader("train", True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self):
         return self._loader("val", False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self):
         return self._loader("test", False)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self):
         return self._loader(self.hparams.predict_split, False, self.hparams.max_predict_samples)

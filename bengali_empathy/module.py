@@ -101,6 +101,29 @@ class EmpathyLM(L.LightningModule):
         return self.backend.loss(self.model, batch)
 
     # ------------------------------------------------------------------ modes
+    def on_fit_start(self) -> None:
+        dm = self.trainer.datamodule
+        if getattr(dm, "stats", None) and self.logger is not None:
+            from .data import flat_stats
+
+            self.logger.log_hyperparams(flat_stats(dm.stats))
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning calls set_epoch on samplers only; a streamed split reshuffles through this.
+        dm = self.trainer.datamodule
+        if hasattr(dm, "set_epoch"):
+            dm.set_epoch(self.current_epoch)
+
+    def on_train_epoch_end(self) -> None:
+        dm = self.trainer.datamodule
+        counts = dm.stream_counts("train") if hasattr(dm, "stream_counts") else {}
+        if counts:
+            self.print(f"streamed train rows this epoch: {counts.get('ok', 0)} kept, {counts.get('truncated', 0)} "
+                       f"truncated, {counts.get('too_long', 0)} dropped as too long, "
+                       f"{counts.get('empty', 0)} dropped as empty")
+            for status in ("truncated", "too_long", "empty"):
+                self.log(f"data/train_{status}_rows", float(counts.get(status, 0)), on_epoch=True, rank_zero_only=True)
+
     def on_train_start(self) -> None:
         self.backend.for_training(self.model)
         trainable, total = self.param_counts
@@ -185,8 +208,8 @@ class EmpathyLM(L.LightningModule):
         preds = self.generate(batch)
         loss, n = self(batch)
         rows = [
-            {"id": i, "prompt": p, "reference": r, "prediction": q}
-            for i, p, r, q in zip(batch["id"], batch["prompt"], batch["reference"], preds)
+            {"id": i, "prompt": p, "reference": r, "prediction": q, **({"category": c} if c is not None else {})}
+            for i, p, r, q, c in zip(batch["id"], batch["prompt"], batch["reference"], preds, batch["category"])
         ]
         return {"rows": rows, "loss": float(loss), "tokens": int(n)}
 
@@ -213,8 +236,13 @@ class EmpathyLM(L.LightningModule):
         new = out[:, ids.shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
-    def chat(self, message: str, formatter, max_new_tokens: Optional[int] = None) -> str:
-        ids = formatter.prompt_ids(message)
+    def chat(self, message: str, system_prompt: Optional[str] = None, max_new_tokens: Optional[int] = None) -> str:
+        """One reply to ``message`` (a single user turn) with the given or the default Bengali system prompt."""
+        from .corpus import DEFAULT_SYSTEM_PROMPT
+        from .data import ChatEncoder
+
+        system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+        ids = ChatEncoder(self.tokenizer).prompt_ids(system, [{"role": "user", "content": message}])
         t = torch.tensor([ids])
         return self.generate({"gen_input_ids": t, "gen_attention_mask": torch.ones_like(t)}, max_new_tokens)[0]
 
