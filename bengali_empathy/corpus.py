@@ -81,8 +81,8 @@ def _builder_kwargs(f: Path) -> tuple[str, dict]:
     builder = BUILDERS[suffix]
     kwargs: dict = {}
     if builder == "csv":
-        # Every cell as text, empty cells as "" (not NaN), "NA" kept as text.
-        kwargs = {"sep": "\t" if suffix == ".tsv" else ",", "dtype": str, "na_filter": False, "encoding": "utf-8"}
+        # Empty cells as "" (not NaN), "NA" kept as text.
+        kwargs = {"sep": "\t" if suffix == ".tsv" else ",", "na_filter": False, "encoding": "utf-8"}
     return builder, kwargs
 
 

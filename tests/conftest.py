@@ -33,6 +33,35 @@ def tiny_lora(tiny_model_path):
     return backend, model, tok
 
 
+@pytest.fixture(scope="session")
+def chat(tokenizer):
+    from bengali_empathy.data import ChatEncoder
+
+    return ChatEncoder(tokenizer)
+
+
+def encode_pairs(tokenizer, pairs, system=None):
+    """Encoded examples (as the data module stores them) of single-exchange (prompt, reply) pairs."""
+    from bengali_empathy.corpus import DEFAULT_SYSTEM_PROMPT
+    from bengali_empathy.data import ChatEncoder
+
+    chat = ChatEncoder(tokenizer)
+    out = []
+    for i, (p, r) in enumerate(pairs):
+        sys_ids, p_ids, r_ids = chat.tokenize([system or DEFAULT_SYSTEM_PROMPT, p, r])
+        ids, spans = chat.assemble(sys_ids, [("user", p_ids), ("assistant", r_ids)])
+        out.append({"input_ids": ids, "label_spans": [x for s in spans for x in s], "prompt_len": spans[-1][0],
+                    "id": str(i), "prompt": p, "reference": r, "category": None})
+    return out
+
+
+TWO_PAIRS = [("আমি একা।", "আমি আছি, বলুন কী হয়েছে।"), ("আজ খুব ভয় লাগছে, কী করব?", "ভয় পাওয়া স্বাভাবিক, আমি শুনছি।")]
+
+SHARED_DATA = ROOT.parent / "shared" / "data" / "dailydialog_bn_sample"
+requires_shared = pytest.mark.skipif(not (SHARED_DATA / "conversations.jsonl").is_file(),
+                                     reason="../shared/data/dailydialog_bn_sample is absent")
+
+
 def run_cli(args, cwd, timeout=600):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "bengali_empathy", *args], cwd=cwd, env=env,

@@ -1,139 +1,209 @@
+"""Chat formatting, reply labels, length policy, packing, streaming and the data module (bengali_empathy.data)."""
 import json
 
 import pytest
 import torch
 
+from bengali_empathy.corpus import DEFAULT_SYSTEM_PROMPT, bundled_corpus_path
 from bengali_empathy.data import (
-    IGNORE_INDEX, ChatFormatter, Collator, CorpusReader, Dialogue, EmpatheticDialogueDataModule, StreamingDataset,
-    bundled_corpus_path, pack_examples,
+    IGNORE_INDEX, Collator, EmpatheticDialogueDataModule, format_stats, pack_examples, pack_groups,
 )
 from bengali_empathy.errors import UserError
+from conftest import TWO_PAIRS, encode_pairs
 
-D = Dialogue(id="x1", prompt="আমার খুব মন খারাপ।", response="আপনার কষ্টটা বুঝতে পারছি। কী হয়েছে বলবেন?")
-
-
-def test_bundled_corpus_is_real_bengali_and_a_few_hundred_pairs():
-    rows = [json.loads(line) for line in bundled_corpus_path().read_text(encoding="utf-8").splitlines()]
-    assert 150 <= len(rows) <= 1000
-    assert len({r["id"] for r in rows}) == len(rows)
-    assert len({r["prompt"] for r in rows}) == len(rows)
-    for r in rows:
-        bengali = sum("\u0980" <= ch <= "\u09ff" for ch in r["prompt"] + r["response"])
-        assert bengali / len(r["prompt"] + r["response"]) > 0.6
+LONG_CONV = [
+    {"role": "user", "content": "গত মাসে আমার বাবা মারা গেছেন। এখনো বিশ্বাস হয় না।"},
+    {"role": "assistant", "content": "আপনার বাবার মৃত্যুর খবরে আমি গভীরভাবে দুঃখিত। এই শোক খুব ভারী।"},
+    {"role": "user", "content": "রাতে ঘুম আসে না, সারাক্ষণ তাঁর কথা মনে পড়ে।"},
+    {"role": "assistant", "content": "ঘুম না আসা শোকের খুব সাধারণ প্রতিক্রিয়া। তাঁর কোন স্মৃতিটা বেশি মনে পড়ে?"},
+    {"role": "user", "content": "ছোটবেলায় উনি আমাকে নদীর ধারে হাঁটতে নিয়ে যেতেন।"},
+    {"role": "assistant", "content": "কী সুন্দর স্মৃতি। সেই হাঁটাগুলো আপনাদের ভালোবাসার চিহ্ন হয়ে থাকবে।"},
+]
 
 
-def test_prompt_is_masked_and_reply_ends_with_eot(tokenizer):
-    fmt = ChatFormatter(tokenizer, max_seq_length=1024)
-    ex = fmt.encode(D)
-    ids, labels = ex["input_ids"], ex["labels"]
-    n_prompt = len(ex["prompt_ids"])
-    assert ids[:n_prompt] == ex["prompt_ids"]
-    assert all(x == IGNORE_INDEX for x in labels[:n_prompt])
-    assert labels[n_prompt:] == ids[n_prompt:]
-    assert ids[-1] == tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    assert tokenizer.decode(ids[n_prompt:-1]) == D.response
-    prompt_text = tokenizer.decode(ex["prompt_ids"])
-    assert prompt_text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert "সহমর্মী" in prompt_text and D.prompt in prompt_text  # Bengali system prompt + user turn
-
-
-def test_too_long_error_truncate_drop(tokenizer):
-    n = len(ChatFormatter(tokenizer, max_seq_length=4096).encode(D)["input_ids"])
-    with pytest.raises(UserError, match="longer than max_seq_length"):
-        ChatFormatter(tokenizer, max_seq_length=n - 3).encode(D)
-    ex = ChatFormatter(tokenizer, max_seq_length=n - 3, on_too_long="truncate").encode(D)
-    assert len(ex["input_ids"]) == n - 3 and len(ex["labels"]) == n - 3
-    assert ChatFormatter(tokenizer, max_seq_length=n - 3, on_too_long="drop").encode(D) is None
-
-
-def _write_jsonl(path, rows):
+def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
 
 
-def test_split_is_stable_and_same_when_streaming(tmp_path, tokenizer):
-    rows = [{"id": f"r{i}", "prompt": f"প্রশ্ন {i}", "response": f"উত্তর {i}"} for i in range(300)]
-    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    _write_jsonl(a, rows)
-    _write_jsonl(b, rows[::-1])
-    ra, rb = CorpusReader(a).read_all(), CorpusReader(b).read_all()
-    for split in ("train", "val", "test"):
-        assert sorted(d.id for d in ra[split]) == sorted(d.id for d in rb[split])
-        assert [d.id for d in CorpusReader(a).iter_split(split)] == [d.id for d in ra[split]]
-    assert 15 <= len(ra["val"]) <= 45 and 15 <= len(ra["test"]) <= 45  # ~10% each
-    ids = [set(d.id for d in ra[s]) for s in ("train", "val", "test")]
-    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
-    # the streaming dataset yields exactly the in-memory train split
-    fmt = ChatFormatter(tokenizer, max_seq_length=512)
-    streamed = [ex["id"] for ex in StreamingDataset(CorpusReader(a), fmt, "train")]
-    assert streamed == [d.id for d in ra["train"]]
-
-
-def test_csv_with_custom_columns(tmp_path):
-    p = tmp_path / "c.csv"
-    p.write_text('situation,reply\n"আমি ক্লান্ত, খুব ক্লান্ত।","বিশ্রাম নিন।"\n', encoding="utf-8")
-    dm = EmpatheticDialogueDataModule(corpus_path=str(p), prompt_column="situation", response_column="reply",
-                                      val_fraction=0.0, test_fraction=0.0)
+def dm_for(tmp_path, rows, **kwargs):
+    dm = EmpatheticDialogueDataModule(corpus_path=write_jsonl(tmp_path / "c.jsonl", rows), **kwargs)
     dm.setup()
-    assert dm.stats["train"]["dialogues"] == 1
-    assert dm.datasets["train"][0]["prompt"] == "আমি ক্লান্ত, খুব ক্লান্ত।"
+    return dm
 
 
-@pytest.mark.parametrize("content,suffix,message", [
-    (None, ".jsonl", "corpus file not found"),
-    ("", ".jsonl", "corpus is empty"),
-    ('{"question": "ক", "answer": "খ"}\n', ".jsonl", "missing column"),
-    ("a,b\n1,2\n", ".csv", "missing column"),
-    ("{not json\n", ".jsonl", "invalid JSON"),
-    ("x", ".parquet", "unsupported corpus format"),
+def test_bundled_sample_has_pairs_and_multi_turn_bengali():
+    pairs = [json.loads(x) for x in (bundled_corpus_path() / "sample_dialogues.jsonl").read_text("utf-8").splitlines()]
+    convs = [json.loads(x) for x in (bundled_corpus_path() / "sample_conversations.jsonl").read_text("utf-8")
+             .splitlines()]
+    assert len(pairs) == 210 and len(convs) >= 60
+    assert all(4 <= len(c["messages"]) <= 8 for c in convs)
+    assert len({c["emotion"] for c in convs}) >= 10
+    replies = [m["content"] for c in convs for m in c["messages"] if m["role"] == "assistant"]
+    assert len(set(replies)) == len(replies)  # written, not templated
+    for text in [m["content"] for c in convs for m in c["messages"]] + [p["response"] for p in pairs]:
+        assert sum("\u0980" <= ch <= "\u09ff" for ch in text) / len(text) > 0.6
+
+
+@pytest.mark.parametrize("turns", [
+    LONG_CONV,
+    [{"role": "user", "content": "?কেন এমন হলো\nবুঝি না"}, {"role": "assistant", "content": "Okay 123, চলুন  কথা বলি।"}],
+    [{"role": "assistant", "content": "নমস্কার! কেমন আছেন?"}, {"role": "user", "content": "ভালো না।"},
+     {"role": "assistant", "content": "শুনে খারাপ লাগল।"}],
 ])
-def test_bad_corpus_gives_clear_error(tmp_path, content, suffix, message):
-    p = tmp_path / f"corpus{suffix}"
-    if content is not None:
-        p.write_text(content, encoding="utf-8")
-    with pytest.raises(UserError, match=message):
-        EmpatheticDialogueDataModule(corpus_path=str(p))
+def test_chat_encoder_equals_apply_chat_template(tokenizer, chat, turns):
+    ids, spans = chat.assemble(*_tokenized(chat, DEFAULT_SYSTEM_PROMPT, turns))
+    ref = tokenizer.apply_chat_template([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}] + turns, tokenize=True)
+    assert ids == list(ref["input_ids"] if hasattr(ref, "keys") else ref)
+    replies = [t["content"] for t in turns if t["role"] == "assistant"]
+    assert [tokenizer.decode(ids[s:e]) for s, e in spans] == [r + "<|eot_id|>" for r in replies]
+    chat.check(DEFAULT_SYSTEM_PROMPT, turns, "here")
+
+
+def _tokenized(chat, system, turns):
+    texts = chat.tokenize([system] + [t["content"] for t in turns])
+    return texts[0], [(t["role"], x) for t, x in zip(turns, texts[1:])]
+
+
+@pytest.mark.parametrize("train_on", ["all_assistant", "last_assistant"])
+def test_labels_cover_exactly_the_trained_replies(tmp_path, tokenizer, train_on):
+    dm = dm_for(tmp_path, [{"messages": LONG_CONV}], val_fraction=0.0, test_fraction=0.0, train_on=train_on)
+    ex = dm.datasets["train"][0]
+    batch = dm.collator()([ex])
+    labels, ids = batch["labels"][0], batch["input_ids"][0]
+    trained = tokenizer.decode(ids[labels != IGNORE_INDEX])
+    replies = [t["content"] + "<|eot_id|>" for t in LONG_CONV if t["role"] == "assistant"]
+    assert trained == ("".join(replies) if train_on == "all_assistant" else replies[-1])
+    assert int((labels != IGNORE_INDEX).sum()) == sum(e - s for s, e in zip(ex["label_spans"][::2],
+                                                                               ex["label_spans"][1::2]))
+
+
+def test_eval_prompt_is_history_up_to_the_final_reply(tmp_path, tokenizer):
+    dm = dm_for(tmp_path, [{"id": "c", "messages": LONG_CONV}], val_fraction=0.0, test_fraction=0.0)
+    ex = dm._encode_in_memory()[0]
+    prompt = tokenizer.decode(ex["input_ids"][: ex["prompt_len"]])
+    assert prompt.endswith(LONG_CONV[4]["content"] + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert LONG_CONV[5]["content"] not in prompt  # the reference is never inside the prompt
+    assert ex["reference"] == LONG_CONV[5]["content"] and ex["prompt"] == LONG_CONV[4]["content"]
+
+
+def test_too_long_policies(tmp_path, tokenizer, chat):
+    full = len(chat.assemble(*_tokenized(chat, DEFAULT_SYSTEM_PROMPT, LONG_CONV))[0])
+    final_only = len(chat.assemble(*_tokenized(chat, DEFAULT_SYSTEM_PROMPT, LONG_CONV[4:]))[0])
+    rows = [{"id": "long", "messages": LONG_CONV}, {"id": "short", "messages": [
+        {"role": "user", "content": "ক"}, {"role": "assistant", "content": "খ"}]}]
+    limit = final_only + 5
+    common = dict(max_seq_length=limit, val_fraction=0.0, test_fraction=0.0)
+    with pytest.raises(UserError, match=f"row 1: conversation is {full} tokens, longer than max_seq_length={limit}"):
+        dm_for(tmp_path, rows, **common)
+    dm = dm_for(tmp_path, rows, on_too_long="drop", **common)
+    st = dm.stats["train"]
+    assert (st["rows"], st["kept"], st["dropped_too_long"], st["dropped_empty"]) == (2, 1, 1, 0)
+    assert "dropped_too_long" in format_stats(dm.stats, limit)
+    empty = dm_for(tmp_path, [{"prompt": "গ", "response": " "}, {"prompt": "ক", "response": "খ"}], **common)
+    assert (empty.stats["train"]["dropped_empty"], empty.stats["train"]["kept"]) == (1, 1)
+    dm = dm_for(tmp_path, rows, on_too_long="truncate", **common)  # the cut would remove the whole final reply
+    assert (dm.stats["train"]["truncated"], dm.stats["train"]["dropped_too_long"]) == (0, 1)
+    dm = dm_for(tmp_path, rows, on_too_long="truncate", max_seq_length=full - 5, val_fraction=0.0, test_fraction=0.0)
+    assert dm.stats["train"]["truncated"] == 1
+    assert max(len(ex["input_ids"]) for ex in dm.datasets["train"]) == full - 5
+    dm = dm_for(tmp_path, rows, on_too_long="truncate_history", **common)
+    enc = dm._encode_in_memory()
+    long = enc[0]
+    assert long["status"] == "truncated" and long["n_tokens"] == final_only and long["n_turns"] == 2
+    text = tokenizer.decode(long["input_ids"])
+    assert DEFAULT_SYSTEM_PROMPT in text and LONG_CONV[4]["content"] in text and LONG_CONV[0]["content"] not in text
+    # with room for two exchanges, only the oldest one goes
+    two = len(chat.assemble(*_tokenized(chat, DEFAULT_SYSTEM_PROMPT, LONG_CONV[2:]))[0])
+    dm = dm_for(tmp_path, rows, on_too_long="truncate_history", max_seq_length=two, val_fraction=0.0,
+                test_fraction=0.0)
+    assert dm._encode_in_memory()[0]["n_turns"] == 4
 
 
 def test_collator_pads_right_for_training_and_left_for_generation():
     batch = [
-        {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "prompt_ids": [1], "id": "a", "prompt": "p", "reference": "r"},
-        {"input_ids": [4, 5], "labels": [-100, 5], "prompt_ids": [4, 6], "id": "b", "prompt": "q", "reference": "s"},
+        {"input_ids": [1, 2, 3], "label_spans": [1, 3], "prompt_len": 1, "id": "a", "prompt": "p", "reference": "r"},
+        {"input_ids": [4, 5], "label_spans": [1, 2], "prompt_len": 1, "id": "b", "prompt": "q", "reference": "s"},
     ]
     out = Collator(pad_id=0, pad_to_multiple_of=4)(batch)
     assert out["input_ids"].tolist() == [[1, 2, 3, 0], [4, 5, 0, 0]]
     assert out["labels"].tolist() == [[-100, 2, 3, -100], [-100, 5, -100, -100]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
-    assert out["gen_input_ids"].tolist() == [[0, 1], [4, 6]]
-    assert out["gen_attention_mask"].tolist() == [[0, 1], [1, 1]]
+    assert out["gen_input_ids"].tolist() == [[1], [4]]
 
 
-def test_packing_restarts_positions_and_keeps_examples_apart(tiny_lora):
+def test_packing_multi_turn_equals_per_conversation_loss(tiny_lora):
     backend, model, tok = tiny_lora
-    fmt = ChatFormatter(tok, max_seq_length=4096)
-    exs = [fmt.encode(Dialogue(id=str(i), prompt=p, response=r)) for i, (p, r) in enumerate(
-        [("আমি একা।", "আমি আছি, বলুন।"), ("ভয় লাগছে।", "ভয় পাওয়া স্বাভাবিক।"), ("খুশি!", "অভিনন্দন!")])]
-    packed = list(pack_examples(exs, 4096))
-    assert len(packed) == 1 and packed[0]["n_examples"] == 3
-    lens = [len(e["input_ids"]) for e in exs]
-    assert packed[0]["position_ids"][lens[0]] == 0 and packed[0]["position_ids"][lens[0] - 1] == lens[0] - 1
-    # the packed loss equals the token-weighted loss of the examples run one by one
+    from bengali_empathy.data import ChatEncoder
+
+    chat = ChatEncoder(tok)
+    exs = encode_pairs(tok, TWO_PAIRS)
+    ids, spans = chat.assemble(*_tokenized(chat, DEFAULT_SYSTEM_PROMPT, LONG_CONV))
+    exs.append({"input_ids": ids, "label_spans": [x for s in spans for x in s]})
+    packed = pack_examples(exs)
+    assert packed["seq_lens"] == [len(e["input_ids"]) for e in exs]
     collate = Collator(tok.pad_token_id)
+    pb = collate([packed])
+    assert pb["position_ids"][0, len(exs[0]["input_ids"])] == 0 and pb["attention_mask"] is None
     model.eval()
     with torch.no_grad():
-        lp, n_p = backend.loss(model, collate(packed))
-        singles = [backend.loss(model, collate([e])) for e in exs]
+        lp, n_p = backend.loss(model, pb)
+        singles = [backend.loss(model, collate([{k: e[k] for k in ("input_ids", "label_spans")}])) for e in exs]
     weighted = sum(l * n for l, n in singles) / sum(n for _, n in singles)
     assert int(n_p) == sum(int(n) for _, n in singles)
     assert float(lp) == pytest.approx(float(weighted), rel=1e-4)
-    # and packs never exceed the limit
-    assert all(len(p["input_ids"]) <= 2 * max(lens) for p in pack_examples(exs * 4, 2 * max(lens)))
+
+
+def test_pack_groups_respect_the_limit():
+    groups = pack_groups([5, 3, 4, 8, 1, 1], 8)
+    assert groups == [[0, 1], [2], [3], [4, 5]]
+
+
+def _pairs(n):
+    return [{"id": f"r{i}", "prompt": f"প্রশ্ন নম্বর {i}", "response": f"উত্তর নম্বর {i}"} for i in range(n)]
+
+
+def test_streaming_split_equals_in_memory_and_predict_cap(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", _pairs(200))
+    mem = EmpatheticDialogueDataModule(corpus_path=path, max_predict_samples=5)
+    mem.setup()
+    st = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, shuffle_buffer=0, max_predict_samples=5)
+    st.setup()
+    for split in ("val", "test"):
+        assert [ex["id"] for ex in st.datasets[split]] == list(mem.datasets[split]["id"])
+    assert len(list(st.datasets["train"])) == len(mem.datasets["train"])
+    for dm in (mem, st):
+        assert sum(len(b["id"]) for b in dm.predict_dataloader()) == 5
+
+
+def test_streaming_order_changes_every_epoch_and_ranks_are_disjoint(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", _pairs(120))
+    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, shuffle_buffer=50, batch_size=1)
+    dm.setup()
+    first = [tuple(ex["input_ids"]) for ex in dm.datasets["train"]]
+    dm.set_epoch(1)
+    second = [tuple(ex["input_ids"]) for ex in dm.datasets["train"]]
+    assert sorted(first) == sorted(second) and first != second
+
+    class Rank:
+        def __init__(self, r):
+            self.global_rank, self.world_size = r, 2
+
+    seen = []
+    for r in (0, 1):
+        dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, shuffle_buffer=50)
+        dm.trainer = Rank(r)
+        dm.setup()
+        seen.append({tuple(ex["input_ids"]) for ex in dm.datasets["train"]})
+    assert seen[0] and seen[1] and not (seen[0] & seen[1])
+    assert seen[0] | seen[1] == set(first)
 
 
 def test_datamodule_on_bundled_sample(tokenizer):
-    dm = EmpatheticDialogueDataModule(max_seq_length=768, batch_size=4)
+    dm = EmpatheticDialogueDataModule(max_seq_length=1024, batch_size=4)
     dm.setup()
-    assert dm.stats["train"]["dialogues"] > 100 and dm.stats["val"]["dialogues"] > 5
+    assert dm.stats["train"]["kept"] > 200 and dm.stats["val"]["kept"] > 10
+    assert dm.stats["train"]["turns"] > 2 * dm.stats["train"]["rows"]  # multi-turn conversations are in
     batch = next(iter(dm.train_dataloader()))
-    assert batch["input_ids"].shape == batch["labels"].shape
-    assert batch["input_ids"].shape[0] == 4
+    assert batch["input_ids"].shape == batch["labels"].shape and batch["input_ids"].shape[0] == 4
     assert (batch["labels"] != IGNORE_INDEX).sum() > 0

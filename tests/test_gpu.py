@@ -4,7 +4,7 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import requires_cuda
+from conftest import TWO_PAIRS, encode_pairs, requires_cuda
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -12,12 +12,9 @@ needs_unsloth = pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, 
 
 
 def _batch(tok, device):
-    from bengali_empathy.data import ChatFormatter, Collator, Dialogue
+    from bengali_empathy.data import Collator
 
-    fmt = ChatFormatter(tok, max_seq_length=1024)
-    exs = [fmt.encode(Dialogue(id=str(i), prompt=p, response=r)) for i, (p, r) in enumerate(
-        [("আমি একা।", "আমি আছি, বলুন কী হয়েছে।"), ("ভয় লাগছে।", "ভয় পাওয়া স্বাভাবিক, আমি শুনছি।")])]
-    b = Collator(tok.pad_token_id)(exs)
+    b = Collator(tok.pad_token_id)(encode_pairs(tok, TWO_PAIRS))
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
 
 

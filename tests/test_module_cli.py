@@ -7,7 +7,7 @@ import torch
 from bengali_empathy.backends import HFPeftBackend, LoraSettings, _backend_from_argv, preimport_unsloth, resolve_backend
 from bengali_empathy.errors import UserError
 from bengali_empathy.module import EmpathyLM, cosine_with_warmup
-from conftest import ROOT, run_cli
+from conftest import ROOT, TWO_PAIRS, encode_pairs, run_cli
 
 
 def test_backend_resolution_and_errors():
@@ -31,12 +31,9 @@ def test_backend_read_from_argv_and_config(tmp_path):
 
 def test_reply_only_loss_equals_hf_full_logits_loss(tiny_lora):
     backend, model, tok = tiny_lora
-    from bengali_empathy.data import ChatFormatter, Collator, Dialogue
+    from bengali_empathy.data import Collator
 
-    fmt = ChatFormatter(tok, max_seq_length=1024)
-    exs = [fmt.encode(Dialogue(id=str(i), prompt=p, response=r)) for i, (p, r) in enumerate(
-        [("আমি একা।", "আমি আছি, বলুন।"), ("আজ খুব ভয় লাগছে, কী করব?", "ভয় পাওয়া স্বাভাবিক।")])]
-    batch = Collator(tok.pad_token_id)(exs)
+    batch = Collator(tok.pad_token_id)(encode_pairs(tok, TWO_PAIRS))
     model.eval()
     with torch.no_grad():
         ours, n = backend.loss(model, batch)
@@ -83,9 +80,7 @@ def test_hf_gradient_checkpointing_survives_eval_and_generate(tiny_model_path):
     lm.configure_model()
     lm.model.train()
     assert lm.backend.gradient_checkpointing_active(lm.model)
-    from bengali_empathy.data import ChatFormatter
-
-    lm.chat("আমি খুব ক্লান্ত।", ChatFormatter(lm.tokenizer))
+    lm.chat("আমি খুব ক্লান্ত।")
     assert lm.model.training and lm.backend.gradient_checkpointing_active(lm.model)
 
 

@@ -1,0 +1,126 @@
+"""Corpus formats -> conversations, the group split and bad-input errors (bengali_empathy.corpus)."""
+import json
+
+import pytest
+
+from bengali_empathy.corpus import CorpusFormat, corpus_files, load_file, split_of
+from bengali_empathy.data import EmpatheticDialogueDataModule
+from bengali_empathy.errors import UserError
+from conftest import SHARED_DATA, requires_shared
+
+CONV = [{"role": "user", "content": "আজ মনটা ভারী।"}, {"role": "assistant", "content": "কী হয়েছে, বলবেন?"},
+        {"role": "user", "content": "চাকরিটা চলে গেল।"}, {"role": "assistant", "content": "খুব কঠিন সময়, আমি শুনছি।"}]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def conversations(path, **kwargs):
+    """Every row of a corpus as (system, turns), through the same format detection as the data module."""
+    out = []
+    for f in corpus_files(str(path)):
+        ds = load_file(f, streaming=False)
+        fmt = CorpusFormat(ds.column_names, str(f), **kwargs)
+        out += [fmt.conversation(row, f"{f}: row {i + 1}") for i, row in enumerate(ds)]
+    return out
+
+
+def test_messages_and_sharegpt_are_detected(tmp_path):
+    write_jsonl(tmp_path / "m.jsonl", [{"id": "a", "messages": [{"role": "system", "content": "নিজস্ব"}] + CONV}])
+    (c,) = conversations(tmp_path / "m.jsonl")
+    assert c.system == "নিজস্ব" and c.turns == CONV and c.id == "a"
+    share = [{"from": {"user": "human", "assistant": "gpt"}[t["role"]], "value": t["content"]} for t in CONV]
+    write_jsonl(tmp_path / "s.jsonl", [{"conversations": share}])
+    (c,) = conversations(tmp_path / "s.jsonl")
+    assert c.turns == CONV and c.system is None
+
+
+def test_csv_templates_with_multiline_quotes_bom_crlf(tmp_path):
+    p = tmp_path / "counsel.csv"
+    text = ('\ufeffTopics,Question-Title,Questions,Answers\r\n'
+            'উদ্বেগ,"রাতে ঘুম আসে না","প্রতি রাতে চিন্তা হয়,\r\nবুক ধড়ফড় করে। ""কী করব""?","ঘুমের আগে ধীরে শ্বাস নিন।"\r\n')
+    p.write_bytes(text.encode("utf-8"))
+    (c,) = conversations(p, prompt_template="{Question-Title}\n{Questions}", response_template="{Answers}",
+                         category_column="Topics")
+    assert c.turns[0]["content"] == 'রাতে ঘুম আসে না\nপ্রতি রাতে চিন্তা হয়,\r\nবুক ধড়ফড় করে। "কী করব"?'
+    assert c.turns[1]["content"] == "ঘুমের আগে ধীরে শ্বাস নিন।" and c.category == "উদ্বেগ"
+
+
+def test_tsv_parquet_json_directory_and_glob(tmp_path):
+    pd = pytest.importorskip("pandas")
+    rows = [{"id": f"r{i}", "prompt": f"প্রশ্ন {i}", "response": f"উত্তর {i}"} for i in range(4)]
+    pd.DataFrame(rows).to_csv(tmp_path / "a.tsv", sep="\t", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "b.parquet")
+    (tmp_path / "c.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    for name in ("a.tsv", "b.parquet", "c.json"):
+        assert [c.turns[1]["content"] for c in conversations(tmp_path / name)] == [r["response"] for r in rows]
+    d = tmp_path / "dir"
+    d.mkdir()
+    write_jsonl(d / "1.jsonl", rows[:2])
+    write_jsonl(d / "2.jsonl", rows[2:])
+    assert [c.id for c in conversations(d)] == ["r0", "r1", "r2", "r3"]
+    assert [c.id for c in conversations(str(d / "*.jsonl"))] == ["r0", "r1", "r2", "r3"]
+
+
+def test_system_column_overrides_default_per_row(tmp_path):
+    p = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "ক", "response": "খ", "sys": "বিশেষ নির্দেশ"},
+                                           {"prompt": "গ", "response": "ঘ", "sys": ""}])
+    a, b = conversations(p, system_column="sys")
+    assert a.system == "বিশেষ নির্দেশ" and b.system is None
+
+
+def test_group_column_keeps_a_dialogue_in_one_split(tmp_path):
+    rows = [{"id": f"d{d}-t{t}", "dialogue_id": f"d{d}", "prompt": f"প্রশ্ন {d} {t}", "response": f"উত্তর {d} {t}"}
+            for d in range(100) for t in range(5)]
+    p = write_jsonl(tmp_path / "turns.jsonl", rows)
+    convs = conversations(p)  # dialogue_id is picked up as the group by default
+    splits: dict = {}
+    for c in convs:
+        splits.setdefault(c.group, set()).add(split_of(c.group, 0.1, 0.1, 42))
+    assert len(splits) == 100 and all(len(s) == 1 for s in splits.values())
+    per_row = {split_of(c.id, 0.1, 0.1, 42) for c in convs if c.group == "d0"}
+    assert len({split_of(c.id, 0.1, 0.1, 42) for c in convs}) == 3 and per_row  # ids alone would scatter
+
+
+@requires_shared
+def test_dailydialog_turn_rows_never_straddle_splits():
+    dm = EmpatheticDialogueDataModule(corpus_path=str(SHARED_DATA / "dialogues.jsonl"), max_seq_length=4096,
+                                      on_too_long="drop")
+    cols = dm._encode_in_memory().select_columns(["group", "split"])[:]
+    by_group: dict = {}
+    for g, s in zip(cols["group"], cols["split"]):
+        by_group.setdefault(g, set()).add(s)
+    assert len(by_group) == 949 and all(len(s) == 1 for s in by_group.values())
+    assert set().union(*by_group.values()) == {"train", "val", "test"}
+
+
+@pytest.mark.parametrize("rows,kwargs,message", [
+    ([{"messages": [{"role": "narrator", "content": "ক"}, {"role": "assistant", "content": "খ"}]}], {},
+     "row 1: turn 1 has unknown role 'narrator'"),
+    ([{"messages": CONV}, {"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "খ"}]}],
+     {}, "row 2: turn 1 (user) has empty content"),
+    ([{"messages": [{"role": "user", "content": "ক"}]}], {}, "row 1: the conversation has no assistant turn"),
+    ([{"messages": [{"role": "user", "content": "ক"}, {"role": "user", "content": "খ"},
+                    {"role": "assistant", "content": "গ"}]}], {}, "turns 1 and 2 are both user turns"),
+    ([{"messages": CONV[:3]}], {}, "ends with a user turn"),
+    ([{"q": "ক", "a": "খ"}], {"prompt_template": "{q} {title}", "response_template": "{a}"},
+     "missing column(s) 'title'"),
+])
+def test_bad_rows_name_file_and_row(tmp_path, rows, kwargs, message):
+    p = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(UserError, match="bad.jsonl") as err:
+        EmpatheticDialogueDataModule(corpus_path=str(p), **kwargs).setup()
+    assert message in str(err.value)
+
+
+def test_malformed_json_line_and_non_utf8_name_the_line(tmp_path):
+    p = tmp_path / "broken.jsonl"
+    p.write_text('{"prompt": "ক", "response": "খ"}\n{"prompt": "গ", "response": \n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"broken.jsonl:2: invalid JSON"):
+        EmpatheticDialogueDataModule(corpus_path=str(p)).setup()
+    p = tmp_path / "latin1.csv"
+    p.write_bytes("prompt,response\nক,খ\ncaf\xe9,ok\n".encode("utf-8").replace(b"\xc3\xa9", b"\xe9"))
+    with pytest.raises(UserError, match=r"latin1.csv:3: not UTF-8"):
+        EmpatheticDialogueDataModule(corpus_path=str(p)).setup()
