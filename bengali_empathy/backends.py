@@ -36,6 +36,7 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    modules_to_save: list[str] = field(default_factory=list)
 
 
 def unsloth_available() -> bool:
@@ -150,7 +151,8 @@ def lora_settings_from_adapter(adapter_path: str | os.PathLike, default: LoraSet
     if isinstance(targets, str):
         targets = [targets]
     return LoraSettings(r=int(cfg.get("r", default.r)), alpha=int(cfg.get("lora_alpha", default.alpha)),
-                        dropout=float(cfg.get("lora_dropout", default.dropout)), target_modules=sorted(targets))
+                        dropout=float(cfg.get("lora_dropout", default.dropout)), target_modules=sorted(targets),
+                        modules_to_save=list(cfg.get("modules_to_save") or []))
 
 
 class Backend:
@@ -246,7 +248,8 @@ class HFPeftBackend(Backend):
         if adapter_path:
             lora = lora_settings_from_adapter(adapter_path, lora)
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                            target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+                            target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
+                            modules_to_save=list(lora.modules_to_save) or None)
         torch.manual_seed(self.seed)
         model = get_peft_model(model, config)
         if adapter_path:
@@ -296,6 +299,7 @@ class UnslothBackend(Backend):
         model = FastLanguageModel.get_peft_model(
             model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules=list(lora.target_modules), bias="none",
+            modules_to_save=list(lora.modules_to_save) or None,
             use_gradient_checkpointing="unsloth" if self.gradient_checkpointing else False,
             random_state=self.seed, max_seq_length=max_seq_length,
         )
@@ -330,6 +334,13 @@ class UnslothBackend(Backend):
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         # Unsloth's fused cross-entropy returns a token mean over labels != -100
         # (and empty logits), so the loss is the only output we use.
+        if batch.get("packed_seq_lengths") is not None:
+            # Unsloth keeps packed conversations apart (varlen attention) only within one
+            # row: several packed rows would attend across conversations. Flatten them;
+            # each row starts with a masked <|begin_of_text|>, so no label crosses a seam.
+            out = model(input_ids=batch["input_ids"].reshape(1, -1), position_ids=batch["position_ids"].reshape(1, -1),
+                        labels=batch["labels"].reshape(1, -1), packed_seq_lengths=batch["packed_seq_lengths"])
+            return out.loss, _reply_token_count(batch)
         mask = batch.get("attention_mask")
         if mask is not None and bool(mask.all()):
             mask = None  # no padding: let Unsloth take its pure-causal fast attention path

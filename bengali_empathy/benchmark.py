@@ -13,6 +13,7 @@ Llama-3.1-8B checkpoint (bf16) to the cache once.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -38,6 +39,21 @@ def random_batches(n: int, batch_size: int, seq_len: int, seed: int = 0, prompt_
             "id": [str(i) for i in range(batch_size)], "prompt": ["ক"] * batch_size, "reference": ["খ"] * batch_size,
         })
     return out
+
+
+def corpus_batches(path: str, n: int, batch_size: int, seq_len: int, pack: bool, group_by_length: bool,
+                   tokenizer_path: Optional[str]):
+    """``n`` training batches (and one validation batch) of a real corpus, as ``fit`` builds them."""
+    from .data import EmpatheticDialogueDataModule
+
+    dm = EmpatheticDialogueDataModule(corpus_path=path, tokenizer_path=tokenizer_path, max_seq_length=seq_len,
+                                      on_too_long="truncate_history", batch_size=batch_size, pack=pack,
+                                      group_by_length=group_by_length)
+    dm.setup()
+    train, out = dm.train_dataloader(), []
+    while len(out) < n:
+        out += list(itertools.islice(iter(train), n - len(out)))
+    return out, [next(iter(dm.val_dataloader()))]
 
 
 def model_path_for(arch: str, model_path: Optional[str]) -> str:
@@ -82,13 +98,21 @@ def run(args) -> dict:
     if not lm.backend.quantized:
         lm.to(device)
     total_steps = args.warmup + args.steps
-    batches = random_batches(total_steps, args.batch_size, args.seq_len)
+    if args.corpus:
+        from .modeling import TINY_MODEL
+
+        batches, val_batches = corpus_batches(args.corpus, total_steps, args.batch_size, args.seq_len, args.pack,
+                                              args.group_by_length, None if path == TINY_MODEL else path)
+    else:
+        batches = random_batches(total_steps, args.batch_size, args.seq_len)
+        val_batches = batches[:1]
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     result = {
         "arch": args.arch, "backend": lm.backend.name, "loop": args.loop, "seq_len": args.seq_len,
-        "batch_size": args.batch_size, "steps_timed": args.steps, "quantized_4bit": lm.backend.quantized,
+        "batch_size": args.batch_size, "steps_timed": args.steps, "corpus": args.corpus, "packed": args.pack,
+        "group_by_length": args.group_by_length, "quantized_4bit": lm.backend.quantized,
         "gradient_checkpointing_requested": not args.no_gradient_checkpointing,
         "trainable_params": lm.param_counts[0], "rearm_checkpointing": args.rearm, "load_s": round(load_s, 1),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -147,11 +171,14 @@ def run(args) -> dict:
             enable_model_summary=False, num_sanity_val_steps=1 if args.sanity_val else 0,
             limit_val_batches=1, val_check_interval=None, check_val_every_n_epoch=1000, callbacks=[Timer()],
         )
-        trainer.fit(lm, train_dataloaders=loader(batches), val_dataloaders=loader(batches[:1]))
+        trainer.fit(lm, train_dataloaders=loader(batches), val_dataloaders=loader(val_batches))
     if "t1" not in times:
         raise SystemExit("benchmark did not complete its timed steps")
     dt = times["t1"] - times["t0"]
-    result["tokens_per_sec"] = round(args.steps * args.batch_size * args.seq_len / dt, 1)
+    # Non-padding tokens: a padded or partly filled packed row counts only what it holds.
+    result["tokens_per_sec"] = round(sum(int(b["n_tokens"]) for b in batches[args.warmup:]) / dt, 1)
+    result["fill"] = round(sum(int(b["n_tokens"]) for b in batches[args.warmup:])
+                           / sum(b["input_ids"].numel() for b in batches[args.warmup:]), 3)
     result["step_s"] = round(dt / args.steps, 4)
     result["gradient_checkpointing_active"] = bool(gc_seen) and all(gc_seen[args.warmup:])
     if cuda:
@@ -177,6 +204,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="skip the sanity-check validation (with generation) before training")
     p.add_argument("--no-rearm", dest="rearm", action="store_false",
                    help="do not re-arm Unsloth's gradient checkpointing after eval/generate (reproduces the bug)")
+    p.add_argument("--corpus", default=None, help="train on this corpus's batches instead of random tokens")
+    p.add_argument("--pack", action="store_true", help="with --corpus: pack conversations into seq-len rows")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="with --corpus and no --pack: batch conversations of similar length together")
     p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     args = p.parse_args(argv)
     result = run(args)

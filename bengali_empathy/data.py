@@ -241,20 +241,29 @@ class RowEncoder:
 # --------------------------------------------------------------------------- packing and batching
 
 
-def pack_groups(lengths: Iterable[int], max_seq_length: int) -> list[list[int]]:
-    """Greedy packing: consecutive examples (in the given order) into rows of at most ``max_seq_length`` tokens."""
-    groups: list[list[int]] = []
-    cur: list[int] = []
-    used = 0
-    for i, n in enumerate(lengths):
-        if cur and used + n > max_seq_length:
-            groups.append(cur)
-            cur, used = [], 0
-        cur.append(i)
-        used += n
-    if cur:
-        groups.append(cur)
-    return groups
+def pack_groups(items: Iterable, max_seq_length: int, open_packs: int = 64) -> Iterator[list]:
+    """First-fit packing of ``(item, length)`` pairs into groups of at most ``max_seq_length`` tokens.
+
+    Each item goes into the first of up to ``open_packs`` open packs it fits in
+    (closing the fullest when a new one is needed), which fills rows far better
+    than filling one pack at a time when lengths vary (Bengali conversations run
+    from a few hundred to several thousand tokens). Works on a stream.
+    """
+    packs: list[list] = []
+    used: list[int] = []
+    for item, n in items:
+        k = next((i for i, u in enumerate(used) if u + n <= max_seq_length), None)
+        if k is None:
+            if len(packs) >= open_packs:
+                full = max(range(len(used)), key=used.__getitem__)
+                yield packs.pop(full)
+                used.pop(full)
+            packs.append([])
+            used.append(0)
+            k = len(packs) - 1
+        packs[k].append(item)
+        used[k] += n
+    yield from packs
 
 
 def pack_examples(examples: list[dict]) -> dict:
@@ -288,6 +297,35 @@ class PackedDataset(Dataset):
         return pack_examples([{"input_ids": a, "label_spans": b} for a, b in zip(rows["input_ids"], rows["label_spans"])])
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled training order that is a function of (seed, epoch) alone.
+
+    Lightning calls ``set_epoch`` on samplers, so every epoch has a new order and a
+    run resumed mid-epoch replays exactly the order of the uninterrupted run (the
+    stateful loader then skips the batches already seen). With ``lengths`` the
+    order groups similar lengths into the same batch (transformers'
+    length-grouped indices), which cuts padding without packing.
+    """
+
+    def __init__(self, n: int, seed: int, lengths: Optional[list[int]] = None, batch_size: int = 1) -> None:
+        self.n, self.seed, self.lengths, self.batch_size = n, seed, lengths, batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.lengths is None:
+            return iter(torch.randperm(self.n, generator=g).tolist())
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
+
+
 class Collator:
     """Pads encoded examples into tensors: right padding for the loss, left-padded
     ``gen_input_ids`` (the prompt up to the final reply's header) for generation."""
@@ -306,6 +344,7 @@ class Collator:
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         pos = torch.arange(width).repeat(len(batch), 1)
+        segments: list[int] = []
         for i, ex in enumerate(batch):
             n = len(ex["input_ids"])
             row = torch.tensor(ex["input_ids"], dtype=torch.long)
@@ -317,8 +356,13 @@ class Collator:
             if packed:
                 pos[i, :n] = torch.cat([torch.arange(m) for m in ex["seq_lens"]])
                 pos[i, n:] = torch.arange(width - n)  # padding forms its own (label-free) segment
+                segments += list(ex["seq_lens"]) + ([width - n] if width > n else [])
         out = {"input_ids": ids, "labels": labels, "position_ids": pos, "n_tokens": mask.sum(),
                "attention_mask": None if packed else mask}
+        if packed:
+            # Segment lengths of the batch read row after row (padding included), for
+            # kernels that attend within segments of one flattened row (Unsloth).
+            out["packed_seq_lengths"] = torch.tensor(segments, dtype=torch.int32)
         if "prompt_len" in batch[0]:
             pw = max(ex["prompt_len"] for ex in batch)
             gen = torch.full((len(batch), pw), self.pad_id, dtype=torch.long)
@@ -425,16 +469,8 @@ class StreamSplit(IterableDataset):
         if not self.pack_to:
             yield from self._kept()
             return
-        buf, used = [], 0
-        for ex in self._kept():
-            n = len(ex["input_ids"])
-            if buf and used + n > self.pack_to:
-                yield pack_examples(buf)
-                buf, used = [], 0
-            buf.append(ex)
-            used += n
-        if buf:
-            yield pack_examples(buf)
+        for group in pack_groups(((ex, len(ex["input_ids"])) for ex in self._kept()), self.pack_to):
+            yield pack_examples(group)
 
 
 # --------------------------------------------------------------------------- data module
@@ -467,6 +503,8 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         val_fraction / test_fraction / seed: the stable hash split.
         batch_size / eval_batch_size: training and evaluation batch sizes.
         pack: concatenate training conversations into rows of ``max_seq_length`` tokens.
+        group_by_length: without packing, batch conversations of similar length together
+            (less padding; the order still changes every epoch).
         streaming: read the corpus lazily (shuffle buffer, sharded per rank) instead of an Arrow cache.
         shuffle_buffer: streaming shuffle buffer (rows).
         num_workers: DataLoader worker processes.
@@ -497,6 +535,7 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         batch_size: int = 4,
         eval_batch_size: Optional[int] = None,
         pack: bool = False,
+        group_by_length: bool = False,
         streaming: bool = False,
         shuffle_buffer: int = 1000,
         num_workers: int = 0,
@@ -617,11 +656,13 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
             kept = np.flatnonzero(np.isin(cols["status"], KEPT))
             part = part.select(kept)
             if split == "train":
+                self._train_lengths = cols["n_tokens"][kept].tolist()
                 part = part.select_columns(["input_ids", "label_spans"])
                 if self.pack:
                     order = np.random.default_rng(self.hparams.seed).permutation(len(kept))
-                    groups = pack_groups(cols["n_tokens"][kept][order], self.hparams.max_seq_length)
-                    part = PackedDataset(part, [order[g].tolist() for g in groups])
+                    lengths = cols["n_tokens"][kept][order].tolist()
+                    groups = pack_groups(zip(order.tolist(), lengths), self.hparams.max_seq_length)
+                    part = PackedDataset(part, list(groups))
             else:
                 part = part.select_columns(["input_ids", "label_spans", "prompt_len", "id", "prompt", "reference",
                                             "category"])
@@ -693,14 +734,15 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         if limit is not None:
             ds = StreamSplit(ds.stream.take(limit), ds.files) if isinstance(ds, StreamSplit) else \
                 ds.select(range(min(limit, len(ds))))
-        shuffle = train and not isinstance(ds, StreamSplit)
+        sampler = None
+        if train and not isinstance(ds, StreamSplit):
+            grouped = self.hparams.group_by_length and not self.pack
+            sampler = EpochSampler(len(ds), self.hparams.seed, self._train_lengths if grouped else None,
+                                   self.batch_size)
         # StatefulDataLoader: Lightning saves its position in checkpoints, so a run
         # resumed mid-epoch continues with the batches it would have seen.
-        return StatefulDataLoader(
-            ds, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=shuffle,
-            collate_fn=self.collator(), num_workers=self.hparams.num_workers,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
-        )
+        return StatefulDataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size, sampler=sampler,
+                                  collate_fn=self.collator(), num_workers=self.hparams.num_workers)
 
     def train_dataloader(self):
         return self._loader("train", True)

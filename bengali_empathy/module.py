@@ -29,6 +29,8 @@ class EmpathyLM(L.LightningModule):
         load_in_4bit: 4-bit NF4 base weights (CUDA only; ignored with a warning on CPU).
         max_seq_length: longest sequence the model is prepared for.
         lora_r / lora_alpha / lora_dropout / target_modules: LoRA settings.
+        modules_to_save: modules trained in full beside LoRA (peft ``modules_to_save``), e.g.
+            ``[lm_head]``: the embedded tiny model's random head must learn for it to speak Bengali.
         gradient_checkpointing: recompute activations in the backward pass.
         adapter_path: LoRA adapter directory to start from (for validate/predict/chat or to resume).
         optimizer: ``auto`` (8-bit AdamW on CUDA with bitsandbytes, else AdamW), ``adamw_8bit`` or ``adamw``.
@@ -49,6 +51,7 @@ class EmpathyLM(L.LightningModule):
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
         target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"],  # noqa: B006 - jsonargparse default
+        modules_to_save: list[str] = [],  # noqa: B006 - jsonargparse default
         gradient_checkpointing: bool = True,
         adapter_path: Optional[str] = None,
         optimizer: str = "auto",
@@ -74,7 +77,8 @@ class EmpathyLM(L.LightningModule):
         self.backend: Backend = make_backend(
             backend, load_in_4bit=load_in_4bit, gradient_checkpointing=gradient_checkpointing, seed=lora_seed
         )
-        self.lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=list(target_modules))
+        self.lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=list(target_modules),
+                                 modules_to_save=list(modules_to_save))
         self.model = None
         self.tokenizer = None
         # Only LoRA weights go into checkpoints (see on_save_checkpoint).

@@ -143,8 +143,10 @@ def test_packing_multi_turn_equals_per_conversation_loss(tiny_lora):
     packed = pack_examples(exs)
     assert packed["seq_lens"] == [len(e["input_ids"]) for e in exs]
     collate = Collator(tok.pad_token_id)
-    pb = collate([packed])
+    pb = collate([pack_examples(exs[:2]), pack_examples(exs[2:])])  # two packed rows, the second padded
     assert pb["position_ids"][0, len(exs[0]["input_ids"])] == 0 and pb["attention_mask"] is None
+    width = pb["input_ids"].shape[1]
+    assert int(pb["packed_seq_lengths"].sum()) == 2 * width
     model.eval()
     with torch.no_grad():
         lp, n_p = backend.loss(model, pb)
@@ -154,9 +156,13 @@ def test_packing_multi_turn_equals_per_conversation_loss(tiny_lora):
     assert float(lp) == pytest.approx(float(weighted), rel=1e-4)
 
 
-def test_pack_groups_respect_the_limit():
-    groups = pack_groups([5, 3, 4, 8, 1, 1], 8)
-    assert groups == [[0, 1], [2], [3], [4, 5]]
+def test_first_fit_packing_fills_rows_and_respects_the_limit():
+    lengths = [5, 3, 4, 8, 1, 1, 4]
+    groups = list(pack_groups(enumerate(lengths), 8))
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in g) <= 8 for g in groups)
+    assert groups == [[0, 1], [2, 4, 5], [3], [6]]  # 1s fill the second pack, not a new one
+    assert [len(g) for g in pack_groups(enumerate(lengths), 8, open_packs=1)] == [2, 1, 1, 3]
 
 
 def _pairs(n):

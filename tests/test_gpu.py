@@ -75,3 +75,30 @@ def test_fit_under_lightning_keeps_unsloth_checkpointing(tmp_path):
     r = json.loads(out.read_text().splitlines()[-1])
     assert r["gradient_checkpointing_active"] is True
     assert r["tokens_per_sec"] > 0
+
+
+@needs_unsloth
+def test_unsloth_packed_multi_turn_loss_equals_per_conversation_loss(tiny_model_path):
+    from bengali_empathy.data import ChatEncoder, Collator, pack_examples
+    from bengali_empathy.module import EmpathyLM
+
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="unsloth", max_seq_length=1024)
+    lm.configure_model()
+    tok = lm.tokenizer
+    chat = ChatEncoder(tok)
+    exs = encode_pairs(tok, TWO_PAIRS)
+    turns = [("user", "আজ মনটা ভারী।"), ("assistant", "কী হয়েছে, বলবেন?"), ("user", "চাকরিটা চলে গেল।"),
+             ("assistant", "খুব কঠিন সময়, আমি শুনছি।")]
+    texts = chat.tokenize(["সিস্টেম"] + [t for _, t in turns])
+    ids, spans = chat.assemble(texts[0], [(r, x) for (r, _), x in zip(turns, texts[1:])])
+    exs.append({"input_ids": ids, "label_spans": [x for s in spans for x in s]})
+    exs = [{k: e[k] for k in ("input_ids", "label_spans")} for e in exs]
+    collate = Collator(tok.pad_token_id)
+    to = lambda b: {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
+    lm.backend.for_inference(lm.model)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        packed, n_p = lm(to(collate([pack_examples(exs[:2]), pack_examples(exs[2:])])))  # two packed rows
+        singles = [lm(to(collate([e]))) for e in exs]
+    weighted = sum(float(l) * int(n) for l, n in singles) / sum(int(n) for _, n in singles)
+    assert int(n_p) == sum(int(n) for _, n in singles)
+    assert float(packed) == pytest.approx(weighted, rel=2e-2)
