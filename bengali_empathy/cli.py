@@ -53,7 +53,9 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
             ],
             "log_every_n_steps": 5,
         },
-        parser_kwargs={"description": "Fine-tune Llama-3.1 to reply with empathy in Bengali (QLoRA + Lightning)."},
+        # Bad values raise instead of printing the whole usage; main() prints them as one line.
+        parser_kwargs={"description": "Fine-tune Llama-3.1 to reply with empathy in Bengali (QLoRA + Lightning).",
+                       "exit_on_error": False},
     )
 
 
@@ -169,6 +171,8 @@ def data_stats_main(argv: list[str]) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from jsonargparse import ArgumentError
+
     cli_args = argv  # None: LightningCLI reads sys.argv itself
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -189,4 +193,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ArgumentError as exc:
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2

@@ -739,6 +739,9 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
             grouped = self.hparams.group_by_length and not self.pack
             sampler = EpochSampler(len(ds), self.hparams.seed, self._train_lengths if grouped else None,
                                    self.batch_size)
+            # A resumed run builds its loader before Lightning's per-epoch set_epoch call:
+            # start from the restored epoch so the skipped-to position is in the right order.
+            sampler.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
         # StatefulDataLoader: Lightning saves its position in checkpoints, so a run
         # resumed mid-epoch continues with the batches it would have seen.
         return StatefulDataLoader(ds, batch_size=self.batch_size if train else self.eval_batch_size, sampler=sampler,

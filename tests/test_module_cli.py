@@ -1,13 +1,10 @@
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
 from bengali_empathy.backends import HFPeftBackend, LoraSettings, _backend_from_argv, preimport_unsloth, resolve_backend
 from bengali_empathy.errors import UserError
 from bengali_empathy.module import EmpathyLM, cosine_with_warmup
-from conftest import ROOT, TWO_PAIRS, encode_pairs, run_cli
+from conftest import TWO_PAIRS, encode_pairs
 
 
 def test_backend_resolution_and_errors():
@@ -82,85 +79,3 @@ def test_hf_gradient_checkpointing_survives_eval_and_generate(tiny_model_path):
     assert lm.backend.gradient_checkpointing_active(lm.model)
     lm.chat("আমি খুব ক্লান্ত।")
     assert lm.model.training and lm.backend.gradient_checkpointing_active(lm.model)
-
-
-TINY = ["--config", str(ROOT / "configs" / "default.yaml"), "--trainer.max_steps", "8", "--trainer.log_every_n_steps", "1",
-        "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "1", "--model.max_new_tokens", "4",
-        "--data.max_predict_samples", "4"]
-
-
-@pytest.mark.slow
-def test_fit_predict_chat_export_end_to_end(tmp_path):
-    r = run_cli(["fit", *TINY], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    vdir = tmp_path / "lightning_logs" / "version_0"
-    adapter = vdir / "adapter"
-    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(next(vdir.glob("events.out.tfevents*"))))
-    ea.Reload()
-    tags = set(ea.Tags()["scalars"])
-    for tag in ("train/loss_step", "val/loss", "val/perplexity", "val/bleu", "val/rougeL", "val/chrf", "lr",
-                "perf/tokens_per_sec"):
-        assert tag in tags, tag
-    assert "samples/text_summary" in ea.Tags()["tensors"]
-    losses = [e.value for e in ea.Scalars("train/loss_step")]
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # it learns
-
-    r = run_cli(["predict", *TINY, "--model.adapter_path", str(adapter)], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    pdir = tmp_path / "lightning_logs" / "version_1"
-    rows = [json.loads(x) for x in (pdir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert len(rows) == 4 and set(rows[0]) == {"id", "prompt", "reference", "prediction"}
-    metrics = json.loads((pdir / "metrics.json").read_text())
-    assert {"bleu", "rougeL", "chrf", "perplexity", "loss"} <= set(metrics)
-    assert metrics["loss"] < 11.9  # the trained adapter was loaded (random init starts above 12)
-
-    r = run_cli(["validate", *TINY, "--model.adapter_path", str(adapter)], cwd=tmp_path)
-    assert r.returncode == 0 and "val/perplexity" in r.stdout
-
-    r = run_cli(["chat", "--adapter", str(adapter), "--max-new-tokens", "3", "-m", "আমি খুব একা।"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert len(r.stdout.strip().splitlines()) == 1
-
-    merged = tmp_path / "merged"
-    r = run_cli(["export", "--adapter", str(adapter), "--output", str(merged), "--dtype", "float32"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
-    from transformers import AutoModelForCausalLM
-
-    from bengali_empathy.backends import HFPeftBackend
-
-    mm = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
-    be = HFPeftBackend(load_in_4bit=False, gradient_checkpointing=False)
-    pm, _ = be.load(Path(json.loads((adapter / "bengali_empathy.json").read_text())["base_model"]), 768,
-                    LoraSettings(), str(adapter))
-    pm.eval()
-    ids = torch.tensor([[128000, 11372, 228, 11372, 106, 62456]])
-    with torch.no_grad():
-        assert torch.allclose(mm(ids).logits, pm(input_ids=ids).logits, atol=1e-4)
-
-
-def test_print_config(tmp_path):
-    r = run_cli(["fit", "--config", str(ROOT / "configs" / "default.yaml"), "--print_config"], cwd=tmp_path)
-    assert r.returncode == 0
-    assert "model_name_or_path: tiny-random-llama" in r.stdout and "corpus_path" in r.stdout
-
-
-@pytest.mark.parametrize("extra,message", [
-    (["--data.corpus_path", "missing.jsonl"], "corpus file not found"),
-    (["--data.corpus_path", "wrong.jsonl"], "missing column"),
-    (["--data.corpus_path", "empty.jsonl"], "corpus is empty"),
-    (["--model.backend", "vllm"], "unknown backend"),
-    (["--data.max_seq_length", "64"], "longer than max_seq_length"),
-    (["--model.model_name_or_path", "/no/such/model"], "model directory not found"),
-])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, message):
-    (tmp_path / "wrong.jsonl").write_text('{"question": "ক", "answer": "খ"}\n', encoding="utf-8")
-    (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
-    r = run_cli(["fit", "--config", str(ROOT / "configs" / "default.yaml"), *extra], cwd=tmp_path)
-    assert r.returncode == 2
-    err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and message in err[0], r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
-    assert not any((tmp_path / "lightning_logs").glob("version_*/*"))

@@ -1,0 +1,148 @@
+"""The command line, as a user runs it: the README's main job, then predict / validate / chat / export on its adapter."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, SHARED_DATA, requires_shared, run_cli
+
+DEFAULT = ["--config", str(ROOT / "configs" / "default.yaml")]
+QUICK = [*DEFAULT, "--trainer.limit_val_batches", "1", "--model.max_new_tokens", "4", "--data.max_predict_samples", "4"]
+
+
+@pytest.fixture(scope="module")
+def default_fit(tmp_path_factory):
+    """``python -m bengali_empathy fit --config configs/default.yaml``, exactly as README runs it."""
+    cwd = tmp_path_factory.mktemp("default_fit")
+    r = run_cli(["fit", *DEFAULT], cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return cwd, cwd / "lightning_logs" / "version_0", r
+
+
+def _events(vdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(next(vdir.glob("events.out.tfevents*"))))
+    ea.Reload()
+    return ea
+
+
+@pytest.mark.slow
+def test_default_fit_visibly_learns_and_logs(default_fit):
+    _, vdir, r = default_fit
+    assert (vdir / "adapter" / "adapter_model.safetensors").is_file()
+    assert "dropped_too_long" in r.stderr and "train" in r.stderr  # the data statistics table is printed
+    ea = _events(vdir)
+    for tag in ("train/loss_step", "val/loss", "val/perplexity", "val/bleu", "val/rougeL", "val/chrf", "lr",
+                "perf/tokens_per_sec"):
+        assert tag in ea.Tags()["scalars"], tag
+    val = [e.value for e in ea.Scalars("val/loss")]
+    assert len(val) >= 3 and val[-1] <= 0.6 * val[0], val
+    table = ea.Tensors("samples/text_summary")[-1].tensor_proto.string_val[0].decode()
+    predictions = [line.split(" | ")[1] for line in table.splitlines()[2:]]
+    assert predictions and all(sum("\u0980" <= ch <= "\u09ff" for ch in p) >= 3 for p in predictions), table
+    hparams = (vdir / "hparams.yaml").read_text(encoding="utf-8")
+    assert "data/train/tokens_p90" in hparams and "data/val/rows" in hparams
+
+
+@pytest.mark.slow
+def test_predict_validate_chat_export_on_the_adapter(default_fit, tmp_path):
+    cwd, vdir, _ = default_fit
+    adapter = vdir / "adapter"
+    r = run_cli(["predict", *QUICK, "--model.adapter_path", str(adapter)], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pdir = tmp_path / "lightning_logs" / "version_0"
+    rows = [json.loads(x) for x in (pdir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 4 and {"id", "prompt", "reference", "prediction"} <= set(rows[0])
+    metrics = json.loads((pdir / "metrics.json").read_text())
+    assert {"bleu", "rougeL", "chrf", "perplexity", "loss"} <= set(metrics)
+    assert metrics["loss"] < 6.0  # the trained adapter (and head) were loaded: random init is above 11
+
+    r = run_cli(["validate", *QUICK, "--model.adapter_path", str(adapter)], cwd=tmp_path)
+    assert r.returncode == 0 and "val/perplexity" in r.stdout
+
+    r = run_cli(["chat", "--adapter", str(adapter), "--max-new-tokens", "3", "-m", "আমি খুব একা।"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(r.stdout.strip().splitlines()) == 1
+
+    merged = tmp_path / "merged"
+    r = run_cli(["export", "--adapter", str(adapter), "--output", str(merged), "--dtype", "float32"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from transformers import AutoModelForCausalLM
+
+    from bengali_empathy.backends import HFPeftBackend, LoraSettings
+
+    mm = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+    pm, _ = HFPeftBackend(load_in_4bit=False, gradient_checkpointing=False).load(
+        Path(json.loads((adapter / "bengali_empathy.json").read_text())["base_model"]), 768, LoraSettings(),
+        str(adapter))
+    pm.eval()
+    ids = torch.tensor([[128000, 11372, 228, 11372, 106, 62456]])
+    with torch.no_grad():
+        assert torch.allclose(mm(ids).logits, pm(input_ids=ids).logits, atol=1e-4)
+
+
+def test_data_stats_command(tmp_path):
+    r = run_cli(["data-stats", *DEFAULT, "--data.max_seq_length", "600", "--json", str(tmp_path / "s.json")],
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert set(stats) == {"train", "val", "test"}
+    train = stats["train"]
+    assert train["rows"] == train["kept"] + train["dropped_too_long"] and train["dropped_too_long"] > 0
+    assert train["tokens_p50"] <= train["tokens_p90"] <= train["tokens_p99"] <= train["tokens_max"]
+    assert "over_max_pct" in r.stdout and "note: on_too_long=error" in r.stdout
+
+
+@requires_shared
+@pytest.mark.slow
+def test_dailydialog_conversations_fit_validate_predict(tmp_path):
+    corpus = str(SHARED_DATA / "conversations.jsonl")
+    args = [*QUICK, "--data.corpus_path", corpus, "--data.max_seq_length", "1024", "--data.on_too_long",
+            "truncate_history", "--trainer.max_steps", "4",
+            "--trainer.val_check_interval", "4"]
+    r = run_cli(["fit", *args], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "truncated" in r.stderr
+    adapter = tmp_path / "lightning_logs" / "version_0" / "adapter"
+    for cmd in ("validate", "predict"):
+        r = run_cli([cmd, *args, "--model.adapter_path", str(adapter)], cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+    rows = (tmp_path / "lightning_logs" / "version_2" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 4 and json.loads(rows[0])["id"].startswith("ddbn-sample-")
+
+
+def test_every_shipped_config_parses(tmp_path):
+    for cfg in sorted((ROOT / "configs").glob("*.yaml")):
+        r = run_cli(["fit", "--config", str(cfg), "--print_config"], cwd=tmp_path)
+        assert r.returncode == 0, (cfg.name, r.stderr[-2000:])
+        assert "model_name_or_path" in r.stdout and "group_by_length" in r.stdout
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--data.corpus_path", "missing.jsonl"], "corpus file not found"),
+    (["--data.corpus_path", "wrong.jsonl"], "missing column"),
+    (["--data.corpus_path", "empty.jsonl"], "corpus is empty"),
+    (["--data.corpus_path", "role.jsonl"], "role.jsonl: row 2: turn 2 has unknown role 'bot'"),
+    (["--data.corpus_path", "latin1.csv"], "latin1.csv:2: not UTF-8"),
+    (["--data.corpus_path", "role.jsonl", "--data.prompt_template", "{title}"], "missing column(s) 'title'"),
+    (["--model.backend", "vllm"], "unknown backend"),
+    (["--trainer.max_steps", "abc"], "trainer.max_steps"),
+    (["--data.on_too_long", "cut"], "data.on_too_long"),
+    (["--data.max_seq_length", "64"], "longer than max_seq_length"),
+    (["--model.model_name_or_path", "/no/such/model"], "model directory not found"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, message):
+    (tmp_path / "wrong.jsonl").write_text('{"question": "ক", "answer": "খ"}\n', encoding="utf-8")
+    (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
+    ok = {"messages": [{"role": "user", "content": "ক"}, {"role": "assistant", "content": "খ"}]}
+    bad = {"messages": [{"role": "user", "content": "ক"}, {"role": "bot", "content": "খ"}]}
+    (tmp_path / "role.jsonl").write_text(json.dumps(ok) + "\n" + json.dumps(bad) + "\n", encoding="utf-8")
+    (tmp_path / "latin1.csv").write_bytes(b"prompt,response\ncaf\xe9,ok\n")
+    r = run_cli(["fit", *DEFAULT, *extra], cwd=tmp_path)
+    assert r.returncode == 2
+    err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and message in err[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "lightning_logs").exists()
