@@ -76,12 +76,38 @@ class ChatEncoder:
         self.system_header = self._ids(head + preamble)
         self.headers = {r: self._ids(f"<|start_header_id|>{r}<|end_header_id|>\n\n") for r in ("user", "assistant")}
 
+        from .tokenizer import llama3_tiktoken
+
+        self.fast = llama3_tiktoken(tokenizer)
+        self._memo: dict[str, list[int]] = {}
+
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of many texts at once (the fast tokenizer's batch path)."""
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        """Token ids of many texts (tiktoken when the tokenizer is Llama-3's BPE, else the fast tokenizer's batch).
+
+        Text that spells a special token (``<|...|>``) goes through the tokenizer, which
+        parses it as the special token exactly as ``apply_chat_template`` does. The
+        most recent system prompts are memoised: most rows share one.
+        """
+        out: list = [None] * len(texts)
+        slow = []
+        for i, t in enumerate(texts):
+            if t in self._memo:
+                out[i] = self._memo[t]
+            elif self.fast is not None and "<|" not in t:
+                out[i] = self.fast.encode_ordinary(t)
+            else:
+                slow.append(i)
+        if slow:
+            for i, ids in zip(slow, self.tokenizer([texts[i] for i in slow], add_special_tokens=False)["input_ids"]):
+                out[i] = list(ids)
+        return out
+
+    def remember(self, text: str) -> None:
+        """Keep the ids of a text that starts most conversations (the default system prompt)."""
+        self._memo[text] = self.tokenize([text])[0]
 
     def assemble(self, system_ids: list[int], turns: list[tuple[str, list[int]]],
                  generation_prompt: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
@@ -150,6 +176,7 @@ class RowEncoder:
 
     def __init__(self, fmt: CorpusFormat, chat: ChatEncoder, opts: EncodeOptions, file: str) -> None:
         self.fmt, self.chat, self.opts, self.file = fmt, chat, opts, file
+        chat.remember(opts.system_prompt)
 
     def _conversations(self, batch: dict, rows: list[int]) -> list[Optional[Conversation]]:
         keys = list(batch)

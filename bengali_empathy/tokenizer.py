@@ -183,6 +183,34 @@ def load_tokenizer(path: str | os.PathLike | None = None):
     return tok
 
 
+def llama3_tiktoken(tok):
+    """tiktoken's encoder of Meta's Llama-3 BPE if ``tok`` is exactly that BPE, else ``None``.
+
+    On Bengali it encodes about four times faster than the fast tokenizer, which
+    matters when a corpus is hundreds of millions of tokens. Used only after the
+    whole vocabulary and a probe of scripts, digits and white space agree.
+    """
+    try:
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+    except ImportError:  # pragma: no cover - both are dependencies
+        return None
+    if len(tok) != NUM_BASE_TOKENS + NUM_SPECIAL_TOKENS:
+        return None
+    ranks = load_tiktoken_bpe(str(meta_tokenizer_model_path()))
+    to_unicode = bytes_to_unicode()
+    vocab = tok.get_vocab()
+    if any(vocab.get("".join(to_unicode[b] for b in piece)) != rank for piece, rank in ranks.items()):
+        return None
+    enc = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    probe = ["আমি আজ খুব একা বোধ করছি। কেউ শোনে না!", "Hello, world! It's 2024.", "১২৩ 4567  তিন\n\nলাইন\t ",
+             "মিশ্র text ও ১২৩।\r\nনতুন", "  leading and trailing  ", "emoji 🙂 and ঢাকা-চট্টগ্রাম"]
+    if any(enc.encode_ordinary(t) != tok(t, add_special_tokens=False)["input_ids"] for t in probe):
+        return None
+    return enc
+
+
 def stop_token_ids(tok) -> list[int]:
     """Token ids that end an assistant turn (<|eot_id|>, <|eom_id|>, <|end_of_text|>, eos)."""
     vocab = tok.get_vocab()

@@ -213,3 +213,10 @@ def test_datamodule_on_bundled_sample(tokenizer):
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == batch["labels"].shape and batch["input_ids"].shape[0] == 4
     assert (batch["labels"] != IGNORE_INDEX).sum() > 0
+
+
+def test_fast_tokenize_equals_the_tokenizer(tokenizer, chat):
+    assert chat.fast is not None  # the embedded tokenizer is Meta's Llama-3 BPE
+    texts = [t["content"] for t in LONG_CONV] + [DEFAULT_SYSTEM_PROMPT, "Okay 123,  চলুন\n\nকথা বলি।",
+                                                  "লিখলাম <|eot_id|> আর <|start_header_id|>", " শুরুতে ফাঁকা"]
+    assert chat.tokenize(texts) == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
