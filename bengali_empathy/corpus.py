@@ -24,7 +24,7 @@ import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from .errors import UserError
 
@@ -268,25 +268,3 @@ def split_of(key: str, val_fraction: float, test_fraction: float, seed: int) -> 
     if u < test_fraction + val_fraction:
         return "val"
     return "train"
-
-
-def first_row(files: list[Path]) -> dict:
-    """The first row of the corpus (read lazily), to detect the layout before any heavy work."""
-    for f in files:
-        ds = load_file(f, streaming=True)
-        try:
-            return next(iter(ds))
-        except StopIteration:
-            continue
-        except UserError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - reader failure on the first rows
-            raise diagnose(f, exc) from None
-    raise UserError(f"corpus is empty: {', '.join(str(f) for f in files)}")
-
-
-def iter_rows(files: list[Path]) -> Iterator[tuple[str, dict]]:
-    """``(where, row)`` for every row, ``where`` = ``file: row N`` (1-based record number)."""
-    for f in files:
-        for n, row in enumerate(load_file(f, streaming=True), start=1):
-            yield f"{f}: row {n}", row

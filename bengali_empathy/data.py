@@ -596,6 +596,7 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         self.pack = pack
         self.streaming = streaming
         self._tokenizer = None
+        self._train_lengths: list[int] = []
         self.datasets: dict[str, Dataset] = {}
         self.stats: dict[str, dict] = {}
 
@@ -655,16 +656,9 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
             num_proc = self.hparams.num_proc
             if num_proc is None:
                 num_proc = min(os.cpu_count() or 1, 8) if len(raw) >= 20_000 else None
-            try:
-                parts.append(raw.map(enc.encode_with_split, batched=True, batch_size=256, with_indices=True,
-                                     remove_columns=raw.column_names, new_fingerprint=fingerprint,
-                                     num_proc=num_proc, desc=f"tokenising {f.name}"))
-            except UserError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a UserError re-raised from a worker process
-                if "UserError" in type(exc).__name__ or isinstance(exc.__cause__, UserError):
-                    raise UserError(str(exc.__cause__ or exc)) from None
-                raise
+            parts.append(raw.map(enc.encode_with_split, batched=True, batch_size=256, with_indices=True,
+                                 remove_columns=raw.column_names, new_fingerprint=fingerprint,
+                                 num_proc=num_proc, desc=f"tokenising {f.name}"))
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
     def setup(self, stage: Optional[str] = None) -> None:

@@ -146,3 +146,19 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, message):
     assert len(err) == 1 and message in err[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "lightning_logs").exists()
+
+
+@pytest.mark.parametrize("bad_line,message", [
+    ('{"prompt": "ভাঙা লাইন", "response": \n', "stream.jsonl:21: invalid JSON"),
+    (json.dumps({"prompt": "দীর্ঘ " * 400, "response": "খ"}, ensure_ascii=False) + "\n",
+     "stream.jsonl: row 21: conversation is"),
+])
+def test_streaming_late_data_error_names_file_and_row(tmp_path, bad_line, message):
+    good = [json.dumps({"prompt": f"প্রশ্ন {i}", "response": f"উত্তর {i}"}, ensure_ascii=False) + "\n" for i in range(40)]
+    (tmp_path / "stream.jsonl").write_text("".join(good[:20]) + bad_line + "".join(good[20:]), encoding="utf-8")
+    r = run_cli(["fit", *QUICK, "--data.corpus_path", str(tmp_path / "stream.jsonl"), "--data.streaming", "true",
+                 "--data.shuffle_buffer", "0", "--trainer.max_steps", "30"], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and message in err[0], r.stderr[-2000:]
+    assert not list(tmp_path.glob("lightning_logs/*/adapter*"))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bengali_empathy.backends import HFPeftBackend, LoraSettings, _backend_from_argv, preimport_unsloth, resolve_backend
+from bengali_empathy.backends import _backend_from_argv, preimport_unsloth, resolve_backend
 from bengali_empathy.errors import UserError
 from bengali_empathy.module import EmpathyLM, cosine_with_warmup
 from conftest import TWO_PAIRS, encode_pairs
