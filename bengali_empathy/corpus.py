@@ -43,13 +43,9 @@ GROUP_COLUMNS = ("conversation_id", "dialogue_id", "conv_id")
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 
 
-def resources_dir() -> Path:
-    return Path(__file__).parent / "resources"
-
-
 def bundled_corpus_path() -> Path:
-    """The bundled Bengali sample: 210 single-exchange pairs and 60 multi-turn conversations."""
-    return resources_dir()
+    """The bundled Bengali sample (a directory): 210 single-exchange pairs and 60 multi-turn conversations."""
+    return Path(__file__).parent / "resources"
 
 
 def corpus_files(path: str) -> list[Path]:

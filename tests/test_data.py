@@ -220,3 +220,13 @@ def test_fast_tokenize_equals_the_tokenizer(tokenizer, chat):
     texts = [t["content"] for t in LONG_CONV] + [DEFAULT_SYSTEM_PROMPT, "Okay 123,  চলুন\n\nকথা বলি।",
                                                   "লিখলাম <|eot_id|> আর <|start_header_id|>", " শুরুতে ফাঁকা"]
     assert chat.tokenize(texts) == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_streaming_counts_dropped_and_truncated_rows(tmp_path):
+    rows = _pairs(30) + [{"id": "long", "prompt": "দীর্ঘ " * 300, "response": "খ"}, {"id": "e", "prompt": "ক", "response": ""}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, on_too_long="drop", max_seq_length=256,
+                                      val_fraction=0.0, test_fraction=0.0)
+    dm.setup()
+    assert len(list(dm.datasets["train"])) == 30
+    assert dm.stream_counts("train") == {"ok": 30, "too_long": 1, "empty": 1}
