@@ -152,7 +152,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, message):
     ('{"prompt": "ভাঙা লাইন", "response": \n', "stream.jsonl:21: invalid JSON"),
     (json.dumps({"prompt": "দীর্ঘ " * 400, "response": "খ"}, ensure_ascii=False) + "\n",
      "stream.jsonl: row 21: conversation is"),
-])
+], ids=["malformed-json-line", "too-long-row"])
 def test_streaming_late_data_error_names_file_and_row(tmp_path, bad_line, message):
     good = [json.dumps({"prompt": f"প্রশ্ন {i}", "response": f"উত্তর {i}"}, ensure_ascii=False) + "\n" for i in range(40)]
     (tmp_path / "stream.jsonl").write_text("".join(good[:20]) + bad_line + "".join(good[20:]), encoding="utf-8")
