@@ -174,10 +174,7 @@ class CorpusFormat:
             self.prompt_template = "{" + prompt_column + "}"
             self.response_template = "{" + response_column + "}"
             needed = [prompt_column, response_column]
-        for opt, col in (("system_column", system_column), ("group_column", group_column),
-                         ("category_column", category_column)):
-            if col is not None:
-                needed.append(col)
+        needed += [c for c in (system_column, group_column, category_column) if c is not None]
         missing = [c for c in dict.fromkeys(needed) if c not in cols]
         if missing:
             hint = ("set data.messages_column, or data.prompt_column / data.response_column, "

@@ -88,8 +88,8 @@ class ChatEncoder:
         """Token ids of many texts (tiktoken when the tokenizer is Llama-3's BPE, else the fast tokenizer's batch).
 
         Text that spells a special token (``<|...|>``) goes through the tokenizer, which
-        parses it as the special token exactly as ``apply_chat_template`` does. The
-        most recent system prompts are memoised: most rows share one.
+        parses it as the special token exactly as ``apply_chat_template`` does. Texts
+        given to :meth:`remember` (the default system prompt most rows share) are memoised.
         """
         out: list = [None] * len(texts)
         slow = []
@@ -197,13 +197,12 @@ class RowEncoder:
     def encode(self, batch: dict) -> dict:
         rows = batch["row"]
         convs = self._conversations({k: v for k, v in batch.items() if k not in ("row", "split")}, rows)
-        texts, owners = [], []
-        for j, c in enumerate(convs):
+        texts = []
+        for c in convs:
             if c is None:
                 continue
             texts.append(self.opts.system_prompt if c.system is None else c.system)
             texts += [t["content"] for t in c.turns]
-            owners.append(j)
         ids = iter(self.chat.tokenize(texts))
         out = {k: [] for k in ENCODED_COLUMNS}
         for j, c in enumerate(convs):

@@ -81,6 +81,7 @@ class EmpathyLM(L.LightningModule):
                                  modules_to_save=list(modules_to_save))
         self.model = None
         self.tokenizer = None
+        self._chat_encoder = None
         # Only LoRA weights go into checkpoints (see on_save_checkpoint).
         self.strict_loading = False
         self.val_ppl = TokenWeightedPerplexity()
@@ -245,8 +246,10 @@ class EmpathyLM(L.LightningModule):
         from .corpus import DEFAULT_SYSTEM_PROMPT
         from .data import ChatEncoder
 
+        if self._chat_encoder is None:  # built once: it checks the whole vocabulary
+            self._chat_encoder = ChatEncoder(self.tokenizer)
         system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
-        ids = ChatEncoder(self.tokenizer).prompt_ids(system, [{"role": "user", "content": message}])
+        ids = self._chat_encoder.prompt_ids(system, [{"role": "user", "content": message}])
         t = torch.tensor([ids])
         return self.generate({"gen_input_ids": t, "gen_attention_mask": torch.ones_like(t)}, max_new_tokens)[0]
 
