@@ -130,6 +130,9 @@ def test_every_shipped_config_parses(tmp_path):
     (["--model.backend", "vllm"], "unknown backend"),
     (["--trainer.max_steps", "abc"], "trainer.max_steps"),
     (["--data.on_too_long", "cut"], "data.on_too_long"),
+    (["--data.train_on", "every_turn"], "data.train_on"),
+    (["--data.corpus_path", "role.jsonl", "--data.group_column", "dialogue"], "missing column(s) 'dialogue'"),
+    (["--data.corpus_path", "role.jsonl", "--data.messages_column", "chat"], "missing column(s) 'chat'"),
     (["--data.max_seq_length", "64"], "longer than max_seq_length"),
     (["--model.model_name_or_path", "/no/such/model"], "model directory not found"),
 ])
