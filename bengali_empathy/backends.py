@@ -182,6 +182,11 @@ class Backend:
         raise NotImplementedError
 
     @staticmethod
+    def adapter_disabled(model):
+        """Context in which the model is its base: LoRA (and ``modules_to_save``) switched off."""
+        return model.disable_adapter()
+
+    @staticmethod
     def checkpointing_flags(model) -> int:
         """Number of modules whose gradient-checkpointing flag is on."""
         return sum(1 for m in model.modules() if getattr(m, "gradient_checkpointing", False) is not False

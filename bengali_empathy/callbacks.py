@@ -1,7 +1,6 @@
-"""Callbacks: throughput / GPU-memory logging and the predict-output writer."""
+"""Callbacks: training throughput and memory logging, and the evaluation writer."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -9,13 +8,21 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
-
-from .metrics import score_texts
 
 
-class ThroughputMonitor(L.Callback):
-    """Logs training tokens/s (non-padding tokens, wall clock, CUDA-synchronised) and GPU memory."""
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process (Linux ``ru_maxrss`` is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class TokenThroughput(L.Callback):
+    """Logs training tokens/s (non-padding tokens, wall clock, CUDA-synchronised) and memory:
+    GPU memory on CUDA, the process's peak resident memory (``mem/peak_rss_gib``) always.
+
+    (Lightning's own ``ThroughputMonitor`` counts samples and FLOPs; this counts the
+    tokens that are not padding, the figure that compares packed and padded batches.)"""
 
     def __init__(self, window: int = 10) -> None:
         self.window = window
@@ -50,6 +57,7 @@ class ThroughputMonitor(L.Callback):
             metrics["gpu/mem_allocated_gib"] = torch.cuda.memory_allocated(pl_module.device) / gib
             metrics["gpu/max_mem_allocated_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / gib
             metrics["gpu/max_mem_reserved_gib"] = torch.cuda.max_memory_reserved(pl_module.device) / gib
+        metrics["mem/peak_rss_gib"] = peak_rss_gib()
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
         self._t0, self._tokens = now, 0
 
@@ -61,32 +69,39 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class PredictionWriter(BasePredictionWriter):
-    """Writes ``predictions.jsonl`` (id, prompt, reference, prediction) and ``metrics.json``.
+class EvaluationWriter(L.Callback):
+    """Writes the test/predict evaluation as ``predictions.jsonl`` and ``metrics.json`` (see :mod:`.evaluation`).
 
-    Both files are written only once prediction has finished, each via a
-    temporary file and an atomic rename, so a failed run leaves nothing half-written.
+    Both files are written once the pass has finished, each via a temporary file
+    and an atomic rename, so a failed run leaves nothing half-written.
     ``output_dir`` defaults to the trainer's log directory.
     """
 
     def __init__(self, output_dir: Optional[str] = None) -> None:
-        super().__init__(write_interval="epoch")
         self.output_dir = output_dir
-        self.last_metrics: Optional[dict] = None
         self.last_dir: Optional[Path] = None
 
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        if predictions and isinstance(predictions[0], list):  # several dataloaders
-            predictions = [p for dl in predictions for p in dl]
-        rows = [r for out in predictions for r in out["rows"]]
-        losses = [(out["loss"], out["tokens"]) for out in predictions]
-        metrics = score_texts([r["prediction"] for r in rows], [r["reference"] for r in rows], losses)
-        out_dir = Path(self.output_dir or trainer.log_dir or ".")
-        if trainer.world_size > 1:
-            out_dir = out_dir / f"rank{trainer.global_rank}"
-        atomic_write_text(out_dir / "predictions.jsonl",
-                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
-        self.last_metrics, self.last_dir = metrics, out_dir
-        pl_module.print(f"wrote {len(rows)} predictions and metrics to {out_dir}: "
-                        + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    def _write(self, trainer, pl_module) -> None:
+        evaluation = pl_module.last_evaluation
+        log_dir = trainer.log_dir  # a collective call under DDP: every rank asks
+        if evaluation is None or not trainer.is_global_zero:
+            return
+        out_dir = Path(self.output_dir or log_dir or ".")
+        evaluation.write(out_dir)
+        self.last_dir = out_dir
+        m = evaluation.metrics
+        scores = ", ".join(f"{k}={m[k]:.4f}" for k in ("bleu", "rougeL", "chrf", "loss", "perplexity")
+                           if isinstance(m.get(k), float))
+        pl_module.print(f"wrote {len(evaluation.rows)} predictions and metrics to {out_dir}: {scores}")
+        if "delta" in m:
+            pl_module.print("tuned - base: " + ", ".join(f"{k}={v:+.4f}" for k, v in m["delta"].items()))
+        gen = m.get("generation")
+        if gen:
+            pl_module.print(f"generated {gen['new_tokens']:,} tokens in {gen['seconds']:.1f} s "
+                            f"({gen['tokens_per_sec']:,.0f} tokens/s, batch {gen['batch_size']})")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module)

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 from .errors import UserError
 
-EXTRA_COMMANDS = ("chat", "export", "benchmark", "data-stats")
+EXTRA_COMMANDS = ("chat", "export", "benchmark", "data-stats", "report")
 
 
 def tokenizer_path_for(model_name_or_path: str) -> Optional[str]:
@@ -23,7 +22,7 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.cli import LightningCLI
 
-    from .callbacks import PredictionWriter, ThroughputMonitor
+    from .callbacks import EvaluationWriter, TokenThroughput
     from .data import EmpatheticDialogueDataModule
     from .module import EmpathyLM
 
@@ -31,6 +30,17 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("model.model_name_or_path", "data.tokenizer_path", compute_fn=tokenizer_path_for)
             parser.link_arguments("data.max_seq_length", "model.max_seq_length")
+
+        def instantiate_trainer(self, **kwargs):
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            trainer = super().instantiate_trainer(**kwargs)
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    # No placeholder hp_metric of -1 (the logger's constructor option is out of
+                    # reach of the default logger): fit logs the final validation scores instead.
+                    logger._default_hp_metric = False
+            return trainer
 
         def _prepare_data(self) -> None:
             # Tokenise and validate the corpus before anything is written.
@@ -47,9 +57,9 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "callbacks": [
-                ThroughputMonitor(window=5),
+                TokenThroughput(window=5),
                 LearningRateMonitor(logging_interval="step"),
-                PredictionWriter(),
+                EvaluationWriter(),
             ],
             "log_every_n_steps": 5,
         },
@@ -167,6 +177,29 @@ def data_stats_main(argv: list[str]) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- report
+
+
+def report_main(argv: list[str]) -> int:
+    """Write REPORT.md and plots for a run directory."""
+    from jsonargparse import ArgumentParser
+
+    from .report import build_report
+
+    p = ArgumentParser(prog="python -m bengali_empathy report",
+                       description="Experiment report of a run: REPORT.md with the run's settings, data, time and "
+                                   "memory, loss / learning-rate / tokens-per-second / memory plots, final metrics "
+                                   "(base vs tuned when scored), per-category scores, honesty checks and sample "
+                                   "generations.", exit_on_error=False)
+    p.add_argument("run_dir", type=str, help="a fit run (lightning_logs/version_N) or a test/predict run")
+    p.add_argument("--output", type=Optional[str], default=None, help="directory for REPORT.md and the plots "
+                                                                      "(default: the run directory)")
+    cfg = p.parse_args(argv)
+    report = build_report(Path(cfg.run_dir), Path(cfg.output) if cfg.output else None)
+    print(f"report written to {report}")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -182,6 +215,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return export_main(argv[1:])
         if argv and argv[0] == "data-stats":
             return data_stats_main(argv[1:])
+        if argv and argv[0] == "report":
+            return report_main(argv[1:])
         if argv and argv[0] == "benchmark":
             from .benchmark import main as bench_main
 

@@ -596,6 +596,7 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         self.streaming = streaming
         self._tokenizer = None
         self._train_lengths: list[int] = []
+        self._train_texts = None  # Arrow columns prompt/reference of the kept training rows
         self.datasets: dict[str, Dataset] = {}
         self.stats: dict[str, dict] = {}
 
@@ -676,6 +677,7 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
             kept = np.flatnonzero(np.isin(cols["status"], KEPT))
             part = part.select(kept)
             if split == "train":
+                self._train_texts = part.select_columns(["prompt", "reference"])
                 self._train_lengths = cols["n_tokens"][kept].tolist()
                 part = part.select_columns(["input_ids", "label_spans"])
                 if self.pack:
@@ -714,6 +716,14 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
                 stream = split_dataset_by_node(stream, rank=rank, world_size=world)
             pack_to = self.hparams.max_seq_length if split == "train" and self.pack else None
             self.datasets[split] = StreamSplit(stream, self.files, pack_to)
+
+    def split_texts(self, split: str) -> Optional[tuple[list[str], list[str]]]:
+        """Final user turns and final replies of the kept training rows (``None`` when streaming:
+        that would take a pass over the corpus)."""
+        if split != "train":
+            raise ValueError("only the training split's texts are kept")
+        texts = self._train_texts
+        return None if texts is None else (texts["prompt"], texts["reference"])
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle a streamed training split for ``epoch`` (Lightning only does this for samplers)."""

@@ -1,23 +1,31 @@
-"""Text metrics that are correct for Bengali.
+"""Text and loss metrics that are correct for Bengali, as torchmetrics ``Metric``s.
 
-torchmetrics' ROUGE default normaliser keeps only ``[a-z0-9]`` and so deletes
-every Bengali character (all scores 0). Here every metric first NFC-normalises;
-ROUGE-L strips Unicode punctuation (the danda ``।`` included) and splits on
-white space; BLEU splits punctuation off as separate tokens (like sacreBLEU's
-13a/intl tokenisers); chrF++ runs on NFC text. Perplexity is
-``exp(token-weighted mean loss)``, which also works when a backend (Unsloth)
-returns no logits.
+* BLEU-4 and chrF++ are corpus-level and computed by sacreBLEU, the reference
+  implementation: the metrics keep sacreBLEU's sufficient statistics as summed
+  states (so they reduce across processes) and let sacreBLEU turn the sums into
+  a score. torchmetrics' own chrF leaves rows with no matching n-gram out of the
+  corpus totals (one perfect reply plus two empty ones scores 1.0 there, 0.364
+  in sacreBLEU), so it is not used.
+* ROUGE-L F1 is the mean over rows of torchmetrics' ``ROUGEScore`` with a
+  Bengali normaliser: the default one keeps only ``[a-z0-9]`` and deletes every
+  Bengali letter (all scores 0).
+* Loss is token-weighted over reply tokens; perplexity is ``exp(loss)``, which
+  also works when a backend (Unsloth) returns no logits.
+
+Every text is NFC-normalised first. BLEU sees :func:`bleu_tokenize` tokens
+(punctuation, the danda ``।`` included, split off); ROUGE-L sees
+:func:`normalize_bn` words (punctuation removed); chrF++ sees NFC text.
 """
 from __future__ import annotations
 
 import math
 import re
 import unicodedata
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
-from torchmetrics import Metric
-from torchmetrics.text import BLEUScore, CHRFScore, ROUGEScore
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.text import ROUGEScore
 
 _WS = re.compile(r"\s+")
 
@@ -45,9 +53,83 @@ def bleu_tokenize(text: str) -> str:
     return _WS.sub(" ", text).strip()
 
 
-class TokenWeightedPerplexity(Metric):
-    """``exp(sum(loss_i * n_i) / sum(n_i))`` over batches, where ``loss_i`` is a batch's
-    mean token loss and ``n_i`` its number of predicted tokens. Reduces across processes."""
+class _SacreBLEUStatistic(Metric):
+    """A sacreBLEU corpus metric whose per-row statistics are summed in a tensor state."""
+
+    full_state_update = False
+    higher_is_better = True
+    n_stats = 0
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("stats", default=torch.zeros(self.n_stats, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def scorer(self):
+        raise NotImplementedError
+
+    def prepare(self, text: str) -> str:
+        return unicodedata.normalize("NFC", text)
+
+    def update(self, preds: Sequence[str], targets: Sequence[str]) -> None:
+        if len(preds) != len(targets):
+            raise ValueError(f"{len(preds)} predictions for {len(targets)} references")
+        if not preds:
+            return
+        rows = self.scorer()._extract_corpus_statistics([self.prepare(p) for p in preds],
+                                                        [[self.prepare(t) for t in targets]])
+        self.stats += torch.tensor(rows, dtype=torch.float64).sum(0).to(self.stats.device)
+
+    def compute(self) -> torch.Tensor:
+        sums = [int(round(v)) for v in self.stats.tolist()]
+        return torch.tensor(self.scorer()._compute_score_from_stats(sums).score / 100.0)
+
+
+class BengaliBLEU(_SacreBLEUStatistic):
+    """Corpus BLEU-4 (sacreBLEU defaults: exponential smoothing) on :func:`bleu_tokenize` tokens, in [0, 1]."""
+
+    n_stats = 2 + 2 * 4
+
+    def scorer(self):
+        from sacrebleu.metrics import BLEU
+
+        return BLEU(tokenize="none", force=True)
+
+    def prepare(self, text: str) -> str:
+        return bleu_tokenize(text)
+
+
+class BengaliChrF(_SacreBLEUStatistic):
+    """Corpus chrF++ (sacreBLEU ``CHRF(word_order=2)``) on NFC text, in [0, 1]; empty predictions count."""
+
+    n_stats = 3 * (6 + 2)
+
+    def scorer(self):
+        from sacrebleu.metrics import CHRF
+
+        return CHRF(word_order=2)
+
+
+class BengaliRougeL(ROUGEScore):
+    """Mean sentence ROUGE-L F1 over NFC, punctuation-free, white-space-split Bengali words."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(rouge_keys=("rougeL",), normalizer=normalize_bn, tokenizer=tokenize_bn, **kwargs)
+
+    def update(self, preds: Sequence[str], targets: Sequence[str]) -> None:
+        super().update(list(preds), list(targets))
+
+    def compute(self) -> torch.Tensor:
+        return super().compute()["rougeL_fmeasure"]
+
+
+def text_metrics() -> MetricCollection:
+    """The generation metrics: ``bleu``, ``rougeL`` (sentence mean) and ``chrf`` (chrF++), all in [0, 1]."""
+    return MetricCollection({"bleu": BengaliBLEU(), "rougeL": BengaliRougeL(), "chrf": BengaliChrF()})
+
+
+class TokenWeightedLoss(Metric):
+    """Mean loss over reply tokens: ``sum(loss_i * n_i) / sum(n_i)``, where ``loss_i`` is a
+    batch's mean token loss and ``n_i`` its number of predicted tokens. ``perplexity()`` is its exp."""
 
     full_state_update = False
     higher_is_better = False
@@ -57,60 +139,43 @@ class TokenWeightedPerplexity(Metric):
         self.add_state("loss_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, mean_loss: torch.Tensor, n_tokens: torch.Tensor | int) -> None:
+    def update(self, mean_loss: torch.Tensor | float, n_tokens: torch.Tensor | int) -> None:
         n = torch.as_tensor(n_tokens, device=self.tokens.device).long()
-        self.loss_sum += mean_loss.detach().double().to(self.loss_sum.device) * n
+        loss = torch.as_tensor(mean_loss).detach().double().to(self.loss_sum.device)
+        self.loss_sum += loss * n
         self.tokens += n
 
-    def mean_loss(self) -> torch.Tensor:
-        return self.loss_sum / self.tokens.clamp(min=1)
-
     def compute(self) -> torch.Tensor:
-        return torch.exp(self.mean_loss()).float()
+        return (self.loss_sum / self.tokens.clamp(min=1)).float()
+
+    def perplexity(self) -> torch.Tensor:
+        return torch.exp(self.compute())
 
 
-class BengaliTextMetrics(torch.nn.Module):
-    """BLEU-4, ROUGE-L F1 and chrF++ for Bengali generations (all in [0, 1])."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bleu = BLEUScore(n_gram=4, smooth=False)
-        self.rouge = ROUGEScore(rouge_keys=("rougeL",), normalizer=normalize_bn, tokenizer=tokenize_bn)
-        self.chrf = CHRFScore(n_char_order=6, n_word_order=2)  # chrF++
-
-    def update(self, preds: Sequence[str], targets: Sequence[str]) -> None:
-        preds = [unicodedata.normalize("NFC", p) for p in preds]
-        targets = [unicodedata.normalize("NFC", t) for t in targets]
-        self.bleu.update([bleu_tokenize(p) for p in preds], [[bleu_tokenize(t)] for t in targets])
-        self.rouge.update(preds, targets)
-        self.chrf.update(preds, [[t] for t in targets])
-
-    def compute(self) -> dict[str, float]:
-        rouge = self.rouge.compute()
-        return {
-            "bleu": float(self.bleu.compute()),
-            "rougeL": float(rouge["rougeL_fmeasure"]),
-            "chrf": float(self.chrf.compute()),
-        }
-
-    def reset(self) -> None:
-        self.bleu.reset()
-        self.rouge.reset()
-        self.chrf.reset()
+def score_texts(preds: Sequence[str], targets: Sequence[str]) -> dict:
+    """``bleu``, ``rougeL``, ``chrf`` and ``n`` of predictions against references (NaN scores when empty)."""
+    if not preds:
+        return {"bleu": math.nan, "rougeL": math.nan, "chrf": math.nan, "n": 0}
+    collection = text_metrics()
+    collection.update(list(preds), list(targets))
+    return {**{k: float(v) for k, v in collection.compute().items()}, "n": len(preds)}
 
 
-def score_texts(preds: Sequence[str], targets: Sequence[str], losses: Optional[Sequence[tuple[float, int]]] = None) -> dict:
-    """Corpus-level scores for lists of predictions and references (and optional
-    ``(mean_loss, n_tokens)`` pairs for perplexity)."""
-    m = BengaliTextMetrics()
-    if preds:
-        m.update(list(preds), list(targets))
-        out = m.compute()
-    else:
-        out = {"bleu": float("nan"), "rougeL": float("nan"), "chrf": float("nan")}
-    if losses:
-        total = sum(n for _, n in losses)
-        out["loss"] = sum(l * n for l, n in losses) / max(total, 1)
-        out["perplexity"] = math.exp(out["loss"])
-    out["n"] = len(preds)
-    return out
+def score_loss(loss: TokenWeightedLoss) -> dict:
+    """``loss`` (token-weighted mean NLL), ``perplexity`` and ``reply_tokens`` of a loss metric."""
+    tokens = int(loss.tokens)
+    if tokens == 0:
+        return {}
+    value = float(loss.compute())
+    return {"loss": value, "perplexity": math.exp(value), "reply_tokens": tokens}
+
+
+def sentence_scores(pred: str, target: str) -> dict:
+    """Per-row BLEU (sacreBLEU sentence BLEU) and ROUGE-L F1, for the degenerate-score checks."""
+    from sacrebleu.metrics import BLEU
+
+    bleu = BLEU(tokenize="none", effective_order=True, force=True)
+    rouge = BengaliRougeL()
+    rouge.update([pred], [target])
+    return {"bleu": bleu.sentence_score(bleu_tokenize(pred), [bleu_tokenize(target)]).score / 100.0,
+            "rougeL": float(rouge.compute())}

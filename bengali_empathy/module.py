@@ -13,8 +13,12 @@ import torch
 
 from .backends import BACKENDS, Backend, LoraSettings, make_backend
 from .errors import UserError
-from .metrics import BengaliTextMetrics, TokenWeightedPerplexity
+from .evaluation import Evaluation, requests_from_batch, summarize
+from .generation import Decoding, generate_replies
+from .metrics import TokenWeightedLoss, score_loss
 from .modeling import TINY_MODEL, resolve_model_path
+
+STAGES = ("val", "test", "predict")
 
 OPTIMIZERS = ("auto", "adamw_8bit", "adamw")
 
@@ -35,8 +39,17 @@ class EmpathyLM(L.LightningModule):
         adapter_path: LoRA adapter directory to start from (for validate/predict/chat or to resume).
         optimizer: ``auto`` (8-bit AdamW on CUDA with bitsandbytes, else AdamW), ``adamw_8bit`` or ``adamw``.
         learning_rate / weight_decay / warmup_ratio / min_lr_ratio: cosine schedule with linear warmup.
-        max_new_tokens: generation length for validation samples and predict.
-        val_generate_batches: validation batches that also generate replies for BLEU/ROUGE-L/chrF (0 = none).
+        max_new_tokens: generation length for validation samples, test and predict.
+        generation_batch_size: rows per generation batch (prompts sorted by length; halved on out-of-memory).
+            Decoding costs about the same per step at 8 rows as at 128 on a GPU, so it is larger than
+            the loss batches.
+        temperature: 0 = greedy decoding; above 0, sampling with ``top_p`` / ``top_k`` (0 = off) and
+            ``generation_seed``. ``repetition_penalty`` (1 = off) and ``no_repeat_ngram_size`` (0 = off)
+            apply to both.
+        compare_base: validate/test/predict also score the base model (adapter disabled) on the same rows:
+            ``base_prediction`` in predictions.jsonl, ``base`` and ``delta`` in metrics.json.
+        val_generate_batches: validation batches whose rows also get generated replies for BLEU/ROUGE-L/chrF
+            (0 = none, -1 = all).
         log_samples: generations written to TensorBoard each validation.
         save_adapter_on_fit_end: write ``<log_dir>/adapter`` when fit ends.
     """
@@ -60,6 +73,14 @@ class EmpathyLM(L.LightningModule):
         warmup_ratio: float = 0.05,
         min_lr_ratio: float = 0.1,
         max_new_tokens: int = 128,
+        generation_batch_size: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        generation_seed: int = 0,
+        compare_base: bool = False,
         val_generate_batches: int = 2,
         log_samples: int = 4,
         save_adapter_on_fit_end: bool = True,
@@ -71,8 +92,8 @@ class EmpathyLM(L.LightningModule):
             raise UserError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if optimizer not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-        if adapter_path and not Path(adapter_path).is_dir():
-            raise UserError(f"adapter directory not found: {adapter_path}")
+        if adapter_path:
+            check_adapter_base(adapter_path, model_name_or_path)
         self.model_path = resolve_model_path(model_name_or_path) if model_name_or_path != TINY_MODEL else None
         self.backend: Backend = make_backend(
             backend, load_in_4bit=load_in_4bit, gradient_checkpointing=gradient_checkpointing, seed=lora_seed
@@ -84,12 +105,12 @@ class EmpathyLM(L.LightningModule):
         self._chat_encoder = None
         # Only LoRA weights go into checkpoints (see on_save_checkpoint).
         self.strict_loading = False
-        self.val_ppl = TokenWeightedPerplexity()
-        self.test_ppl = TokenWeightedPerplexity()
-        self.val_text = BengaliTextMetrics()
-        self.test_text = BengaliTextMetrics()
-        self._samples: list[dict] = []
-        self._generated: dict[str, int] = {}
+        self.decoding = Decoding(max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+                                 no_repeat_ngram_size, generation_seed)
+        self.losses = torch.nn.ModuleDict({k: TokenWeightedLoss() for s in STAGES for k in (s, f"{s}_base")})
+        self._pending: list[dict] = []
+        self._train_texts: Optional[tuple[list[str], list[str]]] = None
+        self.last_evaluation: Optional[Evaluation] = None
         self.param_counts: tuple[int, int] = (0, 0)
 
     # ------------------------------------------------------------------ model
@@ -107,6 +128,7 @@ class EmpathyLM(L.LightningModule):
 
     # ------------------------------------------------------------------ modes
     def on_fit_start(self) -> None:
+        self._fit_started = time.time()
         dm = self.trainer.datamodule
         if getattr(dm, "stats", None) and self.logger is not None:
             from .data import flat_stats
@@ -159,24 +181,20 @@ class EmpathyLM(L.LightningModule):
         self.log("train/reply_tokens", n.float(), on_step=True, on_epoch=False, reduce_fx="sum", batch_size=bs)
         return loss
 
+    def _comparing(self) -> bool:
+        # Base scores double the evaluation cost: validate/test/predict only, not fit's validations.
+        return self.hparams.compare_base and self.trainer.state.fn != "fit"
+
     def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
         loss, n = self(batch)
-        bs = batch["input_ids"].shape[0]
-        ppl = self.val_ppl if stage == "val" else self.test_ppl
-        ppl.update(loss, n)
-        # Token-weighted epoch loss: weight each batch by its reply tokens.
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=int(n.clamp(min=1)))
-        self.log(f"{stage}/perplexity", ppl, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
-        limit = self.hparams.val_generate_batches if stage == "val" else None
-        if limit is None or batch_idx < limit:
-            preds = self.generate(batch)
-            text = self.val_text if stage == "val" else self.test_text
-            text.update(preds, batch["reference"])
-            self._generated[stage] = self._generated.get(stage, 0) + len(preds)
-            if stage == "val":
-                for p, q, r in zip(batch["prompt"], preds, batch["reference"]):
-                    if len(self._samples) < self.hparams.log_samples:
-                        self._samples.append({"prompt": p, "prediction": q, "reference": r})
+        self.losses[stage].update(loss, n)
+        if self._comparing():
+            with self.backend.adapter_disabled(self.model):
+                base_loss, base_n = self(batch)
+            self.losses[f"{stage}_base"].update(base_loss, base_n)
+        limit = self.hparams.val_generate_batches if stage == "val" else -1
+        if limit < 0 or batch_idx < limit:
+            self._pending.extend(requests_from_batch(batch))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "val")
@@ -184,65 +202,98 @@ class EmpathyLM(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "test")
 
-    def _log_text_metrics(self, stage: str) -> None:
-        text = self.val_text if stage == "val" else self.test_text
-        n = self._generated.get(stage, 0)
-        self._generated[stage] = 0
-        if n == 0:
-            return
-        scores = text.compute()
-        text.reset()
-        for k, v in scores.items():
-            self.log(f"{stage}/{k}", v, prog_bar=k == "chrf", sync_dist=True)
+    def predict_step(self, batch: dict, batch_idx: int) -> None:
+        """Score the reference replies' loss; replies are generated for all rows at the epoch's end."""
+        self._eval_step(batch, batch_idx, "predict")
+
+    def _finish_evaluation(self, stage: str) -> Evaluation:
+        """Generate the pending rows' replies (and the base model's), then score everything."""
+        rows, self._pending = self._pending, []
+        comparing = self._comparing()
+        loss = score_loss(self.losses[stage])
+        base_loss = score_loss(self.losses[f"{stage}_base"]) if comparing else None
+        self.losses[stage].reset()
+        self.losses[f"{stage}_base"].reset()
+        generation = None
+        if rows:
+            prompts = [r.pop("prompt_ids") for r in rows]
+            progress = self.trainer.state.fn != "fit"  # fit's small validation samples have Lightning's bar
+            replies, stats = self.generate_texts(prompts, desc=f"{stage}: generating", progress=progress)
+            for r, text in zip(rows, replies):
+                r["prediction"] = text
+            generation = {**stats.as_dict(), "decoding": self.decoding.as_dict()}
+            if comparing:
+                with self.backend.adapter_disabled(self.model):
+                    base_replies, base_stats = self.generate_texts(prompts, desc=f"{stage}: generating (base)",
+                                                                   progress=progress)
+                for r, text in zip(rows, base_replies):
+                    r["base_prediction"] = text
+                generation["base"] = base_stats.as_dict()
+        fitting = self.trainer.state.fn == "fit"
+        train_texts = None if fitting else self._training_texts()
+        metrics = summarize(rows, loss, base_loss, train_texts, generation) if (rows or loss) else {}
+        if fitting:  # the honesty checks are for a finished model
+            metrics.pop("checks", None)
+            metrics.pop("warnings", None)
+        evaluation = Evaluation(stage, rows, metrics)
+        if stage != "predict":
+            self._log_evaluation(evaluation)
+        for line in metrics.get("warnings", []):
+            self.print(f"warning: {line}")
+        self.last_evaluation = evaluation
+        return evaluation
+
+    def _training_texts(self) -> Optional[tuple[list[str], list[str]]]:
+        if self._train_texts is None:
+            dm = self.trainer.datamodule
+            self._train_texts = dm.split_texts("train") if hasattr(dm, "split_texts") else None
+        return self._train_texts
+
+    def _log_evaluation(self, evaluation: Evaluation) -> None:
+        stage, m = evaluation.stage, evaluation.metrics
+        # Computed from metric states that torchmetrics already reduced across processes.
+        for key in ("loss", "perplexity", "bleu", "rougeL", "chrf"):
+            if isinstance(m.get(key), float) and not math.isnan(m[key]):
+                self.log(f"{stage}/{key}", m[key], prog_bar=key in ("loss", "chrf"))
+            if isinstance(m.get("base", {}).get(key), float) and not math.isnan(m["base"][key]):
+                self.log(f"{stage}_base/{key}", m["base"][key])
+        if "generation" in m:
+            self.log(f"{stage}/generated_tokens_per_sec", float(m["generation"]["tokens_per_sec"]))
+        logger = self.logger
+        if stage == "val" and evaluation.rows and logger is not None and hasattr(logger.experiment, "add_text"):
+            logger.experiment.add_text("samples", samples_table(evaluation.rows[: self.hparams.log_samples]),
+                                       self.global_step)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_text_metrics("val")
-        if self._samples and self.logger is not None and hasattr(self.logger.experiment, "add_text"):
-            rows = ["| prompt | prediction | reference |", "|---|---|---|"]
-            for s in self._samples:
-                cells = [s[k].replace("|", "\\|").replace("\n", " ") for k in ("prompt", "prediction", "reference")]
-                rows.append("| " + " | ".join(cells) + " |")
-            self.logger.experiment.add_text("samples", "\n".join(rows), self.global_step)
-        self._samples = []
+        self._finish_evaluation("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_text_metrics("test")
+        self._finish_evaluation("test")
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """Generate replies; also score the reference replies' loss for perplexity."""
-        preds = self.generate(batch)
-        loss, n = self(batch)
-        rows = [
-            {"id": i, "prompt": p, "reference": r, "prediction": q, **({"category": c} if c is not None else {})}
-            for i, p, r, q, c in zip(batch["id"], batch["prompt"], batch["reference"], preds, batch["category"])
-        ]
-        return {"rows": rows, "loss": float(loss), "tokens": int(n)}
+    def on_predict_epoch_end(self) -> None:
+        self._finish_evaluation("predict")
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate(self, batch: dict, max_new_tokens: Optional[int] = None) -> list[str]:
-        """Greedy replies for the left-padded prompts in ``batch`` (decoded, special tokens removed)."""
+    def generate_texts(self, prompts: list[list[int]], desc: str = "generating", progress: bool = True,
+                       decoding: Optional[Decoding] = None):
+        """Replies (in input order) and :class:`GenerationStats` for tokenised generation prompts."""
         from .tokenizer import stop_token_ids
 
         was_training = self.model.training
         self.backend.for_inference(self.model)
         try:
-            device = next(self.model.parameters()).device  # also right outside a Trainer
-            ids = batch["gen_input_ids"].to(device)
-            mask = batch["gen_attention_mask"].to(device)
-            out = self.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens or self.hparams.max_new_tokens,
-                do_sample=False, eos_token_id=stop_token_ids(self.tokenizer), pad_token_id=self.tokenizer.pad_token_id,
-                use_cache=True,
-            )
+            return generate_replies(self.model, self.tokenizer, prompts, decoding or self.decoding,
+                                    self.hparams.generation_batch_size, stop_token_ids(self.tokenizer), desc=desc,
+                                    progress=progress,
+                                    on_oom=lambda b: self.print(f"{desc}: out of GPU memory, batch size now {b}"))
         finally:
             if was_training:
                 self.backend.for_training(self.model)
-        new = out[:, ids.shape[1]:]
-        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
     def chat(self, message: str, system_prompt: Optional[str] = None, max_new_tokens: Optional[int] = None) -> str:
         """One reply to ``message`` (a single user turn) with the given or the default Bengali system prompt."""
+        from dataclasses import replace
+
         from .corpus import DEFAULT_SYSTEM_PROMPT
         from .data import ChatEncoder
 
@@ -250,8 +301,8 @@ class EmpathyLM(L.LightningModule):
             self._chat_encoder = ChatEncoder(self.tokenizer)
         system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
         ids = self._chat_encoder.prompt_ids(system, [{"role": "user", "content": message}])
-        t = torch.tensor([ids])
-        return self.generate({"gen_input_ids": t, "gen_attention_mask": torch.ones_like(t)}, max_new_tokens)[0]
+        decoding = replace(self.decoding, max_new_tokens=max_new_tokens) if max_new_tokens else self.decoding
+        return self.generate_texts([ids], progress=False, decoding=decoding)[0][0]
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -300,9 +351,49 @@ class EmpathyLM(L.LightningModule):
         return directory
 
     def on_fit_end(self) -> None:
-        if self.hparams.save_adapter_on_fit_end and self.trainer.is_global_zero and self.trainer.log_dir:
-            out = self.save_adapter(Path(self.trainer.log_dir) / "adapter")
+        from .report import write_run_record
+
+        log_dir = self.trainer.log_dir  # a collective call under DDP: every rank asks
+        if not self.trainer.is_global_zero or not log_dir:
+            return
+        if self.hparams.save_adapter_on_fit_end:
+            out = self.save_adapter(Path(log_dir) / "adapter")
             self.print(f"adapter saved to {out}")
+        record = write_run_record(Path(log_dir), self.trainer, self, time.time() - self._fit_started)
+        self._log_final_hparams(record["final"])
+
+    def _log_final_hparams(self, final: dict) -> None:
+        """TensorBoard's HPARAMS view: the run's settings beside its final validation scores."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        if not isinstance(self.logger, TensorBoardLogger):
+            return
+        metrics = {f"hp/{k.replace('/', '_')}": v for k, v in final.items() if k.startswith("val/")}
+        if "val/loss" in final:
+            metrics["hp_metric"] = final["val/loss"]
+        if metrics:
+            self.logger.log_hyperparams(dict(self.logger.hparams), metrics)
+
+
+def check_adapter_base(adapter_path: str, model_name_or_path: str) -> None:
+    """Refuse an adapter trained on another base model than the configured one."""
+    directory = Path(adapter_path)
+    if not directory.is_dir():
+        raise UserError(f"adapter directory not found: {adapter_path}")
+    meta_file = directory / "bengali_empathy.json"
+    if not meta_file.is_file():
+        return  # a PEFT adapter from elsewhere: nothing recorded to compare
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    recorded = meta.get("model_name_or_path")
+    if recorded is None or recorded == model_name_or_path:
+        return
+    if TINY_MODEL not in (recorded, model_name_or_path):
+        same = Path(meta.get("base_model", recorded)).expanduser().resolve() == \
+            Path(model_name_or_path).expanduser().resolve()
+        if same:
+            return
+    raise UserError(f"adapter {adapter_path} was trained on {recorded}, but model.model_name_or_path is "
+                    f"{model_name_or_path}: set it to the adapter's base model")
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int, floor: float = 0.0) -> float:
@@ -311,3 +402,14 @@ def cosine_with_warmup(step: int, warmup: int, total: int, floor: float = 0.0) -
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def samples_table(rows: list[dict]) -> str:
+    """Markdown table of prompt, reference and prediction (and the base model's, when scored)."""
+    keys = ["prompt", "reference", "prediction"] + (["base_prediction"] if any("base_prediction" in r for r in rows)
+                                                      else [])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        cells = [str(r.get(k, "")).replace("|", "\\|").replace("\n", " ") for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -2,6 +2,9 @@
 # Runs on the lent GPU machine: installs carried wheels, runs GPU tests and benchmarks.
 # Usage: bash scripts/gpu_session.sh STEP...
 #   STEP: tests | unsloth | unsloth_plain | norearm | hf | hf_plain | corpus_packed | corpus_unpacked | corpus_grouped
+#         | model8b | predict
+# predict runs `predict` end to end on a random-weight 8B checkpoint (made by model8b in /tmp/llama8b)
+# for each generation batch size in $GEN_BS, on $ROWS training rows of $CORPUS, with $PREDICT_ARGS.
 # corpus_* read $CORPUS (default .gpu_data/conversations.jsonl: carry a copy of
 # ../shared/data/dailydialog_bn_sample/conversations.jsonl there, git-ignored).
 set -u
@@ -30,6 +33,17 @@ for step in "$@"; do
              --warmup 5 --corpus "$CORPUS" 2>&1 | tail -1 ;;
     corpus_grouped) timeout 300 $B --batch-size ${UNPACKED_BS:-8} --backend unsloth --loop lightning --steps $S \
              --warmup 5 --corpus "$CORPUS" --group-by-length 2>&1 | tail -1 ;;
+    model8b) [ -f /tmp/llama8b/config.json ] || timeout 400 python3 -c "from bengali_empathy.modeling import \
+             write_random_model, LLAMA31_8B_ARCH; write_random_model('/tmp/llama8b', LLAMA31_8B_ARCH, \
+             dtype='bfloat16', device='cuda')"; ls /tmp/llama8b ;;
+    predict) for bs in ${GEN_BS:-128}; do
+               timeout ${PREDICT_TIMEOUT:-400} python3 -m bengali_empathy predict --config configs/llama31_8b_unsloth.yaml \
+                 --model.model_name_or_path /tmp/llama8b --data.corpus_path "$CORPUS" --data.predict_split train \
+                 --data.max_predict_samples ${ROWS:-512} --model.max_new_tokens 128 --model.generation_batch_size $bs \
+                 --trainer.default_root_dir "$OUT/predict_bs$bs" ${PREDICT_ARGS:-} >"$OUT/predict_bs$bs.log" 2>&1
+               echo "rc=$? bs=$bs"; grep -E "^(wrote|generated|tuned|warning|error)|out of GPU memory" "$OUT/predict_bs$bs.log"
+               nvidia-smi --query-gpu=memory.used --format=csv,noheader
+             done ;;
   esac
 done
 echo "=== done $(date +%T)"

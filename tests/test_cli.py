@@ -44,20 +44,29 @@ def test_default_fit_visibly_learns_and_logs(default_fit):
     assert predictions and all(sum("\u0980" <= ch <= "\u09ff" for ch in p) >= 3 for p in predictions), table
     hparams = (vdir / "hparams.yaml").read_text(encoding="utf-8")
     assert "data/train/tokens_p90" in hparams and "data/val/rows" in hparams
+    # TensorBoard's HPARAMS view gets the final validation scores, not a placeholder -1
+    assert [e.value for e in ea.Scalars("hp_metric")] == [pytest.approx(val[-1])]
+    assert ea.Scalars("hp/val_chrf")[-1].value == pytest.approx(ea.Scalars("val/chrf")[-1].value)
 
 
 @pytest.mark.slow
 def test_predict_validate_chat_export_on_the_adapter(default_fit, tmp_path):
     cwd, vdir, _ = default_fit
     adapter = vdir / "adapter"
-    r = run_cli(["predict", *QUICK, "--model.adapter_path", str(adapter)], cwd=tmp_path)
+    r = run_cli(["predict", *QUICK, "--model.adapter_path", str(adapter), "--model.compare_base", "true",
+                 "--data.category_column", "emotion", "--model.generation_batch_size", "3"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     pdir = tmp_path / "lightning_logs" / "version_0"
     rows = [json.loads(x) for x in (pdir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert len(rows) == 4 and {"id", "prompt", "reference", "prediction"} <= set(rows[0])
+    assert len(rows) == 4 and {"id", "prompt", "reference", "prediction", "base_prediction", "category"} <= set(rows[0])
     metrics = json.loads((pdir / "metrics.json").read_text())
-    assert {"bleu", "rougeL", "chrf", "perplexity", "loss"} <= set(metrics)
+    assert {"bleu", "rougeL", "chrf", "perplexity", "loss", "base", "delta", "by_category", "checks",
+            "warnings"} <= set(metrics)
     assert metrics["loss"] < 6.0  # the trained adapter (and head) were loaded: random init is above 11
+    assert metrics["base"]["loss"] > 11.0  # the same rows with the adapter (and trained head) switched off
+    assert metrics["delta"]["loss"] == pytest.approx(metrics["loss"] - metrics["base"]["loss"])
+    assert metrics["generation"]["rows"] == 4 and metrics["generation"]["batch_size"] == 3
+    assert sum(c["n"] for c in metrics["by_category"].values()) == 4
 
     r = run_cli(["validate", *QUICK, "--model.adapter_path", str(adapter)], cwd=tmp_path)
     assert r.returncode == 0 and "val/perplexity" in r.stdout
@@ -81,6 +90,34 @@ def test_predict_validate_chat_export_on_the_adapter(default_fit, tmp_path):
     ids = torch.tensor([[128000, 11372, 228, 11372, 106, 62456]])
     with torch.no_grad():
         assert torch.allclose(mm(ids).logits, pm(input_ids=ids).logits, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_report_on_the_default_run(default_fit, tmp_path):
+    cwd, vdir, _ = default_fit
+    r = run_cli(["test", *QUICK, "--model.adapter_path", str(vdir / "adapter"), "--model.compare_base", "true"],
+                cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    eval_dir = max((cwd / "lightning_logs").glob("version_*"), key=lambda d: int(d.name.split("_")[1]))
+    r = run_cli(["report", str(vdir), "--output", str(tmp_path / "report")], cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = (tmp_path / "report" / "REPORT.md").read_text(encoding="utf-8")
+    for png in ("loss.png", "learning_rate.png", "tokens_per_sec.png", "memory.png"):
+        data = (tmp_path / "report" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+        assert f"]({png})" in report
+    cells = {line.split(" | ")[0].strip("| "): line.split(" | ")[1].strip(" |")
+             for line in report.splitlines() if line.startswith("| ") and " | " in line}
+    ea = _events(vdir)
+    run = json.loads((vdir / "run.json").read_text())
+    assert cells["final val/loss"] == f"{ea.Scalars('val/loss')[-1].value:.4f}"
+    assert cells["final val/chrf"] == f"{ea.Scalars('val/chrf')[-1].value:.4f}"
+    assert cells["trainable parameters"] == f"{run['model']['trainable_params']:,}"
+    assert cells["steps"] == "40" and cells["LoRA r / alpha / dropout"] == "16 / 16 / 0.0"
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    assert f"lightning_logs/{eval_dir.name}`" in report.split("Evaluation: ")[1].splitlines()[0]
+    assert cells["chrF++"] == f"{metrics['chrf']:.4f}" and cells["NLL (nats/token)"] == f"{metrics['loss']:.4f}"
+    assert "## Sample generations" in report and "## Honesty checks" in report
 
 
 def test_data_stats_command(tmp_path):
@@ -128,6 +165,7 @@ def test_every_shipped_config_parses(tmp_path):
     (["--data.corpus_path", "latin1.csv"], "latin1.csv:2: not UTF-8"),
     (["--data.corpus_path", "role.jsonl", "--data.prompt_template", "{title}"], "missing column(s) 'title'"),
     (["--model.backend", "vllm"], "unknown backend"),
+    (["--model.adapter_path", "other_adapter"], "was trained on /models/Llama-3.1-8B-Instruct"),
     (["--trainer.max_steps", "abc"], "trainer.max_steps"),
     (["--data.on_too_long", "cut"], "data.on_too_long"),
     (["--data.train_on", "every_turn"], "data.train_on"),
@@ -143,12 +181,25 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, message):
     bad = {"messages": [{"role": "user", "content": "ক"}, {"role": "bot", "content": "খ"}]}
     (tmp_path / "role.jsonl").write_text(json.dumps(ok) + "\n" + json.dumps(bad) + "\n", encoding="utf-8")
     (tmp_path / "latin1.csv").write_bytes(b"prompt,response\ncaf\xe9,ok\n")
+    (tmp_path / "other_adapter").mkdir()
+    (tmp_path / "other_adapter" / "bengali_empathy.json").write_text(json.dumps(
+        {"model_name_or_path": "/models/Llama-3.1-8B-Instruct", "base_model": "/models/Llama-3.1-8B-Instruct"}))
     r = run_cli(["fit", *DEFAULT, *extra], cwd=tmp_path)
     assert r.returncode == 2
     err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(err) == 1 and message in err[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_report_without_a_run_is_one_line(tmp_path):
+    (tmp_path / "empty_dir").mkdir()
+    for target, message in ((tmp_path / "empty_dir", "no run in"), (tmp_path / "missing", "not found")):
+        r = run_cli(["report", str(target)], cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and message in err[0], r.stderr[-2000:]
+    assert list((tmp_path / "empty_dir").iterdir()) == []
 
 
 @pytest.mark.parametrize("bad_line,message", [

@@ -38,9 +38,12 @@ def test_unsloth_backend_trains_generates_and_keeps_checkpointing(tiny_model_pat
     assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
     # generate() runs Unsloth's for_inference, which clears the checkpointing flags ...
     lm.model.train()
-    out = lm.generate(batch)
-    assert len(out) == 2
-    # ... and our generate() re-arms them
+    prompts = [ids[m.bool()].tolist() for ids, m in zip(batch["gen_input_ids"], batch["gen_attention_mask"])]
+    out, stats = lm.generate_texts(prompts, progress=False)
+    assert len(out) == 2 and stats.new_tokens > 0
+    with lm.backend.adapter_disabled(lm.model):  # the base model, for compare_base
+        assert len(lm.generate_texts(prompts, progress=False)[0]) == 2
+    # ... and generate_texts() re-arms them
     assert lm.backend.gradient_checkpointing_active(lm.model)
 
 

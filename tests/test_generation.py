@@ -1,0 +1,94 @@
+"""Batched generation: length-sorted batches give the same replies as one prompt at a time, in input order."""
+import pytest
+import torch
+
+from bengali_empathy.generation import Decoding, generate_replies
+from bengali_empathy.tokenizer import stop_token_ids
+
+from conftest import TWO_PAIRS, encode_pairs
+
+PROMPTS = TWO_PAIRS + [("পরীক্ষায় ভালো করিনি, বাবা-মা রাগ করবেন।", "x"), ("ঘুম আসে না।", "x"),
+                       ("নতুন শহরে এসে কাউকে চিনি না, খুব একা লাগে আর মন খারাপ থাকে সারাদিন।", "x")]
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_lora):
+    _, _, tok = tiny_lora
+    return [ex["input_ids"][:ex["prompt_len"]] for ex in encode_pairs(tok, PROMPTS)]
+
+
+def test_batched_greedy_replies_equal_one_at_a_time_in_input_order(tiny_lora, prompts):
+    _, model, tok = tiny_lora
+    model.eval()
+    decoding = Decoding(max_new_tokens=6)
+    batched, stats = generate_replies(model, tok, prompts, decoding, 2, stop_token_ids(tok), progress=False)
+    single = [generate_replies(model, tok, [p], decoding, 1, stop_token_ids(tok), progress=False)[0][0]
+              for p in prompts]
+    assert len(set(len(p) for p in prompts)) > 1  # the batches really are sorted and padded
+    assert batched == single
+    assert stats.rows == len(prompts) and 0 < stats.new_tokens <= 6 * len(prompts) and stats.batch_size == 2
+
+
+def test_rows_stop_at_eot_and_only_their_own_tokens_count(tiny_lora, prompts):
+    _, model, tok = tiny_lora
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+
+    class StopsSecondRow(torch.nn.Module):
+        """Row 0 writes token 11372 four times; row 1 ends after one token with <|eot_id|>."""
+
+        def parameters(self):
+            return model.parameters()
+
+        def generate(self, input_ids, attention_mask, eos_token_id, pad_token_id, max_new_tokens, **_):
+            assert eot in eos_token_id
+            new = torch.full((input_ids.shape[0], 4), 11372)
+            new[1, 0], new[1, 1:] = eot, pad_token_id
+            return torch.cat([input_ids, new], 1)
+
+    replies, stats = generate_replies(StopsSecondRow(), tok, prompts[:2], Decoding(max_new_tokens=4), 8,
+                                      stop_token_ids(tok), progress=False)
+    longest_first = sorted(range(2), key=lambda i: -len(prompts[i]))
+    assert replies[longest_first[1]] == ""
+    assert replies[longest_first[0]] == tok.decode([11372] * 4)
+    assert stats.new_tokens == 4 + 1  # four tokens, and the stop token of the other row
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_every_row(tiny_lora, prompts):
+    _, model, tok = tiny_lora
+    seen = []
+
+    class SmallMemory(torch.nn.Module):
+        def parameters(self):
+            return model.parameters()
+
+        def generate(self, input_ids, **kw):
+            seen.append(input_ids.shape[0])
+            if input_ids.shape[0] > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return torch.cat([input_ids, torch.full((input_ids.shape[0], 1), 11372)], 1)
+
+    halved = []
+    replies, stats = generate_replies(SmallMemory(), tok, prompts, Decoding(max_new_tokens=1), 8,
+                                      stop_token_ids(tok), progress=False, on_oom=halved.append)
+    assert halved == [4, 2] and stats.batch_size == 2
+    assert seen[:2] == [5, 4] and all(n <= 2 for n in seen[2:]) and sum(seen[2:]) == len(prompts)
+    assert all(r for r in replies)
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_lora, prompts):
+    _, model, tok = tiny_lora
+    model.eval()
+    sample = Decoding(max_new_tokens=5, temperature=1.5, top_p=0.95, top_k=50, seed=7)
+    a = generate_replies(model, tok, prompts, sample, 4, stop_token_ids(tok), progress=False)[0]
+    b = generate_replies(model, tok, prompts, sample, 4, stop_token_ids(tok), progress=False)[0]
+    greedy = generate_replies(model, tok, prompts, Decoding(max_new_tokens=5), 4, stop_token_ids(tok),
+                              progress=False)[0]
+    assert a == b and a != greedy
+
+
+def test_decoding_options_reach_generate():
+    kw = Decoding(max_new_tokens=9, temperature=0.7, top_p=0.9, top_k=40, repetition_penalty=1.2,
+                  no_repeat_ngram_size=3).generate_kwargs()
+    assert kw == {"max_new_tokens": 9, "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 40,
+                  "repetition_penalty": 1.2, "no_repeat_ngram_size": 3}
+    assert Decoding().generate_kwargs() == {"max_new_tokens": 128, "do_sample": False}
