@@ -36,6 +36,7 @@ def random_batches(n: int, batch_size: int, seq_len: int, seed: int = 0, prompt_
             "position_ids": torch.arange(seq_len).expand(batch_size, -1).clone(), "n_tokens": ids.numel(),
             "gen_input_ids": prompt, "gen_attention_mask": torch.ones_like(prompt),
             "id": [str(i) for i in range(batch_size)], "prompt": ["ক"] * batch_size, "reference": ["খ"] * batch_size,
+            "category": [None] * batch_size,
         })
     return out
 

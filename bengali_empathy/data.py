@@ -451,6 +451,9 @@ def flat_stats(stats: dict) -> dict:
 # --------------------------------------------------------------------------- streaming
 
 
+EVAL_COLUMNS = ["input_ids", "label_spans", "prompt_len", "id", "prompt", "reference", "category"]
+
+
 class StreamSplit(IterableDataset):
     """One split of a streamed corpus: HF ``IterableDataset`` rows -> kept examples (-> packs).
 
@@ -597,6 +600,7 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         self._tokenizer = None
         self._train_lengths: list[int] = []
         self._train_texts = None  # Arrow columns prompt/reference of the kept training rows
+        self._eval_views: dict[str, Dataset] = {}  # kept rows with what evaluation needs, train included
         self.datasets: dict[str, Dataset] = {}
         self.stats: dict[str, dict] = {}
 
@@ -676,6 +680,7 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
             self.stats[split] = split_stats(cols, self.hparams.max_seq_length)
             kept = np.flatnonzero(np.isin(cols["status"], KEPT))
             part = part.select(kept)
+            self._eval_views[split] = part.select_columns(EVAL_COLUMNS)
             if split == "train":
                 self._train_texts = part.select_columns(["prompt", "reference"])
                 self._train_lengths = cols["n_tokens"][kept].tolist()
@@ -686,8 +691,7 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
                     groups = pack_groups(zip(order.tolist(), lengths), self.hparams.max_seq_length)
                     part = PackedDataset(part, list(groups))
             else:
-                part = part.select_columns(["input_ids", "label_spans", "prompt_len", "id", "prompt", "reference",
-                                            "category"])
+                part = self._eval_views[split]
             self.datasets[split] = part
         if not self.stats["train"]["kept"]:
             raise UserError(f"no training conversations in {self.corpus_path} after the split "
@@ -761,6 +765,10 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         from torchdata.stateful_dataloader import StatefulDataLoader
 
         ds = self.datasets[split]
+        if not train:  # evaluating on the training split: unpacked rows with prompts and references
+            ds = self._eval_views.get(split, ds)
+            if isinstance(ds, StreamSplit) and ds.pack_to:
+                ds = StreamSplit(ds.stream, ds.files)
         if limit is not None:
             ds = StreamSplit(ds.stream.take(limit), ds.files) if isinstance(ds, StreamSplit) else \
                 ds.select(range(min(limit, len(ds))))

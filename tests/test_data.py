@@ -182,6 +182,18 @@ def test_streaming_split_equals_in_memory_and_predict_cap(tmp_path):
         assert sum(len(b["id"]) for b in dm.predict_dataloader()) == 5
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_predict_on_the_training_split_has_prompts_even_when_packed(tmp_path, streaming):
+    path = write_jsonl(tmp_path / "p.jsonl", _pairs(60))
+    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=streaming, shuffle_buffer=0, pack=True,
+                                      predict_split="train", max_predict_samples=6, eval_batch_size=4)
+    dm.setup()
+    batches = list(dm.predict_dataloader())
+    assert sum(len(b["id"]) for b in batches) == 6
+    assert all(b["gen_input_ids"].shape[0] == len(b["reference"]) for b in batches)
+    assert all(r.startswith("উত্তর নম্বর") for b in batches for r in b["reference"])
+
+
 def test_streaming_order_changes_every_epoch_and_ranks_are_disjoint(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", _pairs(120))
     dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, shuffle_buffer=50, batch_size=1)
