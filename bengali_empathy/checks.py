@@ -9,7 +9,8 @@ These checks look for the causes instead of the symptoms:
   occur in the training split, exactly or nearly (after NFC, punctuation and
   white-space normalisation; "near" = character 4-gram Jaccard >= 0.8);
 * **degenerate predictions**: most rows scoring BLEU or ROUGE-L 1.0, empty
-  predictions, predictions that copy the prompt, one reply repeated for most rows.
+  predictions, predictions that copy the prompt or begin by echoing it, one reply
+  repeated for most rows.
 
 Each finding is a count, a few examples and, past its threshold, a warning line.
 """
@@ -103,7 +104,7 @@ def train_overlap(rows: Sequence[dict], train_prompts: Iterable[str], train_repl
 def degenerate_predictions(rows: Sequence[dict], key: str = "prediction") -> dict:
     """Counts of perfect-score, empty, prompt-copying and repeated predictions under ``key``."""
     n = len(rows)
-    perfect_bleu = perfect_rouge = empty = copies = 0
+    perfect_bleu = perfect_rouge = empty = copies = starts_with_prompt = 0
     copy_examples: list[dict] = []
     counts: Counter = Counter()
     for r in rows:
@@ -116,6 +117,8 @@ def degenerate_predictions(rows: Sequence[dict], key: str = "prediction") -> dic
         perfect_bleu += scores["bleu"] >= 0.999
         perfect_rouge += scores["rougeL"] >= 0.999
         prompt = normalize_bn(r.get("prompt") or "")
+        if len(prompt.split()) >= 2 and pred.startswith(prompt):
+            starts_with_prompt += 1
         if prompt and (pred in prompt or prompt in pred
                        or _jaccard(_shingles(pred), _shingles(prompt)) >= NEAR_JACCARD):
             copies += 1
@@ -123,7 +126,7 @@ def degenerate_predictions(rows: Sequence[dict], key: str = "prediction") -> dic
                 copy_examples.append({"id": r["id"], "prompt": r.get("prompt"), key: r[key]})
     top, top_count = counts.most_common(1)[0] if counts else ("", 0)
     return {"rows": n, "perfect_bleu": perfect_bleu, "perfect_rougeL": perfect_rouge, "empty": empty,
-            "copies_prompt": copies, "copy_examples": copy_examples, "most_common_prediction": top,
+            "copies_prompt": copies, "starts_with_prompt": starts_with_prompt, "copy_examples": copy_examples, "most_common_prediction": top,
             "most_common_count": top_count}
 
 
@@ -140,6 +143,8 @@ def warnings_for(overlap: dict | None, degenerate: dict, label: str = "") -> lis
         out.append(f"{who}{degenerate['empty']} of {n} predictions are empty")
     if degenerate["copies_prompt"]:
         out.append(f"{who}{degenerate['copies_prompt']} of {n} predictions copy the prompt")
+    if degenerate["starts_with_prompt"]:
+        out.append(f"{who}{degenerate['starts_with_prompt']} of {n} predictions begin by echoing the prompt")
     if degenerate["most_common_count"] > MOST * n and n > 1:
         out.append(f"{who}one reply is repeated for {degenerate['most_common_count']} of {n} rows: "
                    f"{degenerate['most_common_prediction'][:80]!r}")

@@ -8,7 +8,7 @@ from typing import Optional
 
 from .errors import UserError
 
-EXTRA_COMMANDS = ("chat", "export", "benchmark", "data-stats", "report")
+EXTRA_COMMANDS = ("chat", "export", "benchmark", "data-stats", "report", "runs", "rate")
 
 
 def tokenizer_path_for(model_name_or_path: str) -> Optional[str]:
@@ -25,9 +25,11 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
     from .callbacks import EvaluationWriter, TokenThroughput
     from .data import EmpatheticDialogueDataModule
     from .module import EmpathyLM
+    from .registry import ExperimentRegistry
 
     class EmpathyCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
+            parser.add_lightning_class_args(ExperimentRegistry, "registry")
             parser.link_arguments("model.model_name_or_path", "data.tokenizer_path", compute_fn=tokenizer_path_for)
             parser.link_arguments("data.max_seq_length", "model.max_seq_length")
 
@@ -194,9 +196,94 @@ def report_main(argv: list[str]) -> int:
     p.add_argument("run_dir", type=str, help="a fit run (lightning_logs/version_N) or a test/predict run")
     p.add_argument("--output", type=Optional[str], default=None, help="directory for REPORT.md and the plots "
                                                                       "(default: the run directory)")
+    p.add_argument("--db", type=Optional[str], default=None, help="experiment registry with human ratings "
+                                                                  "(default: experiments.db beside the run)")
     cfg = p.parse_args(argv)
-    report = build_report(Path(cfg.run_dir), Path(cfg.output) if cfg.output else None)
+    report = build_report(Path(cfg.run_dir), Path(cfg.output) if cfg.output else None, cfg.db)
     print(f"report written to {report}")
+    return 0
+
+
+# --------------------------------------------------------------------------- runs / rate
+
+
+def _key_scores(metrics: dict) -> str:
+    keys = ("val/loss", "loss", "perplexity", "bits_per_char", "bleu", "rougeL", "chrf")
+    return ", ".join(f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics.get(k), (int, float)))
+
+
+def runs_main(argv: list[str]) -> int:
+    """List recorded experiments, or show one with its sample replies and human ratings."""
+    import json
+
+    from jsonargparse import ArgumentParser
+
+    from .registry import DEFAULT_DB, connect, experiment_for, rating_summary, responses_of
+
+    p = ArgumentParser(prog="python -m bengali_empathy runs", exit_on_error=False,
+                       description="Experiments recorded in the SQLite registry: `runs` lists them, "
+                                   "`runs show ID` prints one with its sample replies.")
+    p.add_argument("action", type=Optional[str], nargs="?", default=None, help="show")
+    p.add_argument("id", type=Optional[str], nargs="?", default=None, help="experiment id or log directory")
+    p.add_argument("--db", type=str, default=DEFAULT_DB, help="the registry file")
+    p.add_argument("--samples", type=int, default=5, help="sample replies shown by `show`")
+    cfg = p.parse_args(argv)
+    if cfg.action is None:
+        with connect(cfg.db, create=False) as con:
+            rows = con.execute("SELECT id, timestamp, model_name, metrics FROM LLAMAExperiments ORDER BY id").fetchall()
+        print(f"{'id':>4}  {'time (UTC)':<25}  {'stage':<8}  {'steps':>6}  model / corpus / scores")
+        for eid, stamp, model, metrics_text in rows:
+            metrics = json.loads(metrics_text or "{}")
+            run = metrics.get("run", {})
+            print(f"{eid:>4}  {stamp:<25}  {run.get('stage', ''):<8}  {run.get('steps', ''):>6}  {model} / "
+                  f"{run.get('corpus', '')} / {_key_scores(metrics)}")
+        return 0
+    if cfg.action != "show" or cfg.id is None:
+        raise UserError("usage: runs [show ID] [--db FILE]")
+    exp = experiment_for(cfg.db, cfg.id)
+    metrics = json.loads(exp["metrics"] or "{}")
+    run = metrics.pop("run", {})
+    print(f"experiment {exp['id']} ({exp['timestamp']}): {run.get('stage')} of {exp['model_name']}")
+    print(f"  log dir: {run.get('log_dir')}\n  corpus: {run.get('corpus')}\n  adapter: {run.get('adapter_path')}")
+    print(f"  LoRA: {exp['lora_config']}\n  train_loss: {exp['train_loss']}  val_loss: {exp['val_loss']}")
+    print(f"  scores: {_key_scores(metrics)}")
+    for line in metrics.get("warnings", []):
+        print(f"  warning: {line}")
+    for shown, summary in rating_summary(cfg.db, exp["id"]).items():
+        print(f"  human ratings ({shown}, n={summary['n']}): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in summary.items() if k != "n"))
+    for r in responses_of(cfg.db, exp["id"])[: cfg.samples]:
+        print(f"\n  prompt:     {r['input_text']}\n  reference:  {r['reference_text']}\n  reply:      {r['response_text']}")
+        if r["base_response_text"] is not None:
+            print(f"  base reply: {r['base_response_text']}")
+    return 0
+
+
+def rate_main(argv: list[str]) -> int:
+    """Score sampled replies of a run from the terminal (1-5 per aspect)."""
+    from jsonargparse import ArgumentParser
+
+    from .rating import rate
+    from .registry import DEFAULT_DB
+
+    p = ArgumentParser(prog="python -m bengali_empathy rate", exit_on_error=False,
+                       description="Rate sampled replies of a recorded run for empathy, relevance, fluency, "
+                                   "coherence and helpfulness (1-5) and an optional comment; quitting keeps "
+                                   "what was rated.")
+    p.add_argument("run", type=str, help="experiment id or the run's log directory")
+    p.add_argument("--n", type=int, default=20, help="replies to rate")
+    p.add_argument("--blind", type=bool, default=False, help="mix base and tuned replies without labels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--db", type=str, default=DEFAULT_DB, help="the registry file")
+    cfg = p.parse_args(argv)
+
+    def ask(prompt: str) -> str:
+        try:
+            return input(prompt)
+        except EOFError:
+            return "q"
+
+    rate(cfg.db, cfg.run, cfg.n, cfg.blind, cfg.seed, ask, sys.stdout)
     return 0
 
 
@@ -217,6 +304,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             return data_stats_main(argv[1:])
         if argv and argv[0] == "report":
             return report_main(argv[1:])
+        if argv and argv[0] == "runs":
+            return runs_main(argv[1:])
+        if argv and argv[0] == "rate":
+            return rate_main(argv[1:])
         if argv and argv[0] == "benchmark":
             from .benchmark import main as bench_main
 

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import sys
+import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Optional
@@ -38,7 +39,7 @@ from .errors import UserError
 
 IGNORE_INDEX = -100
 # Bump when the encoded columns change, so old Arrow caches are not reused.
-ENCODING_VERSION = 2
+ENCODING_VERSION = 3
 
 OnTooLong = Literal["error", "drop", "truncate", "truncate_history"]
 TrainOn = Literal["all_assistant", "last_assistant"]
@@ -161,7 +162,29 @@ class EncodeOptions:
 
 
 ENCODED_COLUMNS = ("input_ids", "label_spans", "prompt_len", "n_tokens", "raw_tokens", "reply_tokens", "status",
-                   "n_turns", "id", "group", "split", "row", "prompt", "reference", "category")
+                   "n_turns", "id", "group", "split", "row", "prompt", "reference", "category", "dedup_key",
+                   "reference_in_prompt")
+# A final reply this short ("ঠিক আছে।") may well have been said earlier in a conversation without
+# any leak; a longer one found in the conversation before it would be an echo to copy.
+ECHO_MIN_WORDS = 4
+
+
+def conversation_key(system: str, turns: list[dict]) -> str:
+    """Duplicate key: the conversation's texts after NFC and white-space normalisation."""
+    norm = lambda t: " ".join(unicodedata.normalize("NFC", t).split())  # noqa: E731
+    text = "\x1e".join([norm(system)] + [f"{t['role']}\x1f{norm(t['content'])}" for t in turns])
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def reference_in_prompt(system: str, turns: list[dict]) -> bool:
+    """Whether the final reply (of at least ``ECHO_MIN_WORDS`` words) occurs in the text before it."""
+    from .metrics import normalize_bn
+
+    reference = normalize_bn(turns[-1]["content"])
+    if len(reference.split()) < ECHO_MIN_WORDS:
+        return False
+    before = normalize_bn(" ".join([system] + [t["content"] for t in turns[:-1]]))
+    return f" {reference} " in f" {before} "
 
 
 class RowEncoder:
@@ -262,6 +285,8 @@ class RowEncoder:
         out["prompt"].append(users[-1] if users else "")
         out["reference"].append(c.turns[-1]["content"] if c else "")
         out["category"].append(c.category if c else None)
+        out["dedup_key"].append(conversation_key(c.system or "", c.turns) if c else "")
+        out["reference_in_prompt"].append(reference_in_prompt(c.system or "", c.turns) if c else False)
 
 
 # --------------------------------------------------------------------------- packing and batching
@@ -400,10 +425,18 @@ class Collator:
             out.update(gen_input_ids=gen, gen_attention_mask=gmask)
             for key in ("id", "prompt", "reference", "category"):
                 out[key] = [ex.get(key) for ex in batch]
+            for ex in batch:  # a streamed corpus is checked here, as the rows arrive
+                if ex.get("reference_in_prompt"):
+                    raise_reference_in_prompt(ex.get("row") or ex.get("id"))
         return out
 
 
 # --------------------------------------------------------------------------- statistics
+
+
+def raise_reference_in_prompt(where: str) -> None:
+    raise UserError(f"{where}: the reference reply already occurs earlier in the conversation, inside the prompt "
+                    "given to generation: its scores would measure an echo (remove or fix the row)")
 
 
 def split_stats(columns: dict, max_seq_length: int) -> dict:
@@ -425,11 +458,13 @@ def split_stats(columns: dict, max_seq_length: int) -> dict:
         "truncated": int((status == "truncated").sum()),
         "dropped_too_long": int((status == "too_long").sum()),
         "dropped_empty": int((status == "empty").sum()),
+        "dropped_duplicate": int((status == "duplicate").sum()),
     }
 
 
 STAT_COLUMNS = ("rows", "conversations", "turns", "tokens_p50", "tokens_p90", "tokens_p99", "tokens_max",
-                "over_max_pct", "reply_tokens", "kept", "truncated", "dropped_too_long", "dropped_empty")
+                "over_max_pct", "reply_tokens", "kept", "truncated", "dropped_too_long", "dropped_empty",
+                "dropped_duplicate")
 
 
 def format_stats(stats: dict, max_seq_length: int) -> str:
@@ -451,7 +486,8 @@ def flat_stats(stats: dict) -> dict:
 # --------------------------------------------------------------------------- streaming
 
 
-EVAL_COLUMNS = ["input_ids", "label_spans", "prompt_len", "id", "prompt", "reference", "category"]
+EVAL_COLUMNS = ["input_ids", "label_spans", "prompt_len", "id", "prompt", "reference", "category", "row",
+                "reference_in_prompt"]
 
 
 class StreamSplit(IterableDataset):
@@ -540,6 +576,9 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         num_proc: processes for tokenising in memory (``None``: all cores for large corpora).
         predict_split: split used by ``predict``.
         max_predict_samples: cap on conversations for ``predict`` (``None`` = all).
+        deduplicate: drop conversations identical to an earlier one (same system prompt and turns
+            after NFC and white-space normalisation) before the split; counted as ``dropped_duplicate``.
+            In memory only.
     """
 
     def __init__(
@@ -571,6 +610,7 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         num_proc: Optional[int] = None,
         predict_split: Split = "test",
         max_predict_samples: Optional[int] = None,
+        deduplicate: bool = False,
         seed: int = 42,
     ) -> None:
         super().__init__()
@@ -582,6 +622,8 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise UserError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) "
                             "must be in [0, 1) and sum below 1")
+        if deduplicate and streaming:
+            raise UserError("data.deduplicate needs the corpus in memory: set data.streaming to false")
         self.corpus_path = str(corpus_path) if corpus_path else str(bundled_corpus_path())
         self.files = corpus_files(self.corpus_path)
         self._formats: dict[Path, CorpusFormat] = {}
@@ -673,10 +715,19 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
             return
         encoded = self._encode_in_memory()
         split_col = encoded.select_columns(["split"]).with_format("numpy")[:]["split"]
+        duplicate = np.zeros(len(encoded), dtype=bool)
+        if self.hparams.deduplicate:
+            keys = encoded.select_columns(["dedup_key"]).with_format("numpy")[:]["dedup_key"]
+            _, first = np.unique(keys, return_index=True)
+            duplicate[:] = True
+            duplicate[first] = False
+            duplicate &= keys != ""
         for split in SPLITS:
-            part = encoded.select(np.flatnonzero(split_col == split))
+            rows = np.flatnonzero(split_col == split)
+            part = encoded.select(rows)
             cols = part.select_columns(["status", "raw_tokens", "n_tokens", "group", "n_turns", "reply_tokens"]) \
                 .with_format("numpy")[:]
+            cols["status"] = np.where(duplicate[rows] & np.isin(cols["status"], KEPT), "duplicate", cols["status"])
             self.stats[split] = split_stats(cols, self.hparams.max_seq_length)
             kept = np.flatnonzero(np.isin(cols["status"], KEPT))
             part = part.select(kept)
@@ -759,6 +810,15 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         self.setup("fit")
         if self.stats:
             print(format_stats(self.stats, self.hparams.max_seq_length), file=sys.stderr, flush=True)
+            dropped = sum(s["dropped_duplicate"] for s in self.stats.values())
+            if self.hparams.deduplicate:
+                print(f"deduplicate: dropped {dropped} conversations identical to an earlier one", file=sys.stderr)
+        for split in ("val", "test", self.hparams.predict_split):
+            view = self._eval_views.get(split)
+            if view is not None:
+                flags = view.select_columns(["reference_in_prompt"]).with_format("numpy")[:]["reference_in_prompt"]
+                if flags.any():
+                    raise_reference_in_prompt(view[int(np.flatnonzero(flags)[0])]["row"])
 
     # -- loaders
     def _loader(self, split: str, train: bool, limit: Optional[int] = None):

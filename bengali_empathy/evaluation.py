@@ -19,7 +19,7 @@ from typing import Optional
 from .checks import degenerate_predictions, train_overlap, warnings_for
 from .metrics import score_texts
 
-SCORES = ("bleu", "rougeL", "chrf", "loss", "perplexity")
+SCORES = ("bleu", "rougeL", "chrf", "loss", "perplexity", "nll_per_char", "bits_per_char")
 ROW_KEYS = ("id", "prompt", "reference", "prediction", "base_prediction", "category")
 
 

@@ -129,7 +129,11 @@ def text_metrics() -> MetricCollection:
 
 class TokenWeightedLoss(Metric):
     """Mean loss over reply tokens: ``sum(loss_i * n_i) / sum(n_i)``, where ``loss_i`` is a
-    batch's mean token loss and ``n_i`` its number of predicted tokens. ``perplexity()`` is its exp."""
+    batch's mean token loss and ``n_i`` its number of predicted tokens. ``perplexity()`` is its exp.
+
+    It also keeps the characters of the reply text, for NLL per character and bits per
+    character: Llama-3 spends ~7 tokens on a Bengali word, so a token perplexity says
+    little across tokenizers, while the total NLL of the same text per character does."""
 
     full_state_update = False
     higher_is_better = False
@@ -138,12 +142,15 @@ class TokenWeightedLoss(Metric):
         super().__init__(**kwargs)
         self.add_state("loss_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("chars", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, mean_loss: torch.Tensor | float, n_tokens: torch.Tensor | int) -> None:
+    def update(self, mean_loss: torch.Tensor | float, n_tokens: torch.Tensor | int, n_chars: int = 0) -> None:
+        """``n_chars``: characters of the text those tokens spell, for the tokenizer-independent figures."""
         n = torch.as_tensor(n_tokens, device=self.tokens.device).long()
         loss = torch.as_tensor(mean_loss).detach().double().to(self.loss_sum.device)
         self.loss_sum += loss * n
         self.tokens += n
+        self.chars += int(n_chars)
 
     def compute(self) -> torch.Tensor:
         return (self.loss_sum / self.tokens.clamp(min=1)).float()
@@ -162,12 +169,18 @@ def score_texts(preds: Sequence[str], targets: Sequence[str]) -> dict:
 
 
 def score_loss(loss: TokenWeightedLoss) -> dict:
-    """``loss`` (token-weighted mean NLL), ``perplexity`` and ``reply_tokens`` of a loss metric."""
+    """``loss`` (token-weighted mean NLL, nats), ``perplexity``, ``reply_tokens`` and, when characters
+    were counted, ``nll_per_char`` (nats), ``bits_per_char`` and ``reply_chars`` of a loss metric."""
     tokens = int(loss.tokens)
     if tokens == 0:
         return {}
     value = float(loss.compute())
-    return {"loss": value, "perplexity": math.exp(value), "reply_tokens": tokens}
+    out = {"loss": value, "perplexity": math.exp(value), "reply_tokens": tokens}
+    chars = int(loss.chars)
+    if chars:
+        nll_per_char = float(loss.loss_sum) / chars
+        out.update(nll_per_char=nll_per_char, bits_per_char=nll_per_char / math.log(2), reply_chars=chars)
+    return out
 
 
 def sentence_scores(pred: str, target: str) -> dict:

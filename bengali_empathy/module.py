@@ -11,7 +11,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
-from .backends import BACKENDS, Backend, LoraSettings, make_backend
+from .backends import BACKENDS, IGNORE_INDEX, Backend, LoraSettings, make_backend
 from .errors import UserError
 from .evaluation import Evaluation, requests_from_batch, summarize
 from .generation import Decoding, generate_replies
@@ -185,13 +185,20 @@ class EmpathyLM(L.LightningModule):
         # Base scores double the evaluation cost: validate/test/predict only, not fit's validations.
         return self.hparams.compare_base and self.trainer.state.fn != "fit"
 
+    def _reply_chars(self, batch: dict) -> int:
+        """Characters of the reply text the loss was taken on (labelled tokens, decoded)."""
+        labels = batch["labels"]
+        rows = [row[row != IGNORE_INDEX].tolist() for row in labels]
+        return sum(len(t) for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True))
+
     def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
         loss, n = self(batch)
-        self.losses[stage].update(loss, n)
+        chars = self._reply_chars(batch)
+        self.losses[stage].update(loss, n, chars)
         if self._comparing():
             with self.backend.adapter_disabled(self.model):
                 base_loss, base_n = self(batch)
-            self.losses[f"{stage}_base"].update(base_loss, base_n)
+            self.losses[f"{stage}_base"].update(base_loss, base_n, chars)
         limit = self.hparams.val_generate_batches if stage == "val" else -1
         if limit < 0 or batch_idx < limit:
             self._pending.extend(requests_from_batch(batch))
@@ -252,7 +259,7 @@ class EmpathyLM(L.LightningModule):
     def _log_evaluation(self, evaluation: Evaluation) -> None:
         stage, m = evaluation.stage, evaluation.metrics
         # Computed from metric states that torchmetrics already reduced across processes.
-        for key in ("loss", "perplexity", "bleu", "rougeL", "chrf"):
+        for key in ("loss", "perplexity", "bits_per_char", "bleu", "rougeL", "chrf"):
             if isinstance(m.get(key), float) and not math.isnan(m[key]):
                 self.log(f"{stage}/{key}", m[key], prog_bar=key in ("loss", "chrf"))
             if isinstance(m.get("base", {}).get(key), float) and not math.isnan(m["base"][key]):

@@ -21,7 +21,7 @@ from .errors import UserError
 LIBRARIES = ("bengali_empathy", "torch", "transformers", "peft", "lightning", "torchmetrics", "datasets",
              "bitsandbytes", "unsloth", "sacrebleu")
 SCORE_NAMES = {"bleu": "BLEU", "rougeL": "ROUGE-L", "chrf": "chrF++", "loss": "NLL (nats/token)",
-               "perplexity": "perplexity"}
+               "perplexity": "perplexity", "nll_per_char": "NLL (nats/character)", "bits_per_char": "bits/character"}
 SAMPLE_ROWS = 8
 
 
@@ -226,7 +226,8 @@ def _run_rows(record: dict, scalars: dict) -> list[list]:
     tps = scalars.get("perf/tokens_per_sec")
     if tps:
         rows.append(["training tokens/s (last logged)", tps[-1][1]])
-    for tag in ("train/loss_epoch", "val/loss", "val/perplexity", "val/bleu", "val/rougeL", "val/chrf"):
+    for tag in ("train/loss_epoch", "val/loss", "val/perplexity", "val/bits_per_char", "val/bleu", "val/rougeL",
+                "val/chrf"):
         if scalars.get(tag):
             rows.append([f"final {tag}", scalars[tag][-1][1]])
     rows.append(["versions", ", ".join(f"{k} {v}" for k, v in record["versions"].items())])
@@ -281,6 +282,7 @@ def _checks_section(metrics: dict) -> list[str]:
     deg = checks.get("degenerate")
     if deg:
         lines.append(f"- predictions: {deg['empty']} empty, {deg['copies_prompt']} copy the prompt, "
+                     f"{deg.get('starts_with_prompt', 0)} begin by echoing it, "
                      f"{deg['perfect_rougeL']} with ROUGE-L 1.0, {deg['perfect_bleu']} with BLEU 1.0, most common "
                      f"reply given {deg['most_common_count']} times, of {deg['rows']} rows")
     overlap = checks.get("train_overlap")
@@ -304,8 +306,26 @@ def _samples_section(rows: list[dict]) -> list[str]:
                                                   [[r.get(k, "") for k in keys] for r in rows[:SAMPLE_ROWS]])
 
 
-def build_report(run_dir: Path, output: Optional[Path] = None) -> Path:
-    """Write ``REPORT.md`` and the plots for ``run_dir``; returns the report's path."""
+def _ratings_section(db: Path, eval_dir: Path) -> list[str]:
+    from .registry import ASPECTS, experiment_for, rating_summary
+
+    if not db.is_file():
+        return []
+    try:
+        experiment = experiment_for(db, str(eval_dir))
+    except UserError:
+        return []
+    summary = rating_summary(db, experiment["id"])
+    if not summary:
+        return []
+    header = ["model", "ratings"] + list(ASPECTS)
+    rows = [[shown, s["n"]] + [s[a] for a in ASPECTS] for shown, s in sorted(summary.items(), reverse=True)]
+    return [f"## Human ratings (1-5, mean; experiment {experiment['id']} in `{db}`)", ""] + _table(header, rows)
+
+
+def build_report(run_dir: Path, output: Optional[Path] = None, db: Optional[str] = None) -> Path:
+    """Write ``REPORT.md`` and the plots for ``run_dir``; returns the report's path. ``db``: the
+    experiment registry with human ratings (default: ``experiments.db`` beside the run)."""
     from .callbacks import atomic_write_text
 
     run_dir = Path(run_dir)
@@ -338,6 +358,7 @@ def build_report(run_dir: Path, output: Optional[Path] = None) -> Path:
                   f"(sacreBLEU), ROUGE-L is the mean of sentence F1, NLL and perplexity are token-weighted over "
                   f"reference reply tokens.", ""]
         lines += _metrics_section(metrics) + _category_section(metrics) + _checks_section(metrics)
+        lines += _ratings_section(Path(db) if db else run_dir.parent / "experiments.db", eval_dir)
         lines += _samples_section(rows)
     else:
         lines += ["## Final metrics", "", "No evaluation found: run `test` or `predict` with "

@@ -166,6 +166,9 @@ def test_every_shipped_config_parses(tmp_path):
     (["--data.corpus_path", "role.jsonl", "--data.prompt_template", "{title}"], "missing column(s) 'title'"),
     (["--model.backend", "vllm"], "unknown backend"),
     (["--model.adapter_path", "other_adapter"], "was trained on /models/Llama-3.1-8B-Instruct"),
+    (["--registry.db_path", "notes.db"], "notes.db is not an SQLite database"),
+    (["--data.corpus_path", "echo.jsonl", "--data.predict_split", "train"],
+     "echo.jsonl: row 1: the reference reply already occurs earlier in the conversation"),
     (["--trainer.max_steps", "abc"], "trainer.max_steps"),
     (["--data.on_too_long", "cut"], "data.on_too_long"),
     (["--data.train_on", "every_turn"], "data.train_on"),
@@ -181,6 +184,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, message):
     bad = {"messages": [{"role": "user", "content": "ক"}, {"role": "bot", "content": "খ"}]}
     (tmp_path / "role.jsonl").write_text(json.dumps(ok) + "\n" + json.dumps(bad) + "\n", encoding="utf-8")
     (tmp_path / "latin1.csv").write_bytes(b"prompt,response\ncaf\xe9,ok\n")
+    (tmp_path / "notes.db").write_text("my notes\n")
+    echo = {"messages": [{"role": "user", "content": "আপনি বলেছিলেন আমি সবসময় আপনার পাশে আছি"},
+                         {"role": "assistant", "content": "আমি সবসময় আপনার পাশে আছি"}]}
+    (tmp_path / "echo.jsonl").write_text(json.dumps(echo, ensure_ascii=False) + "\n", encoding="utf-8")
     (tmp_path / "other_adapter").mkdir()
     (tmp_path / "other_adapter" / "bengali_empathy.json").write_text(json.dumps(
         {"model_name_or_path": "/models/Llama-3.1-8B-Instruct", "base_model": "/models/Llama-3.1-8B-Instruct"}))

@@ -242,3 +242,36 @@ def test_streaming_counts_dropped_and_truncated_rows(tmp_path):
     dm.setup()
     assert len(list(dm.datasets["train"])) == 30
     assert dm.stream_counts("train") == {"ok": 30, "too_long": 1, "empty": 1}
+
+
+def test_deduplicate_drops_normalised_repeats_before_the_split(tmp_path):
+    base = [{"id": f"r{i}", "prompt": f"প্রশ্ন নম্বর {i}", "response": f"উত্তর নম্বর {i}"} for i in range(30)]
+    repeats = [{"id": "d1", "prompt": "প্রশ্ন  নম্বর 3 ", "response": "উত্তর নম্বর 3"},  # white space differs
+               {"id": "d2", "prompt": "য\u09bcাত্রা", "response": "শুভ"},  # NFD ...
+               {"id": "d3", "prompt": "\u09dfাত্রা", "response": "শুভ"}]  # ... and NFC: one conversation
+    path = write_jsonl(tmp_path / "d.jsonl", base + repeats)
+    kept = lambda dm: sum(s["kept"] for s in dm.stats.values())  # noqa: E731
+    plain = EmpatheticDialogueDataModule(corpus_path=path)
+    plain.setup()
+    dedup = EmpatheticDialogueDataModule(corpus_path=path, deduplicate=True)
+    dedup.setup()
+    assert kept(plain) == 33 and kept(dedup) == 31
+    assert sum(s["dropped_duplicate"] for s in dedup.stats.values()) == 2
+    with pytest.raises(UserError, match="deduplicate needs the corpus in memory"):
+        EmpatheticDialogueDataModule(corpus_path=path, deduplicate=True, streaming=True)
+
+
+def test_reference_inside_the_prompt_is_refused_but_short_repeats_are_not(tmp_path):
+    echo = "আমি সবসময় আপনার পাশে আছি, চিন্তা করবেন না"
+    rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"কথা {i}"},
+                                         {"role": "assistant", "content": "ঠিক আছে।"},
+                                         {"role": "user", "content": "ঠিক আছে।"},  # a short reply said before: fine
+                                         {"role": "assistant", "content": "ঠিক আছে।"}]} for i in range(40)]
+    path = write_jsonl(tmp_path / "ok.jsonl", rows)
+    EmpatheticDialogueDataModule(corpus_path=path, predict_split="train").prepare()
+    rows[5]["messages"][2]["content"] = f"আপনি বলেছিলেন: {echo}।"
+    rows[5]["messages"][3]["content"] = echo + "।"
+    path = write_jsonl(tmp_path / "echo.jsonl", rows)
+    dm = EmpatheticDialogueDataModule(corpus_path=path, predict_split="train")  # every split is evaluated
+    with pytest.raises(UserError, match="echo.jsonl: row 6: the reference reply already occurs earlier"):
+        dm.prepare()

@@ -72,3 +72,10 @@ def test_training_overlap_exact_near_and_none():
     assert {e["id"] for e in overlap["prompt"]["examples"]} == {"0", "1"}
     warnings = warnings_for(overlap, degenerate_predictions(rows))
     assert "1 evaluated prompts occur exactly and 1 nearly in the training split" in warnings
+
+
+def test_predictions_that_begin_by_echoing_the_prompt_are_counted():
+    rows = [_row(0, C, A, C + " " + A), _row(1, B, C, D), _row(2, D, B, A)]
+    deg = degenerate_predictions(rows)
+    assert deg["starts_with_prompt"] == 1
+    assert "1 of 3 predictions begin by echoing the prompt" in warnings_for(None, deg)

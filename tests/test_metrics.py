@@ -118,3 +118,15 @@ def test_each_pair_agrees_with_sacrebleu_sentence_by_sentence(name):
         assert s["bleu"] == pytest.approx(1.0) and s["chrf"] == pytest.approx(1.0) and s["rougeL"] == 1.0
     if name in ("danda only", "empty prediction"):
         assert s["rougeL"] == 0.0 and s["bleu"] == 0.0
+
+
+def test_bits_per_character_are_the_same_nats_over_characters():
+    from bengali_empathy.metrics import score_loss
+
+    loss = TokenWeightedLoss()
+    loss.update(torch.tensor(2.0), 30, n_chars=50)
+    loss.update(torch.tensor(1.0), 10, n_chars=20)
+    s = score_loss(loss)
+    assert s["nll_per_char"] == pytest.approx((2.0 * 30 + 1.0 * 10) / 70)
+    assert s["bits_per_char"] == pytest.approx(s["nll_per_char"] / math.log(2))
+    assert s["reply_chars"] == 70 and s["reply_tokens"] == 40

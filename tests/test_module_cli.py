@@ -79,3 +79,14 @@ def test_hf_gradient_checkpointing_survives_eval_and_generate(tiny_model_path):
     assert lm.backend.gradient_checkpointing_active(lm.model)
     lm.chat("আমি খুব ক্লান্ত।")
     assert lm.model.training and lm.backend.gradient_checkpointing_active(lm.model)
+
+
+def test_reply_characters_are_those_of_the_reference_replies(tiny_model_path):
+    from bengali_empathy.data import Collator
+
+    from conftest import TWO_PAIRS, encode_pairs
+
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False)
+    lm.configure_model()
+    batch = Collator(lm.tokenizer.pad_token_id)(encode_pairs(lm.tokenizer, TWO_PAIRS))
+    assert lm._reply_chars(batch) == sum(len(reply) for _, reply in TWO_PAIRS)

@@ -1,0 +1,183 @@
+"""The experiment registry: every fit / validate / test / predict recorded in SQLite.
+
+Tables (the first two with the names and columns the original task asked for):
+
+* ``LLAMAExperiments(id, model_name, lora_config, train_loss, val_loss, metrics, timestamp)``:
+  ``lora_config`` and ``metrics`` are JSON text; ``metrics`` holds the run's scores and, under
+  ``run``, its stage, corpus, steps and log directory.
+* ``GeneratedResponses(id, experiment_id, input_text, response_text, timestamp, reference_text,
+  base_response_text)``: the generated replies of the run's (last) evaluation.
+* ``HumanRatings(id, response_id, shown, empathy, relevance, fluency, coherence, helpfulness,
+  comment, timestamp)``: 1-5 scores from ``python -m bengali_empathy rate``.
+
+A run's rows are written in one transaction when it ends, so an interrupted run leaves
+none; tables are only ever created if missing and appended to.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Optional
+
+import lightning as L
+
+from .errors import UserError
+
+DEFAULT_DB = "lightning_logs/experiments.db"
+ASPECTS = ("empathy", "relevance", "fluency", "coherence", "helpfulness")
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS LLAMAExperiments (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, model_name TEXT NOT NULL, lora_config TEXT, train_loss REAL,
+        val_loss REAL, metrics TEXT, timestamp TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS GeneratedResponses (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, experiment_id INTEGER NOT NULL REFERENCES LLAMAExperiments(id),
+        input_text TEXT NOT NULL, response_text TEXT NOT NULL, timestamp TEXT NOT NULL, reference_text TEXT,
+        base_response_text TEXT)""",
+    """CREATE TABLE IF NOT EXISTS HumanRatings (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, response_id INTEGER NOT NULL REFERENCES GeneratedResponses(id),
+        shown TEXT NOT NULL CHECK (shown IN ('tuned', 'base')),
+        empathy INTEGER CHECK (empathy BETWEEN 1 AND 5), relevance INTEGER CHECK (relevance BETWEEN 1 AND 5),
+        fluency INTEGER CHECK (fluency BETWEEN 1 AND 5), coherence INTEGER CHECK (coherence BETWEEN 1 AND 5),
+        helpfulness INTEGER CHECK (helpfulness BETWEEN 1 AND 5), comment TEXT, timestamp TEXT NOT NULL)""",
+]
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@contextmanager
+def connect(path: str | Path, create: bool = True) -> Iterator[sqlite3.Connection]:
+    """A connection with the schema in place; SQLite failures become one-line :class:`UserError`s."""
+    path = Path(path)
+    if not create and not path.is_file():
+        raise UserError(f"experiment database not found: {path}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(str(path), timeout=5.0)
+    except (OSError, sqlite3.Error) as exc:
+        raise UserError(f"cannot open experiment database {path}: {exc}") from exc
+    try:
+        con.execute("PRAGMA foreign_keys = ON")
+        with con:
+            for statement in SCHEMA:
+                con.execute(statement)
+        yield con
+    except sqlite3.DatabaseError as exc:
+        text = str(exc)
+        if "not a database" in text:
+            raise UserError(f"{path} is not an SQLite database (set another registry.db_path)") from exc
+        if "locked" in text:
+            raise UserError(f"experiment database {path} is locked by another process") from exc
+        raise UserError(f"experiment database {path}: {text}") from exc
+    finally:
+        con.close()
+
+
+def record_run(db: str | Path, model_name: str, lora_config: dict, train_loss: Optional[float],
+               val_loss: Optional[float], metrics: dict, responses: list[dict]) -> int:
+    """Insert one experiment and its generated replies in one transaction; returns its id."""
+    stamp = now()
+    with connect(db) as con, con:
+        cur = con.execute(
+            "INSERT INTO LLAMAExperiments (model_name, lora_config, train_loss, val_loss, metrics, timestamp) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (model_name, json.dumps(lora_config, ensure_ascii=False), train_loss, val_loss,
+             json.dumps(metrics, ensure_ascii=False, default=str), stamp))
+        experiment_id = int(cur.lastrowid)
+        con.executemany(
+            "INSERT INTO GeneratedResponses (experiment_id, input_text, response_text, timestamp, reference_text, "
+            "base_response_text) VALUES (?, ?, ?, ?, ?, ?)",
+            [(experiment_id, r["prompt"], r["prediction"], stamp, r.get("reference"), r.get("base_prediction"))
+             for r in responses if "prediction" in r])
+    return experiment_id
+
+
+def experiment_for(db: str | Path, ref: str) -> dict:
+    """An experiment by id, or the newest one whose log directory is ``ref``."""
+    with connect(db, create=False) as con:
+        con.row_factory = sqlite3.Row
+        if ref.isdigit():
+            row = con.execute("SELECT * FROM LLAMAExperiments WHERE id = ?", (int(ref),)).fetchone()
+        else:
+            target = str(Path(ref).resolve())
+            row = next((r for r in con.execute("SELECT * FROM LLAMAExperiments ORDER BY id DESC")
+                        if json.loads(r["metrics"] or "{}").get("run", {}).get("log_dir") == target), None)
+    if row is None:
+        raise UserError(f"no experiment {ref!r} in {db}")
+    return dict(row)
+
+
+def responses_of(db: str | Path, experiment_id: int) -> list[dict]:
+    with connect(db, create=False) as con:
+        con.row_factory = sqlite3.Row
+        return [dict(r) for r in con.execute(
+            "SELECT * FROM GeneratedResponses WHERE experiment_id = ? ORDER BY id", (experiment_id,))]
+
+
+def rating_summary(db: str | Path, experiment_id: int) -> dict:
+    """Mean score per aspect and the number of ratings, per shown model (tuned / base)."""
+    if not Path(db).is_file():
+        return {}
+    with connect(db, create=False) as con:
+        rows = con.execute(
+            "SELECT h.shown, COUNT(*), " + ", ".join(f"AVG(h.{a})" for a in ASPECTS)
+            + " FROM HumanRatings h JOIN GeneratedResponses g ON g.id = h.response_id "
+              "WHERE g.experiment_id = ? GROUP BY h.shown", (experiment_id,)).fetchall()
+    return {shown: {"n": n, **dict(zip(ASPECTS, means))} for shown, n, *means in rows}
+
+
+class ExperimentRegistry(L.Callback):
+    """Records every fit / validate / test / predict in the SQLite registry when it ends (rank 0).
+
+    Args:
+        db_path: the SQLite file (created if missing, only ever appended to); ``null`` = no registry.
+    """
+
+    def __init__(self, db_path: Optional[str] = DEFAULT_DB) -> None:
+        self.db_path = db_path
+        self.last_id: Optional[int] = None
+        if db_path and Path(db_path).exists():
+            with connect(db_path):  # a bad or locked file fails here, before anything runs or is written
+                pass
+
+    def _record(self, trainer, pl_module, stage: str) -> None:
+        log_dir = trainer.log_dir  # a collective call under DDP: every rank asks
+        if not self.db_path or not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        evaluation = getattr(pl_module, "last_evaluation", None)
+        h = pl_module.hparams
+        lora = pl_module.lora
+        cm = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+        metrics = dict(evaluation.metrics) if evaluation is not None and stage != "fit" else \
+            {k: v for k, v in cm.items() if k.startswith("val/")}
+        dm = trainer.datamodule
+        metrics["run"] = {"stage": stage, "log_dir": str(Path(log_dir).resolve()) if log_dir else None,
+                          "corpus": str(getattr(dm, "corpus_path", "")), "steps": trainer.global_step,
+                          "adapter_path": h.adapter_path, "backend": pl_module.backend.name}
+        val_loss = cm.get("val/loss") if stage in ("fit", "validate") else None
+        train_loss = cm.get("train/loss_epoch") if stage == "fit" else None
+        rows = evaluation.rows if evaluation is not None else []
+        self.last_id = record_run(self.db_path, h.model_name_or_path,
+                                  {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
+                                   "target_modules": list(lora.target_modules),
+                                   "modules_to_save": list(lora.modules_to_save)},
+                                  train_loss, val_loss, metrics, rows)
+        pl_module.print(f"recorded as experiment {self.last_id} in {self.db_path}")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._record(trainer, pl_module, "fit")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":
+            self._record(trainer, pl_module, "validate")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._record(trainer, pl_module, "test")
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._record(trainer, pl_module, "predict")
