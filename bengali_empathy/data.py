@@ -423,7 +423,7 @@ class Collator:
                 gen[i, pw - n:] = torch.tensor(ex["input_ids"][:n], dtype=torch.long)
                 gmask[i, pw - n:] = 1
             out.update(gen_input_ids=gen, gen_attention_mask=gmask)
-            for key in ("id", "prompt", "reference", "category"):
+            for key in ("id", "prompt", "reference", "category", "row"):
                 out[key] = [ex.get(key) for ex in batch]
             for ex in batch:  # a streamed corpus is checked here, as the rows arrive
                 if ex.get("reference_in_prompt"):
@@ -643,6 +643,7 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         self._train_lengths: list[int] = []
         self._train_texts = None  # Arrow columns prompt/reference of the kept training rows
         self._eval_views: dict[str, Dataset] = {}  # kept rows with what evaluation needs, train included
+        self._streams_for: tuple[int, int] = (0, 1)  # (rank, world size) the streams were sharded for
         self.datasets: dict[str, Dataset] = {}
         self.stats: dict[str, dict] = {}
 
@@ -707,11 +708,18 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
                                  num_proc=num_proc, desc=f"tokenising {f.name}"))
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def setup(self, stage: Optional[str] = None) -> None:
-        if self.datasets:
-            return
         if self.streaming:
-            self._setup_streaming()
+            # The CLI's prepare() runs before DDP has started: shard the streams again once the
+            # ranks are known, or every rank would stream the same rows.
+            if not self.datasets or self._streams_for != self._rank_and_world():
+                self._setup_streaming()
+            return
+        if self.datasets:
             return
         encoded = self._encode_in_memory()
         split_col = encoded.select_columns(["split"]).with_format("numpy")[:]["split"]
@@ -754,8 +762,7 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         from datasets.distributed import split_dataset_by_node
 
         encoders = self._encoders()
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        world = self.trainer.world_size if self.trainer is not None else 1
+        rank, world = self._streams_for = self._rank_and_world()
         for split in SPLITS:
             streams = []
             for f, enc in encoders.items():

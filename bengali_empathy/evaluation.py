@@ -46,7 +46,8 @@ class Evaluation:
 def requests_from_batch(batch: dict) -> list[dict]:
     """Evaluation rows of a collated batch: identity, texts and the unpadded generation prompt."""
     ids, mask = batch["gen_input_ids"], batch["gen_attention_mask"].bool()
-    return [{"id": batch["id"][i], "prompt": batch["prompt"][i], "reference": batch["reference"][i],
+    where = batch.get("row") or batch["id"]  # "file: row N", unique: merges the rows of several ranks
+    return [{"id": batch["id"][i], "row": where[i], "prompt": batch["prompt"][i], "reference": batch["reference"][i],
              "category": batch["category"][i], "prompt_ids": ids[i][mask[i]].tolist()} for i in range(len(ids))]
 
 

@@ -122,9 +122,11 @@ class BengaliRougeL(ROUGEScore):
         return super().compute()["rougeL_fmeasure"]
 
 
-def text_metrics() -> MetricCollection:
-    """The generation metrics: ``bleu``, ``rougeL`` (sentence mean) and ``chrf`` (chrF++), all in [0, 1]."""
-    return MetricCollection({"bleu": BengaliBLEU(), "rougeL": BengaliRougeL(), "chrf": BengaliChrF()})
+def text_metrics(**kwargs) -> MetricCollection:
+    """The generation metrics: ``bleu``, ``rougeL`` (sentence mean) and ``chrf`` (chrF++), all in [0, 1].
+    ``kwargs`` go to every metric (e.g. ``sync_on_compute=False`` for rows already gathered)."""
+    return MetricCollection({"bleu": BengaliBLEU(**kwargs), "rougeL": BengaliRougeL(**kwargs),
+                             "chrf": BengaliChrF(**kwargs)})
 
 
 class TokenWeightedLoss(Metric):
@@ -163,7 +165,7 @@ def score_texts(preds: Sequence[str], targets: Sequence[str]) -> dict:
     """``bleu``, ``rougeL``, ``chrf`` and ``n`` of predictions against references (NaN scores when empty)."""
     if not preds:
         return {"bleu": math.nan, "rougeL": math.nan, "chrf": math.nan, "n": 0}
-    collection = text_metrics()
+    collection = text_metrics(sync_on_compute=False)  # callers pass every row (gathered from all ranks)
     collection.update(list(preds), list(targets))
     return {**{k: float(v) for k, v in collection.compute().items()}, "n": len(preds)}
 
@@ -171,14 +173,14 @@ def score_texts(preds: Sequence[str], targets: Sequence[str]) -> dict:
 def score_loss(loss: TokenWeightedLoss) -> dict:
     """``loss`` (token-weighted mean NLL, nats), ``perplexity``, ``reply_tokens`` and, when characters
     were counted, ``nll_per_char`` (nats), ``bits_per_char`` and ``reply_chars`` of a loss metric."""
-    tokens = int(loss.tokens)
+    with loss.sync_context():  # summed over ranks under DDP (a no-op in one process)
+        tokens, chars, loss_sum = int(loss.tokens), int(loss.chars), float(loss.loss_sum)
     if tokens == 0:
         return {}
-    value = float(loss.compute())
+    value = loss_sum / tokens
     out = {"loss": value, "perplexity": math.exp(value), "reply_tokens": tokens}
-    chars = int(loss.chars)
     if chars:
-        nll_per_char = float(loss.loss_sum) / chars
+        nll_per_char = loss_sum / chars
         out.update(nll_per_char=nll_per_char, bits_per_char=nll_per_char / math.log(2), reply_chars=chars)
     return out
 
@@ -188,7 +190,7 @@ def sentence_scores(pred: str, target: str) -> dict:
     from sacrebleu.metrics import BLEU
 
     bleu = BLEU(tokenize="none", effective_order=True, force=True)
-    rouge = BengaliRougeL()
+    rouge = BengaliRougeL(sync_on_compute=False)
     rouge.update([pred], [target])
     return {"bleu": bleu.sentence_score(bleu_tokenize(pred), [bleu_tokenize(target)]).score / 100.0,
             "rougeL": float(rouge.compute())}

@@ -236,6 +236,7 @@ class EmpathyLM(L.LightningModule):
                 for r, text in zip(rows, base_replies):
                     r["base_prediction"] = text
                 generation["base"] = base_stats.as_dict()
+        rows, generation = self._gather(rows, generation)
         fitting = self.trainer.state.fn == "fit"
         train_texts = None if fitting else self._training_texts()
         metrics = summarize(rows, loss, base_loss, train_texts, generation) if (rows or loss) else {}
@@ -250,6 +251,35 @@ class EmpathyLM(L.LightningModule):
         self.last_evaluation = evaluation
         return evaluation
 
+    def _gather(self, rows: list[dict], generation: Optional[dict]) -> tuple[list[dict], Optional[dict]]:
+        """Every rank's rows, in input order and each once, on every rank (DDP); tokens/s over all ranks."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return rows, generation
+        import torch.distributed as dist
+
+        parts: list = [None] * world
+        dist.all_gather_object(parts, (rows, generation))
+        seen: set = set()
+        merged = []
+        # The distributed sampler pads the last batches with repeated rows: keep each row once.
+        for r in sorted((r for part, _ in parts for r in part), key=lambda r: _input_position(r["row"])):
+            if r["row"] not in seen:
+                seen.add(r["row"])
+                merged.append(r)
+        stats = [g for _, g in parts if g]
+        if stats:
+            generation = {**stats[0], "rows": len(merged), "new_tokens": sum(g["new_tokens"] for g in stats),
+                          "seconds": max(g["seconds"] for g in stats), "ranks": world}
+            generation["tokens_per_sec"] = round(generation["new_tokens"] / max(generation["seconds"], 1e-9), 1)
+            base = [g["base"] for g in stats if "base" in g]
+            if base:
+                generation["base"] = {**base[0], "rows": len(merged), "new_tokens": sum(b["new_tokens"] for b in base),
+                                      "seconds": max(b["seconds"] for b in base)}
+                generation["base"]["tokens_per_sec"] = round(
+                    generation["base"]["new_tokens"] / max(generation["base"]["seconds"], 1e-9), 1)
+        return merged, generation
+
     def _training_texts(self) -> Optional[tuple[list[str], list[str]]]:
         if self._train_texts is None:
             dm = self.trainer.datamodule
@@ -259,13 +289,14 @@ class EmpathyLM(L.LightningModule):
     def _log_evaluation(self, evaluation: Evaluation) -> None:
         stage, m = evaluation.stage, evaluation.metrics
         # Computed from metric states that torchmetrics already reduced across processes.
+        # The values are the same on every rank (gathered rows, reduced states): the mean is a no-op.
         for key in ("loss", "perplexity", "bits_per_char", "bleu", "rougeL", "chrf"):
             if isinstance(m.get(key), float) and not math.isnan(m[key]):
-                self.log(f"{stage}/{key}", m[key], prog_bar=key in ("loss", "chrf"))
+                self.log(f"{stage}/{key}", m[key], prog_bar=key in ("loss", "chrf"), sync_dist=True)
             if isinstance(m.get("base", {}).get(key), float) and not math.isnan(m["base"][key]):
-                self.log(f"{stage}_base/{key}", m["base"][key])
+                self.log(f"{stage}_base/{key}", m["base"][key], sync_dist=True)
         if "generation" in m:
-            self.log(f"{stage}/generated_tokens_per_sec", float(m["generation"]["tokens_per_sec"]))
+            self.log(f"{stage}/generated_tokens_per_sec", float(m["generation"]["tokens_per_sec"]), sync_dist=True)
         logger = self.logger
         if stage == "val" and evaluation.rows and logger is not None and hasattr(logger.experiment, "add_text"):
             logger.experiment.add_text("samples", samples_table(evaluation.rows[: self.hparams.log_samples]),
@@ -409,6 +440,12 @@ def cosine_with_warmup(step: int, warmup: int, total: int, floor: float = 0.0) -
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _input_position(row: str) -> tuple[str, int]:
+    """``"corpus.jsonl: row 12"`` -> ``("corpus.jsonl", 12)``: the order rows were read in."""
+    path, _, number = row.rpartition(": row ")
+    return path, int(number) if number.isdigit() else 0
 
 
 def samples_table(rows: list[dict]) -> str:

@@ -275,3 +275,20 @@ def test_reference_inside_the_prompt_is_refused_but_short_repeats_are_not(tmp_pa
     dm = EmpatheticDialogueDataModule(corpus_path=path, predict_split="train")  # every split is evaluated
     with pytest.raises(UserError, match="echo.jsonl: row 6: the reference reply already occurs earlier"):
         dm.prepare()
+
+
+def test_streams_prepared_before_ddp_are_sharded_once_ranks_are_known(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", _pairs(120))
+
+    class Rank:
+        def __init__(self, r):
+            self.global_rank, self.world_size = r, 2
+
+    seen = []
+    for r in (0, 1):
+        dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, shuffle_buffer=0)
+        dm.setup()  # the CLI's prepare(): one process, no ranks yet
+        dm.trainer = Rank(r)
+        dm.setup("fit")  # Lightning's setup inside the DDP process
+        seen.append({tuple(ex["input_ids"]) for ex in dm.datasets["train"]})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
