@@ -62,9 +62,9 @@ requires_shared = pytest.mark.skipif(not (SHARED_DATA / "conversations.jsonl").i
                                      reason="../shared/data/dailydialog_bn_sample is absent")
 
 
-def run_cli(args, cwd, timeout=600):
+def run_cli(args, cwd, timeout=600, stdin=None):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "bengali_empathy", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "bengali_empathy", *args], cwd=cwd, env=env, input=stdin,
                           capture_output=True, text=True, timeout=timeout)
 
 

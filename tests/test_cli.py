@@ -197,6 +197,41 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, message):
     assert len(err) == 1 and message in err[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "lightning_logs").exists()
+    assert (tmp_path / "notes.db").read_text() == "my notes\n"
+
+
+def test_runs_and_rate_bad_input_is_one_line(tmp_path):
+    from bengali_empathy.registry import record_run
+
+    db = tmp_path / "e.db"
+    record_run(db, "m", {}, None, None, {}, [])
+    (tmp_path / "notes.db").write_text("my notes\n")
+    for args, message in ((["runs", "show", "99", "--db", str(db)], "no experiment '99'"),
+                          (["runs", "--db", str(tmp_path / "notes.db")], "not an SQLite database"),
+                          (["runs", "--db", str(tmp_path / "missing.db")], "experiment database not found"),
+                          (["rate", "1", "--db", str(db)], "no generated replies")):
+        r = run_cli(args, cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+        err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and message in err[0], (args, r.stderr[-2000:])
+    assert (tmp_path / "notes.db").read_text() == "my notes\n"
+    r = run_cli(["runs", "--db", str(db)], cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.splitlines()[1].split()[0] == "1"
+
+
+def test_rate_reads_scores_from_standard_input_and_stops_at_end_of_input(tmp_path):
+    from bengali_empathy.registry import rating_summary, record_run
+
+    db = tmp_path / "e.db"
+    rows = [{"prompt": f"প্রশ্ন {i}", "reference": "উ", "prediction": f"জবাব {i}", "base_prediction": f"খ {i}"}
+            for i in range(5)]
+    eid = record_run(db, "m", {}, None, None, {"run": {"log_dir": str(tmp_path / "run")}}, rows)
+    r = run_cli(["rate", str(tmp_path / "run"), "--n", "4", "--blind", "true", "--db", str(db)], cwd=tmp_path,
+                stdin="5 4 4 5 4\nআন্তরিক\n1 2 3 4 5\n\n")  # two answers, then the input ends
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "stopped: 2 rated" in r.stdout
+    summary = rating_summary(db, eid)
+    assert sum(s["n"] for s in summary.values()) == 2
 
 
 def test_report_without_a_run_is_one_line(tmp_path):
