@@ -10,14 +10,13 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,8 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "unsloth", "hf")
+BackendName = Literal["auto", "unsloth", "hf"]
+BACKENDS = get_args(BackendName)
 IGNORE_INDEX = -100
 
 
@@ -37,6 +37,15 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     modules_to_save: list[str] = field(default_factory=list)
+
+
+def peft_lora_config(lora: LoraSettings):
+    """The peft ``LoraConfig`` of these settings (causal LM, no bias)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
+                      modules_to_save=list(lora.modules_to_save) or None)
 
 
 def unsloth_available() -> bool:
@@ -116,17 +125,9 @@ def bitsandbytes_available() -> bool:
     return True
 
 
-def read_adapter_config(adapter_path: str | os.PathLike) -> dict:
-    path = Path(adapter_path)
-    cfg = path / "adapter_config.json"
-    if not cfg.is_file():
-        raise UserError(f"adapter directory {path} has no adapter_config.json")
-    with open(cfg, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
 def load_adapter_weights(model, adapter_path: str | os.PathLike) -> None:
-    """Load saved LoRA weights into a PEFT model built with the same LoRA settings."""
+    """Load saved LoRA weights into a PEFT model built with the same LoRA settings (Unsloth builds its own
+    PEFT model, so ``PeftModel.from_pretrained`` does not apply there)."""
     from peft import set_peft_model_state_dict
 
     path = Path(adapter_path)
@@ -145,14 +146,13 @@ def load_adapter_weights(model, adapter_path: str | os.PathLike) -> None:
         raise UserError(f"adapter {path} does not match the model (unexpected keys, e.g. {unexpected[0]})")
 
 
-def lora_settings_from_adapter(adapter_path: str | os.PathLike, default: LoraSettings) -> LoraSettings:
-    cfg = read_adapter_config(adapter_path)
-    targets = cfg.get("target_modules") or default.target_modules
-    if isinstance(targets, str):
-        targets = [targets]
-    return LoraSettings(r=int(cfg.get("r", default.r)), alpha=int(cfg.get("lora_alpha", default.alpha)),
-                        dropout=float(cfg.get("lora_dropout", default.dropout)), target_modules=sorted(targets),
-                        modules_to_save=list(cfg.get("modules_to_save") or []))
+REGISTRY: dict[str, type["Backend"]] = {}
+
+
+def register_backend(cls: type["Backend"]) -> type["Backend"]:
+    """Class decorator: make a backend available under its ``name`` (also add it to ``BackendName``)."""
+    REGISTRY[cls.name] = cls
+    return cls
 
 
 class Backend:
@@ -165,9 +165,6 @@ class Backend:
         self.gradient_checkpointing = gradient_checkpointing
         self.seed = seed
         self.quantized = False
-        # Re-arm gradient checkpointing on every switch back to training (see
-        # UnslothBackend.for_training). False only to reproduce the bug in benchmarks.
-        self.rearm_checkpointing = True
 
     def load(self, model_path: Path, max_seq_length: int, lora: LoraSettings, adapter_path: Optional[str]):
         raise NotImplementedError
@@ -195,30 +192,20 @@ class Backend:
     def gradient_checkpointing_active(self, model) -> bool:
         return model.training and self.checkpointing_flags(model) > 0
 
-    @staticmethod
-    def count_parameters(model) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = 0
-        for p in model.parameters():
-            n = p.numel()
-            # bitsandbytes Params4bit store two 4-bit values per uint8 element
-            if p.dtype == torch.uint8 and hasattr(p, "quant_state"):
-                n *= 2
-            total += n
-        return trainable, total
 
 
 def _reply_token_count(batch: dict) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
+@register_backend
 class HFPeftBackend(Backend):
     """transformers + peft (+ bitsandbytes 4-bit NF4 on CUDA)."""
 
     name = "hf"
 
     def load(self, model_path: Path, max_seq_length: int, lora: LoraSettings, adapter_path: Optional[str]):
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         from .tokenizer import load_tokenizer
@@ -250,15 +237,11 @@ class HFPeftBackend(Backend):
             )
         elif self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-        if adapter_path:
-            lora = lora_settings_from_adapter(adapter_path, lora)
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                            target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
-                            modules_to_save=list(lora.modules_to_save) or None)
         torch.manual_seed(self.seed)
-        model = get_peft_model(model, config)
-        if adapter_path:
-            load_adapter_weights(model, adapter_path)
+        if adapter_path:  # settings already checked against the adapter's (checkpoints.check_adapter)
+            model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=True)
+        else:
+            model = get_peft_model(model, peft_lora_config(lora))
         tokenizer = load_tokenizer(model_path)
         return model, tokenizer
 
@@ -283,6 +266,7 @@ class HFPeftBackend(Backend):
         return loss, n
 
 
+@register_backend
 class UnslothBackend(Backend):
     """Unsloth FastLanguageModel with LoRA and Unsloth's gradient checkpointing."""
 
@@ -299,8 +283,6 @@ class UnslothBackend(Backend):
             load_in_4bit=self.load_in_4bit, local_files_only=True,
         )
         self.quantized = self.load_in_4bit
-        if adapter_path:
-            lora = lora_settings_from_adapter(adapter_path, lora)
         model = FastLanguageModel.get_peft_model(
             model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules=list(lora.target_modules), bias="none",
@@ -324,9 +306,6 @@ class UnslothBackend(Backend):
         """
         from unsloth import FastLanguageModel
 
-        if not self.rearm_checkpointing:
-            model.train()  # what Lightning alone does: flags cleared by for_inference stay off
-            return
         FastLanguageModel.for_training(
             model, use_gradient_checkpointing="unsloth" if self.gradient_checkpointing else False
         )
@@ -355,5 +334,5 @@ class UnslothBackend(Backend):
 
 
 def make_backend(name: str, **kwargs) -> Backend:
-    resolved = resolve_backend(name)
-    return UnslothBackend(**kwargs) if resolved == "unsloth" else HFPeftBackend(**kwargs)
+    """The registered backend ``name`` (``auto`` resolved for this machine)."""
+    return REGISTRY[resolve_backend(name)](**kwargs)

@@ -12,7 +12,6 @@ Llama-3.1-8B checkpoint (bf16) to the cache once.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -92,7 +91,10 @@ def run(args) -> dict:
                    optimizer=args.optimizer, max_new_tokens=4, val_generate_batches=1, log_samples=0,
                    save_adapter_on_fit_end=False)
     lm.configure_model()
-    lm.backend.rearm_checkpointing = args.rearm
+    if not args.rearm:
+        # Reproduces the bug the package guards against: Lightning's train() alone, so the
+        # checkpointing flags that Unsloth's for_inference clears stay off.
+        lm.backend.for_training = lambda model: model.train()
     load_s = time.perf_counter() - t_load
     device = torch.device("cuda" if cuda else "cpu")
     if not lm.backend.quantized:
@@ -188,7 +190,10 @@ def run(args) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bengali_empathy benchmark", description=__doc__.split("\n\n")[0])
+    from jsonargparse import ArgumentParser
+
+    p = ArgumentParser(prog="python -m bengali_empathy benchmark", description=__doc__.split("\n\n")[0],
+                       exit_on_error=False)
     p.add_argument("--arch", default="tiny", choices=["tiny", "llama-3.1-8b"])
     p.add_argument("--model-path", default=None, help="local checkpoint to benchmark instead of --arch")
     p.add_argument("--backend", default="auto", choices=["auto", "unsloth", "hf"])

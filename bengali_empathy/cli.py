@@ -1,7 +1,6 @@
 """Command line: LightningCLI for fit/validate/test/predict, plus chat, export and benchmark."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional
@@ -75,64 +74,81 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
 
 
 def chat_main(argv: list[str]) -> int:
+    """Reply to messages with a model and adapter, using the adapter's recorded training settings."""
+    from jsonargparse import ArgumentParser
+
+    from .backends import BackendName
+    from .checkpoints import read_info, read_lora
     from .modeling import TINY_MODEL
 
-    p = argparse.ArgumentParser(prog="python -m bengali_empathy chat",
-                                description="Reply to Bengali messages with a (fine-tuned) model.")
-    p.add_argument("--model", default=TINY_MODEL, help="local checkpoint directory or tiny-random-llama")
-    p.add_argument("--adapter", default=None, help="LoRA adapter directory (e.g. lightning_logs/version_0/adapter)")
-    p.add_argument("--backend", default="auto", help="auto, unsloth or hf")
-    p.add_argument("--message", "-m", action="append", help="message to answer (repeatable); else read stdin lines")
+    p = ArgumentParser(prog="python -m bengali_empathy chat", exit_on_error=False,
+                       description="Reply to Bengali messages with a (fine-tuned) model. With --adapter, the base "
+                                   "model, LoRA settings, system prompt and max_seq_length it was trained with "
+                                   "are read from the adapter.")
+    p.add_argument("--model", type=Optional[str], default=None,
+                   help="local checkpoint directory or tiny-random-llama (default: the adapter's base model)")
+    p.add_argument("--adapter", type=Optional[str], default=None,
+                   help="LoRA adapter directory (e.g. lightning_logs/version_0/adapter)")
+    p.add_argument("--backend", type=BackendName, default="auto")
+    p.add_argument("--message", "-m", type=str, default=None, action="append",
+                   help="message to answer (repeatable); else one message per line of standard input")
+    p.add_argument("--system-prompt", type=Optional[str], default=None,
+                   help="system prompt (default: the adapter's, else the Bengali default)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--no-4bit", action="store_true", help="load the base model unquantised")
+    p.add_argument("--no-4bit", type=bool, default=False, help="load the base model unquantised")
     a = p.parse_args(argv)
     import torch
 
     from .module import EmpathyLM
 
-    model_name = a.model
-    if a.adapter and a.model == TINY_MODEL:
-        model_name = _adapter_base(a.adapter) or TINY_MODEL
+    info = read_info(a.adapter) if a.adapter else None
+    kwargs = {}
+    if a.adapter:
+        lora = read_lora(a.adapter)
+        kwargs = {"lora_r": lora["r"], "lora_alpha": lora["alpha"], "target_modules": lora["target_modules"],
+                  "modules_to_save": lora["modules_to_save"]}
+    if info is not None and info.max_seq_length:
+        kwargs["max_seq_length"] = info.max_seq_length
+    model_name = a.model or (info.model_name_or_path if info else TINY_MODEL)
     lm = EmpathyLM(model_name_or_path=model_name, backend=a.backend, adapter_path=a.adapter,
-                   load_in_4bit=not a.no_4bit, gradient_checkpointing=False)
+                   load_in_4bit=not a.no_4bit, gradient_checkpointing=False, **kwargs)
     lm.configure_model()
     if torch.cuda.is_available() and not lm.backend.quantized:
         lm.to("cuda")
     lm.eval()
-    messages = a.message if a.message else (line.strip() for line in sys.stdin)
-    interactive = not a.message and sys.stdin.isatty()
-    if interactive:
+    system = a.system_prompt if a.system_prompt is not None else (info.system_prompt if info else None)
+    messages = a.message or (line.strip() for line in sys.stdin)
+    if not a.message and sys.stdin.isatty():
         print("Type a message (Ctrl-D to quit).", file=sys.stderr)
     for msg in messages:
         if not msg:
             continue
-        print(lm.chat(msg, max_new_tokens=a.max_new_tokens), flush=True)
+        print(lm.chat(msg, system_prompt=system, max_new_tokens=a.max_new_tokens), flush=True)
     return 0
-
-
-def _adapter_base(adapter: str) -> Optional[str]:
-    import json
-
-    meta = Path(adapter) / "bengali_empathy.json"
-    if meta.is_file():
-        return json.loads(meta.read_text(encoding="utf-8")).get("model_name_or_path")
-    return None
 
 
 # --------------------------------------------------------------------------- export
 
 
 def export_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m bengali_empathy export",
-                                description="Merge a LoRA adapter into its base model and save 16-bit weights.")
-    p.add_argument("--adapter", required=True, help="LoRA adapter directory")
-    p.add_argument("--output", required=True, help="directory for the merged checkpoint (must not exist)")
-    p.add_argument("--model", default=None, help="base checkpoint (default: the one recorded in the adapter)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    """Merge an adapter (or a fit checkpoint's LoRA weights) into its base model."""
+    from typing import Literal
+
+    from jsonargparse import ArgumentParser
+
+    p = ArgumentParser(prog="python -m bengali_empathy export", exit_on_error=False,
+                       description="Merge a LoRA adapter into its base model and save 16-bit weights.")
+    p.add_argument("--adapter", type=str, required=True, help="LoRA adapter directory")
+    p.add_argument("--output", type=str, required=True, help="directory for the merged checkpoint (must not exist)")
+    p.add_argument("--ckpt", type=Optional[str], default=None,
+                   help="a fit .ckpt whose LoRA weights replace the adapter's (e.g. the best val/loss checkpoint)")
+    p.add_argument("--model", type=Optional[str], default=None,
+                   help="base checkpoint (default: the one recorded in the adapter)")
+    p.add_argument("--dtype", type=Literal["bfloat16", "float16", "float32"], default="bfloat16")
     a = p.parse_args(argv)
     from .export import merge_adapter
 
-    out = merge_adapter(a.adapter, a.output, base=a.model, dtype=a.dtype)
+    out = merge_adapter(a.adapter, a.output, base=a.model, dtype=a.dtype, ckpt=a.ckpt)
     print(f"merged model written to {out}")
     return 0
 
@@ -292,6 +308,7 @@ def rate_main(argv: list[str]) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from jsonargparse import ArgumentError
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     cli_args = argv  # None: LightningCLI reads sys.argv itself
     argv = sys.argv[1:] if argv is None else argv
@@ -319,6 +336,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except MisconfigurationException as exc:  # Lightning's own checks of trainer options, before any run
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     except ArgumentError as exc:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)

@@ -10,27 +10,33 @@ from .errors import UserError
 
 
 def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, base: Optional[str] = None,
-                  dtype: str = "bfloat16") -> Path:
-    """Load the base in ``dtype`` (never quantised), apply the adapter, merge, save to ``output``."""
+                  dtype: str = "bfloat16", ckpt: Optional[str] = None) -> Path:
+    """Load the base in ``dtype`` (never quantised), apply the adapter (with a fit checkpoint's LoRA
+    weights when ``ckpt`` is given), merge, save to ``output``."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from .cli import _adapter_base
+    from .checkpoints import lora_state_from_ckpt, read_info
     from .modeling import resolve_model_path
     from .tokenizer import load_tokenizer
 
     adapter, output = Path(adapter), Path(output)
-    if not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"not a LoRA adapter directory (no adapter_config.json): {adapter}")
+    info = read_info(adapter)
     if output.exists():
         raise UserError(f"output directory already exists: {output}")
-    base = base or _adapter_base(str(adapter))
+    state = lora_state_from_ckpt(ckpt) if ckpt else None
+    base = base or (info.model_name_or_path if info else None)
     if base is None:
         raise UserError("the adapter does not record its base model: pass --model")
     base_path = resolve_model_path(base)
     model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=getattr(torch, dtype), local_files_only=True)
     model = PeftModel.from_pretrained(model, str(adapter))
+    if state is not None:
+        missing = [k for k in state if k not in model.state_dict()]
+        if missing:
+            raise UserError(f"{ckpt} does not match the adapter {adapter} (e.g. {missing[0]})")
+        model.load_state_dict(state, strict=False)
     model = model.merge_and_unload()
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -95,4 +95,8 @@ def resolve_model_path(name_or_path: str) -> Path:
         )
     if not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+    weights = [p for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+               for p in path.glob(pattern)]
+    if not weights:
+        raise UserError(f"{path} has a config.json but no weights (*.safetensors or *.bin)")
     return path

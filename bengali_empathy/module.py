@@ -1,17 +1,17 @@
 """The LightningModule: QLoRA fine-tuning of a Llama-3.1 chat model for empathetic Bengali replies."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
 
-from .backends import BACKENDS, IGNORE_INDEX, Backend, LoraSettings, make_backend
+from .checkpoints import AdapterInfo, check_adapter, lora_state_from_ckpt, save_adapter
+from .backends import IGNORE_INDEX, Backend, BackendName, LoraSettings, make_backend
 from .errors import UserError
 from .evaluation import Evaluation, requests_from_batch, summarize
 from .generation import Decoding, generate_replies
@@ -20,7 +20,7 @@ from .modeling import TINY_MODEL, resolve_model_path
 
 STAGES = ("val", "test", "predict")
 
-OPTIMIZERS = ("auto", "adamw_8bit", "adamw")
+Optimizer = Literal["auto", "adamw_8bit", "adamw"]
 
 
 class EmpathyLM(L.LightningModule):
@@ -57,7 +57,7 @@ class EmpathyLM(L.LightningModule):
     def __init__(
         self,
         model_name_or_path: str = TINY_MODEL,
-        backend: str = "auto",
+        backend: BackendName = "auto",
         load_in_4bit: bool = True,
         max_seq_length: int = 2048,
         lora_r: int = 16,
@@ -67,7 +67,7 @@ class EmpathyLM(L.LightningModule):
         modules_to_save: list[str] = [],  # noqa: B006 - jsonargparse default
         gradient_checkpointing: bool = True,
         adapter_path: Optional[str] = None,
-        optimizer: str = "auto",
+        optimizer: Optimizer = "auto",
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.05,
@@ -88,12 +88,28 @@ class EmpathyLM(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if backend not in BACKENDS:
-            raise UserError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        if optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        check_ranges(
+            lora_r=(lora_r, lora_r >= 1, "a positive integer"), lora_alpha=(lora_alpha, lora_alpha > 0, "positive"),
+            lora_dropout=(lora_dropout, 0 <= lora_dropout < 1, "in [0, 1)"),
+            max_seq_length=(max_seq_length, max_seq_length >= 16, "at least 16"),
+            learning_rate=(learning_rate, learning_rate > 0, "positive"),
+            weight_decay=(weight_decay, weight_decay >= 0, "at least 0"),
+            warmup_ratio=(warmup_ratio, 0 <= warmup_ratio < 1, "in [0, 1)"),
+            min_lr_ratio=(min_lr_ratio, 0 <= min_lr_ratio <= 1, "in [0, 1]"),
+            max_new_tokens=(max_new_tokens, max_new_tokens >= 1, "at least 1"),
+            generation_batch_size=(generation_batch_size, generation_batch_size >= 1, "at least 1"),
+            temperature=(temperature, temperature >= 0, "at least 0 (0 = greedy)"),
+            top_p=(top_p, 0 < top_p <= 1, "in (0, 1]"), top_k=(top_k, top_k >= 0, "at least 0 (0 = off)"),
+            repetition_penalty=(repetition_penalty, repetition_penalty > 0, "positive (1 = off)"),
+            no_repeat_ngram_size=(no_repeat_ngram_size, no_repeat_ngram_size >= 0, "at least 0 (0 = off)"),
+            val_generate_batches=(val_generate_batches, val_generate_batches >= -1, "at least -1 (-1 = all)"),
+            log_samples=(log_samples, log_samples >= 0, "at least 0"),
+            target_modules=(target_modules, len(target_modules) > 0, "a non-empty list"),
+        )
         if adapter_path:
-            check_adapter_base(adapter_path, model_name_or_path)
+            check_adapter(adapter_path, model_name_or_path, {"r": lora_r, "alpha": lora_alpha,
+                                                             "target_modules": list(target_modules),
+                                                             "modules_to_save": list(modules_to_save)})
         self.model_path = resolve_model_path(model_name_or_path) if model_name_or_path != TINY_MODEL else None
         self.backend: Backend = make_backend(
             backend, load_in_4bit=load_in_4bit, gradient_checkpointing=gradient_checkpointing, seed=lora_seed
@@ -121,7 +137,8 @@ class EmpathyLM(L.LightningModule):
         self.model, self.tokenizer = self.backend.load(
             path, self.hparams.max_seq_length, self.lora, self.hparams.adapter_path
         )
-        self.param_counts = self.backend.count_parameters(self.model)
+        # peft counts a 4-bit weight's packed uint8 storage as the parameters it holds
+        self.param_counts = tuple(self.model.get_nb_trainable_parameters())
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self.backend.loss(self.model, batch)
@@ -361,10 +378,11 @@ class EmpathyLM(L.LightningModule):
             opt = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay,
                                     fused=on_cuda or None)
         self.optimizer_name = name
+        from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        warmup = int(self.hparams.warmup_ratio * total)
-        floor = self.hparams.min_lr_ratio
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_with_warmup(step, warmup, total, floor))
+        sched = get_cosine_with_min_lr_schedule_with_warmup(opt, int(self.hparams.warmup_ratio * total), total,
+                                                            min_lr_rate=self.hparams.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
 
     # ------------------------------------------------------------------ checkpoints / adapters
@@ -372,21 +390,23 @@ class EmpathyLM(L.LightningModule):
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
-    def save_adapter(self, directory: str | os.PathLike) -> Path:
-        """Write the LoRA adapter (+ tokenizer) as a PEFT directory, atomically."""
-        directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp")
-        self.model.save_pretrained(str(tmp))
-        self.tokenizer.save_pretrained(str(tmp))
-        meta = {"base_model": str(self.model_path or resolve_model_path(self.hparams.model_name_or_path)),
-                "model_name_or_path": self.hparams.model_name_or_path, "backend": self.backend.name}
-        (tmp / "bengali_empathy.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")
-        if directory.exists():
-            import shutil
+    def adapter_info(self) -> AdapterInfo:
+        """What the adapter directory records: base model, backend, LoRA, system prompt, length, template."""
+        from dataclasses import asdict
 
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-        return directory
+        from .corpus import DEFAULT_SYSTEM_PROMPT
+
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        system = getattr(dm, "hparams", {}).get("system_prompt", DEFAULT_SYSTEM_PROMPT) if dm else DEFAULT_SYSTEM_PROMPT
+        return AdapterInfo(
+            model_name_or_path=self.hparams.model_name_or_path,
+            base_model=str(self.model_path or resolve_model_path(self.hparams.model_name_or_path)),
+            backend=self.backend.name, lora=asdict(self.lora), system_prompt=system,
+            max_seq_length=self.hparams.max_seq_length, chat_template=getattr(self.tokenizer, "chat_template", None))
+
+    def save_adapter(self, directory: str | os.PathLike, state_dict: Optional[dict] = None) -> Path:
+        """Write the LoRA adapter (+ tokenizer and settings) as a PEFT directory, replacing any old one whole."""
+        return save_adapter(self.model, self.tokenizer, directory, self.adapter_info(), state_dict)
 
     def on_fit_end(self) -> None:
         from .report import write_run_record
@@ -397,6 +417,10 @@ class EmpathyLM(L.LightningModule):
         if self.hparams.save_adapter_on_fit_end:
             out = self.save_adapter(Path(log_dir) / "adapter")
             self.print(f"adapter saved to {out}")
+            best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
+            if best and Path(best).is_file():
+                out = self.save_adapter(Path(log_dir) / "adapter-best", lora_state_from_ckpt(best))
+                self.print(f"adapter of the best checkpoint ({Path(best).name}) saved to {out}")
         record = write_run_record(Path(log_dir), self.trainer, self, time.time() - self._fit_started)
         self._log_final_hparams(record["final"])
 
@@ -413,33 +437,15 @@ class EmpathyLM(L.LightningModule):
             self.logger.log_hyperparams(dict(self.logger.hparams), metrics)
 
 
-def check_adapter_base(adapter_path: str, model_name_or_path: str) -> None:
-    """Refuse an adapter trained on another base model than the configured one."""
-    directory = Path(adapter_path)
-    if not directory.is_dir():
-        raise UserError(f"adapter directory not found: {adapter_path}")
-    meta_file = directory / "bengali_empathy.json"
-    if not meta_file.is_file():
-        return  # a PEFT adapter from elsewhere: nothing recorded to compare
-    meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    recorded = meta.get("model_name_or_path")
-    if recorded is None or recorded == model_name_or_path:
-        return
-    if TINY_MODEL not in (recorded, model_name_or_path):
-        same = Path(meta.get("base_model", recorded)).expanduser().resolve() == \
-            Path(model_name_or_path).expanduser().resolve()
-        if same:
-            return
-    raise UserError(f"adapter {adapter_path} was trained on {recorded}, but model.model_name_or_path is "
-                    f"{model_name_or_path}: set it to the adapter's base model")
+def check_ranges(**checks: tuple) -> None:
+    """``name=(value, ok, what)``: the first value out of range is a one-line error, before anything runs.
 
+    (jsonargparse's PositiveInt-style types would check these at parse time, but their values are
+    subclasses of int and float that Lightning's hparams.yaml cannot store as plain numbers.)"""
+    for name, (value, ok, what) in checks.items():
+        if not ok:
+            raise UserError(f"model.{name} must be {what}, not {value!r}")
 
-def cosine_with_warmup(step: int, warmup: int, total: int, floor: float = 0.0) -> float:
-    """LR multiplier: linear warmup to 1, then cosine decay to ``floor``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _input_position(row: str) -> tuple[str, int]:

@@ -55,6 +55,14 @@ def encode_pairs(tokenizer, pairs, system=None):
     return out
 
 
+def two_pair_batch(tokenizer, device="cpu"):
+    """The collated batch of :data:`TWO_PAIRS` (tensors on ``device``)."""
+    from bengali_empathy.data import Collator
+
+    batch = Collator(tokenizer.pad_token_id)(encode_pairs(tokenizer, TWO_PAIRS))
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 TWO_PAIRS = [("আমি একা।", "আমি আছি, বলুন কী হয়েছে।"), ("আজ খুব ভয় লাগছে, কী করব?", "ভয় পাওয়া স্বাভাবিক, আমি শুনছি।")]
 
 SHARED_DATA = ROOT.parent / "shared" / "data" / "dailydialog_bn_sample"

@@ -164,7 +164,13 @@ def test_every_shipped_config_parses(tmp_path):
     (["--data.corpus_path", "role.jsonl"], "role.jsonl: row 2: turn 2 has unknown role 'bot'"),
     (["--data.corpus_path", "latin1.csv"], "latin1.csv:2: not UTF-8"),
     (["--data.corpus_path", "role.jsonl", "--data.prompt_template", "{title}"], "missing column(s) 'title'"),
-    (["--model.backend", "vllm"], "unknown backend"),
+    (["--model.backend", "vllm"], "model.backend"),
+    (["--model.optimizer", "sgd"], "model.optimizer"),
+    (["--model.learning_rate", "-0.1"], "model.learning_rate must be positive, not -0.1"),
+    (["--model.lora_r", "0"], "model.lora_r must be a positive integer, not 0"),
+    (["--trainer.max_steps", "-5"], "`max_steps` must be a non-negative integer or -1"),
+    (["--model.model_name_or_path", "no_weights"], "has a config.json but no weights"),
+    (["--model.adapter_path", "not_adapter"], "not_adapter is not a LoRA adapter directory"),
     (["--model.adapter_path", "other_adapter"], "was trained on /models/Llama-3.1-8B-Instruct"),
     (["--registry.db_path", "notes.db"], "notes.db is not an SQLite database"),
     (["--data.corpus_path", "echo.jsonl", "--data.predict_split", "train"],
@@ -188,7 +194,12 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, message):
     echo = {"messages": [{"role": "user", "content": "আপনি বলেছিলেন আমি সবসময় আপনার পাশে আছি"},
                          {"role": "assistant", "content": "আমি সবসময় আপনার পাশে আছি"}]}
     (tmp_path / "echo.jsonl").write_text(json.dumps(echo, ensure_ascii=False) + "\n", encoding="utf-8")
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "config.json").write_text("{}")
+    (tmp_path / "no_weights" / "tokenizer.json").write_text("{}")
+    (tmp_path / "not_adapter").mkdir()
     (tmp_path / "other_adapter").mkdir()
+    (tmp_path / "other_adapter" / "adapter_config.json").write_text("{}")
     (tmp_path / "other_adapter" / "bengali_empathy.json").write_text(json.dumps(
         {"model_name_or_path": "/models/Llama-3.1-8B-Instruct", "base_model": "/models/Llama-3.1-8B-Instruct"}))
     r = run_cli(["fit", *DEFAULT, *extra], cwd=tmp_path)

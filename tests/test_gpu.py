@@ -4,18 +4,11 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import TWO_PAIRS, encode_pairs, requires_cuda
+from conftest import TWO_PAIRS, encode_pairs, requires_cuda, two_pair_batch
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
 needs_unsloth = pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="unsloth not installed")
-
-
-def _batch(tok, device):
-    from bengali_empathy.data import Collator
-
-    b = Collator(tok.pad_token_id)(encode_pairs(tok, TWO_PAIRS))
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
 
 
 @needs_unsloth
@@ -27,7 +20,7 @@ def test_unsloth_backend_trains_generates_and_keeps_checkpointing(tiny_model_pat
     lm.configure_model()
     assert lm.backend.name == "unsloth" and lm.backend.quantized
     assert lm.param_counts[0] == 14336  # LoRA r=16 on q,k,v,o of the tiny model
-    batch = _batch(lm.tokenizer, "cuda")
+    batch = two_pair_batch(lm.tokenizer, "cuda")
     lm.backend.for_training(lm.model)
     assert lm.backend.gradient_checkpointing_active(lm.model)
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -61,7 +54,7 @@ def test_hf_backend_loads_4bit_nf4(tiny_model_path):
     assert base.model.layers[0].self_attn.q_proj.base_layer.weight.quant_type == "nf4"
     lm.backend.for_training(lm.model)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss, _ = lm(_batch(lm.tokenizer, "cuda"))
+        loss, _ = lm(two_pair_batch(lm.tokenizer, "cuda"))
     assert torch.isfinite(loss)
     loss.backward()
 

@@ -3,8 +3,8 @@ import torch
 
 from bengali_empathy.backends import _backend_from_argv, preimport_unsloth, resolve_backend
 from bengali_empathy.errors import UserError
-from bengali_empathy.module import EmpathyLM, cosine_with_warmup
-from conftest import TWO_PAIRS, encode_pairs
+from bengali_empathy.module import EmpathyLM
+from conftest import TWO_PAIRS, two_pair_batch
 
 
 def test_backend_resolution_and_errors():
@@ -28,9 +28,7 @@ def test_backend_read_from_argv_and_config(tmp_path):
 
 def test_reply_only_loss_equals_hf_full_logits_loss(tiny_lora):
     backend, model, tok = tiny_lora
-    from bengali_empathy.data import Collator
-
-    batch = Collator(tok.pad_token_id)(encode_pairs(tok, TWO_PAIRS))
+    batch = two_pair_batch(tok)
     model.eval()
     with torch.no_grad():
         ours, n = backend.loss(model, batch)
@@ -39,27 +37,43 @@ def test_reply_only_loss_equals_hf_full_logits_loss(tiny_lora):
     assert int(n) == int((batch["labels"][:, 1:] != -100).sum())
 
 
-def test_llama31_8b_lora_has_13_6m_trainable_params():
-    from peft import LoraConfig, get_peft_model
+def test_llama31_8b_lora_has_13_6m_trainable_params_with_the_project_defaults():
+    import inspect
+
+    from peft import get_peft_model
     from transformers import LlamaForCausalLM
 
+    from bengali_empathy.backends import LoraSettings, peft_lora_config
     from bengali_empathy.modeling import LLAMA31_8B_ARCH, llama31_config
 
+    defaults = {k: p.default for k, p in inspect.signature(EmpathyLM).parameters.items()}
+    lora = LoraSettings(r=defaults["lora_r"], alpha=defaults["lora_alpha"], dropout=defaults["lora_dropout"],
+                        target_modules=defaults["target_modules"], modules_to_save=defaults["modules_to_save"])
     with torch.device("meta"):
         model = LlamaForCausalLM(llama31_config(LLAMA31_8B_ARCH))
-    total = sum(p.numel() for p in model.parameters())
-    assert total == 8_030_261_248  # Llama-3.1-8B
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 13_631_488
+    assert sum(p.numel() for p in model.parameters()) == 8_030_261_248  # Llama-3.1-8B
+    model = get_peft_model(model, peft_lora_config(lora))
+    assert model.get_nb_trainable_parameters()[0] == 13_631_488
 
 
-def test_cosine_schedule():
-    assert cosine_with_warmup(0, 10, 100) == pytest.approx(0.1)
-    assert cosine_with_warmup(9, 10, 100) == pytest.approx(1.0)
-    assert cosine_with_warmup(10, 10, 100) == pytest.approx(1.0)
-    assert cosine_with_warmup(55, 10, 100) == pytest.approx(0.5)
-    assert cosine_with_warmup(100, 10, 100, floor=0.1) == pytest.approx(0.1)
+def test_schedule_warms_up_then_decays_to_the_floor(tiny_model_path):
+    from types import SimpleNamespace
+
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False, learning_rate=1e-3,
+                   warmup_ratio=0.1, min_lr_ratio=0.1, optimizer="adamw")
+    lm.configure_model()
+    lm.trainer = SimpleNamespace(estimated_stepping_batches=100)
+    out = lm.configure_optimizers()
+    opt, sched = out["optimizer"], out["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(101):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5e-3) and lrs[10] == pytest.approx(1e-3)
+    assert lrs[55] == pytest.approx(1e-4 + 0.9e-3 * 0.5, rel=1e-6)  # half way down the cosine
+    assert lrs[100] == pytest.approx(1e-4)  # min_lr_ratio of the peak
+    assert lm.param_counts[0] == sum(p.numel() for p in lm.model.parameters() if p.requires_grad)
 
 
 def test_checkpoint_keeps_only_lora_weights(tiny_model_path):
@@ -82,11 +96,14 @@ def test_hf_gradient_checkpointing_survives_eval_and_generate(tiny_model_path):
 
 
 def test_reply_characters_are_those_of_the_reference_replies(tiny_model_path):
-    from bengali_empathy.data import Collator
-
-    from conftest import TWO_PAIRS, encode_pairs
-
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False)
     lm.configure_model()
-    batch = Collator(lm.tokenizer.pad_token_id)(encode_pairs(lm.tokenizer, TWO_PAIRS))
+    batch = two_pair_batch(lm.tokenizer)
     assert lm._reply_chars(batch) == sum(len(reply) for _, reply in TWO_PAIRS)
+
+
+def test_every_registered_backend_is_a_choice_and_auto_resolves_to_one():
+    from bengali_empathy.backends import BACKENDS, REGISTRY, resolve_backend
+
+    assert set(BACKENDS) == {"auto"} | set(REGISTRY)
+    assert resolve_backend("auto") in REGISTRY
