@@ -7,7 +7,6 @@ from typing import Optional
 
 from .errors import UserError
 
-EXTRA_COMMANDS = ("chat", "export", "benchmark", "data-stats", "report", "runs", "rate")
 
 
 def tokenizer_path_for(model_name_or_path: str) -> Optional[str]:
@@ -306,6 +305,17 @@ def rate_main(argv: list[str]) -> int:
 # --------------------------------------------------------------------------- entry point
 
 
+def benchmark_main(argv: list[str]) -> int:
+    from .benchmark import main as bench_main
+
+    return bench_main(argv)
+
+
+# Commands beside LightningCLI's fit / validate / test / predict.
+EXTRA_COMMANDS = {"chat": chat_main, "export": export_main, "benchmark": benchmark_main,
+                  "data-stats": data_stats_main, "report": report_main, "runs": runs_main, "rate": rate_main}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from jsonargparse import ArgumentError
     from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -313,22 +323,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     cli_args = argv  # None: LightningCLI reads sys.argv itself
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] == "chat":
-            return chat_main(argv[1:])
-        if argv and argv[0] == "export":
-            return export_main(argv[1:])
-        if argv and argv[0] == "data-stats":
-            return data_stats_main(argv[1:])
-        if argv and argv[0] == "report":
-            return report_main(argv[1:])
-        if argv and argv[0] == "runs":
-            return runs_main(argv[1:])
-        if argv and argv[0] == "rate":
-            return rate_main(argv[1:])
-        if argv and argv[0] == "benchmark":
-            from .benchmark import main as bench_main
-
-            return bench_main(argv[1:])
+        if argv and argv[0] in EXTRA_COMMANDS:
+            return EXTRA_COMMANDS[argv[0]](argv[1:])
         lightning_cli(cli_args)
         return 0
     except UserError as exc:

@@ -280,9 +280,11 @@ def test_reference_inside_the_prompt_is_refused_but_short_repeats_are_not(tmp_pa
 def test_streams_prepared_before_ddp_are_sharded_once_ranks_are_known(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", _pairs(120))
 
-    class Rank:
+    class Rank:  # what the data module reads of a DDP trainer
+        global_rank, world_size = 0, 2
+
         def __init__(self, r):
-            self.global_rank, self.world_size = r, 2
+            self.global_rank = r
 
     seen = []
     for r in (0, 1):
