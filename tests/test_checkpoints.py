@@ -92,3 +92,18 @@ def test_replacing_a_directory_keeps_no_leftovers(tmp_path):
     replace_directory(new, target)
     assert (target / "weights").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_chat_uses_the_adapters_system_prompt_and_length(fitted, monkeypatch, capsys):
+    from bengali_empathy.cli import chat_main
+
+    seen = []
+
+    def fake_chat(self, message, system_prompt=None, max_new_tokens=None):
+        seen.append((system_prompt, self.hparams.max_seq_length, self.hparams.lora_r))
+        return "উত্তর"
+
+    monkeypatch.setattr(EmpathyLM, "chat", fake_chat)
+    assert chat_main(["--adapter", str(fitted[0] / "adapter"), "-m", "আমি একা।"]) == 0
+    assert seen == [("তুমি সহমর্মী সহায়ক।", 768, 16)]
+    assert capsys.readouterr().out.strip() == "উত্তর"

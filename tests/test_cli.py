@@ -50,9 +50,8 @@ def test_default_fit_visibly_learns_and_logs(default_fit):
 
 
 @pytest.mark.slow
-def test_predict_validate_chat_export_on_the_adapter(default_fit, tmp_path):
-    cwd, vdir, _ = default_fit
-    adapter = vdir / "adapter"
+def test_predict_on_the_adapter_scores_tuned_and_base(default_fit, tmp_path):
+    adapter = default_fit[1] / "adapter"
     r = run_cli(["predict", *QUICK, "--model.adapter_path", str(adapter), "--model.compare_base", "true",
                  "--data.category_column", "emotion", "--model.generation_batch_size", "3"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -68,13 +67,28 @@ def test_predict_validate_chat_export_on_the_adapter(default_fit, tmp_path):
     assert metrics["generation"]["rows"] == 4 and metrics["generation"]["batch_size"] == 3
     assert sum(c["n"] for c in metrics["by_category"].values()) == 4
 
-    r = run_cli(["validate", *QUICK, "--model.adapter_path", str(adapter)], cwd=tmp_path)
-    assert r.returncode == 0 and "val/perplexity" in r.stdout
 
-    r = run_cli(["chat", "--adapter", str(adapter), "--max-new-tokens", "3", "-m", "আমি খুব একা।"], cwd=tmp_path)
+@pytest.mark.slow
+def test_validate_on_the_adapter(default_fit, tmp_path):
+    r = run_cli(["validate", *QUICK, "--model.adapter_path", str(default_fit[1] / "adapter")], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "val/perplexity" in r.stdout and "val/bits_per_char" in r.stdout
+
+
+@pytest.mark.slow
+def test_chat_answers_each_message_once(default_fit, tmp_path):
+    adapter = str(default_fit[1] / "adapter")
+    r = run_cli(["chat", "--adapter", adapter, "--max-new-tokens", "3", "-m", "আমি খুব একা।", "-m", "ভয় লাগছে।"],
+                cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert len(r.stdout.strip().splitlines()) == 1
+    assert len(r.stdout.strip().splitlines()) == 2
+    r = run_cli(["chat", "--adapter", adapter, "--max-new-tokens", "2"], cwd=tmp_path, stdin="একা\n\nভয়\n")
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 2  # the empty line is skipped
 
+
+@pytest.mark.slow
+def test_export_merges_the_adapter(default_fit, tmp_path):
+    adapter = default_fit[1] / "adapter"
     merged = tmp_path / "merged"
     r = run_cli(["export", "--adapter", str(adapter), "--output", str(merged), "--dtype", "float32"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
