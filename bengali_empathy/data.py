@@ -641,7 +641,6 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         self.streaming = streaming
         self._tokenizer = None
         self._train_lengths: list[int] = []
-        self._train_texts = None  # Arrow columns prompt/reference of the kept training rows
         self._eval_views: dict[str, Dataset] = {}  # kept rows with what evaluation needs, train included
         self._streams_for: tuple[int, int] = (0, 1)  # (rank, world size) the streams were sharded for
         self.datasets: dict[str, Dataset] = {}
@@ -741,7 +740,6 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
             part = part.select(kept)
             self._eval_views[split] = part.select_columns(EVAL_COLUMNS)
             if split == "train":
-                self._train_texts = part.select_columns(["prompt", "reference"])
                 self._train_lengths = cols["n_tokens"][kept].tolist()
                 part = part.select_columns(["input_ids", "label_spans"])
                 if self.pack:
@@ -780,12 +778,10 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
             self.datasets[split] = StreamSplit(stream, self.files, pack_to)
 
     def split_texts(self, split: str) -> Optional[tuple[list[str], list[str]]]:
-        """Final user turns and final replies of the kept training rows (``None`` when streaming:
+        """Final user turns and final replies of a split's kept rows (``None`` when streaming:
         that would take a pass over the corpus)."""
-        if split != "train":
-            raise ValueError("only the training split's texts are kept")
-        texts = self._train_texts
-        return None if texts is None else (texts["prompt"], texts["reference"])
+        view = self._eval_views.get(split)
+        return None if view is None else (view["prompt"], view["reference"])
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle a streamed training split for ``epoch`` (Lightning only does this for samplers)."""
@@ -817,10 +813,10 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         self.setup("fit")
         if self.stats:
             print(format_stats(self.stats, self.hparams.max_seq_length), file=sys.stderr, flush=True)
-            dropped = sum(s["dropped_duplicate"] for s in self.stats.values())
             if self.hparams.deduplicate:
+                dropped = sum(s["dropped_duplicate"] for s in self.stats.values())
                 print(f"deduplicate: dropped {dropped} conversations identical to an earlier one", file=sys.stderr)
-        for split in ("val", "test", self.hparams.predict_split):
+        for split in dict.fromkeys(("val", "test", self.hparams.predict_split)):
             view = self._eval_views.get(split)
             if view is not None:
                 flags = view.select_columns(["reference_in_prompt"]).with_format("numpy")[:]["reference_in_prompt"]

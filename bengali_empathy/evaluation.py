@@ -58,8 +58,10 @@ def _scores(rows: list[dict], key: str, loss: dict) -> dict:
 
 
 def summarize(rows: list[dict], loss: dict, base_loss: Optional[dict] = None,
-              train_texts: Optional[tuple[list[str], list[str]]] = None, generation: Optional[dict] = None) -> dict:
-    """The ``metrics.json`` of an evaluation: scores, base and delta, per category, checks and warnings."""
+              train_texts: Optional[tuple[list[str], list[str]]] = None, generation: Optional[dict] = None,
+              checks: bool = True) -> dict:
+    """The ``metrics.json`` of an evaluation: scores, base and delta, per category and, with ``checks``,
+    the honesty checks and their warnings."""
     metrics = _scores(rows, "prediction", loss)
     has_base = base_loss is not None
     if has_base:
@@ -79,15 +81,15 @@ def summarize(rows: list[dict], loss: dict, base_loss: Optional[dict] = None,
             metrics["by_category"][c] = entry
     if generation:
         metrics["generation"] = generation
-    if generated:
-        checks: dict = {"degenerate": degenerate_predictions(generated)}
+    if generated and checks:
+        found: dict = {"degenerate": degenerate_predictions(generated)}
         if has_base:
-            checks["degenerate_base"] = degenerate_predictions(generated, "base_prediction")
+            found["degenerate_base"] = degenerate_predictions(generated, "base_prediction")
         if train_texts is not None:
-            checks["train_overlap"] = train_overlap(generated, *train_texts)
-        metrics["checks"] = checks
-        warnings = warnings_for(checks.get("train_overlap"), checks["degenerate"])
+            found["train_overlap"] = train_overlap(generated, *train_texts)
+        metrics["checks"] = found
+        warnings = warnings_for(found.get("train_overlap"), found["degenerate"])
         if has_base:
-            warnings += warnings_for(None, checks["degenerate_base"], "base")
+            warnings += warnings_for(None, found["degenerate_base"], "base")
         metrics["warnings"] = warnings
     return metrics

@@ -10,8 +10,8 @@ from typing import Any, Literal, Optional
 import lightning as L
 import torch
 
-from .checkpoints import AdapterInfo, check_adapter, lora_state_from_ckpt, save_adapter
 from .backends import IGNORE_INDEX, Backend, BackendName, LoraSettings, make_backend
+from .checkpoints import AdapterInfo, check_adapter, lora_state_from_ckpt, save_adapter
 from .errors import UserError
 from .evaluation import Evaluation, requests_from_batch, summarize
 from .generation import Decoding, generate_replies
@@ -238,10 +238,11 @@ class EmpathyLM(L.LightningModule):
         base_loss = score_loss(self.losses[f"{stage}_base"]) if comparing else None
         self.losses[stage].reset()
         self.losses[f"{stage}_base"].reset()
+        fitting = self.trainer.state.fn == "fit"
         generation = None
         if rows:
             prompts = [r.pop("prompt_ids") for r in rows]
-            progress = self.trainer.state.fn != "fit"  # fit's small validation samples have Lightning's bar
+            progress = not fitting  # fit's small validation samples have Lightning's bar
             replies, stats = self.generate_texts(prompts, desc=f"{stage}: generating", progress=progress)
             for r, text in zip(rows, replies):
                 r["prediction"] = text
@@ -254,12 +255,10 @@ class EmpathyLM(L.LightningModule):
                     r["base_prediction"] = text
                 generation["base"] = base_stats.as_dict()
         rows, generation = self._gather(rows, generation)
-        fitting = self.trainer.state.fn == "fit"
         train_texts = None if fitting else self._training_texts()
-        metrics = summarize(rows, loss, base_loss, train_texts, generation) if (rows or loss) else {}
-        if fitting:  # the honesty checks are for a finished model
-            metrics.pop("checks", None)
-            metrics.pop("warnings", None)
+        # The honesty checks are for a finished model, not for fit's validations.
+        metrics = summarize(rows, loss, base_loss, train_texts, generation, checks=not fitting) \
+            if (rows or loss) else {}
         evaluation = Evaluation(stage, rows, metrics)
         if stage != "predict":
             self._log_evaluation(evaluation)
@@ -286,15 +285,10 @@ class EmpathyLM(L.LightningModule):
                 merged.append(r)
         stats = [g for _, g in parts if g]
         if stats:
-            generation = {**stats[0], "rows": len(merged), "new_tokens": sum(g["new_tokens"] for g in stats),
-                          "seconds": max(g["seconds"] for g in stats), "ranks": world}
-            generation["tokens_per_sec"] = round(generation["new_tokens"] / max(generation["seconds"], 1e-9), 1)
+            generation = {**_merge_generation_stats(stats, len(merged)), "ranks": world}
             base = [g["base"] for g in stats if "base" in g]
             if base:
-                generation["base"] = {**base[0], "rows": len(merged), "new_tokens": sum(b["new_tokens"] for b in base),
-                                      "seconds": max(b["seconds"] for b in base)}
-                generation["base"]["tokens_per_sec"] = round(
-                    generation["base"]["new_tokens"] / max(generation["base"]["seconds"], 1e-9), 1)
+                generation["base"] = _merge_generation_stats(base, len(merged))
         return merged, generation
 
     def _training_texts(self) -> Optional[tuple[list[str], list[str]]]:
@@ -446,6 +440,12 @@ def check_ranges(**checks: tuple) -> None:
         if not ok:
             raise UserError(f"model.{name} must be {what}, not {value!r}")
 
+
+def _merge_generation_stats(stats: list[dict], rows: int) -> dict:
+    """Generation statistics of ranks that generated side by side: tokens add up, time is the slowest rank's."""
+    new_tokens, seconds = sum(g["new_tokens"] for g in stats), max(g["seconds"] for g in stats)
+    return {**stats[0], "rows": rows, "new_tokens": new_tokens, "seconds": seconds,
+            "tokens_per_sec": round(new_tokens / max(seconds, 1e-9), 1)}
 
 
 def _input_position(row: str) -> tuple[str, int]:

@@ -97,8 +97,8 @@ def record_run(db: str | Path, model_name: str, lora_config: dict, train_loss: O
     return experiment_id
 
 
-def experiment_for(db: str | Path, ref: str) -> dict:
-    """An experiment by id, or the newest one whose log directory is ``ref``."""
+def find_experiment(db: str | Path, ref: str) -> Optional[dict]:
+    """An experiment by id, or the newest one whose log directory is ``ref``; ``None`` when there is none."""
     with connect(db, create=False) as con:
         con.row_factory = sqlite3.Row
         if ref.isdigit():
@@ -107,9 +107,15 @@ def experiment_for(db: str | Path, ref: str) -> dict:
             target = str(Path(ref).resolve())
             row = next((r for r in con.execute("SELECT * FROM LLAMAExperiments ORDER BY id DESC")
                         if json.loads(r["metrics"] or "{}").get("run", {}).get("log_dir") == target), None)
-    if row is None:
+    return None if row is None else dict(row)
+
+
+def experiment_for(db: str | Path, ref: str) -> dict:
+    """:func:`find_experiment`, where none is an error."""
+    experiment = find_experiment(db, ref)
+    if experiment is None:
         raise UserError(f"no experiment {ref!r} in {db}")
-    return dict(row)
+    return experiment
 
 
 def responses_of(db: str | Path, experiment_id: int) -> list[dict]:
@@ -149,10 +155,13 @@ class ExperimentRegistry(L.Callback):
         log_dir = trainer.log_dir  # a collective call under DDP: every rank asks
         if not self.db_path or not trainer.is_global_zero or trainer.sanity_checking:
             return
+        from dataclasses import asdict
+
+        from .report import scalar_metrics
+
         evaluation = getattr(pl_module, "last_evaluation", None)
         h = pl_module.hparams
-        lora = pl_module.lora
-        cm = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+        cm = scalar_metrics(trainer)
         metrics = dict(evaluation.metrics) if evaluation is not None and stage != "fit" else \
             {k: v for k, v in cm.items() if k.startswith("val/")}
         dm = trainer.datamodule
@@ -162,11 +171,8 @@ class ExperimentRegistry(L.Callback):
         val_loss = cm.get("val/loss") if stage in ("fit", "validate") else None
         train_loss = cm.get("train/loss_epoch") if stage == "fit" else None
         rows = evaluation.rows if evaluation is not None else []
-        self.last_id = record_run(self.db_path, h.model_name_or_path,
-                                  {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
-                                   "target_modules": list(lora.target_modules),
-                                   "modules_to_save": list(lora.modules_to_save)},
-                                  train_loss, val_loss, metrics, rows)
+        self.last_id = record_run(self.db_path, h.model_name_or_path, asdict(pl_module.lora), train_loss, val_loss,
+                                  metrics, rows)
         pl_module.print(f"recorded as experiment {self.last_id} in {self.db_path}")
 
     def on_fit_end(self, trainer, pl_module) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
@@ -35,6 +36,11 @@ def library_versions() -> dict:
     return out
 
 
+def scalar_metrics(trainer) -> dict[str, float]:
+    """The trainer's logged one-number metrics (``callback_metrics``) as floats."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+
+
 def write_run_record(log_dir: Path, trainer, lm, wall_seconds: float) -> dict:
     """Write ``run.json``: what was trained, on what, how long, with what memory, and the final scores."""
     import torch
@@ -44,15 +50,12 @@ def write_run_record(log_dir: Path, trainer, lm, wall_seconds: float) -> dict:
     dm = trainer.datamodule
     trainable, total = lm.param_counts
     h = lm.hparams
-    final = {k: float(v) for k, v in trainer.callback_metrics.items()
-             if getattr(v, "numel", lambda: 1)() == 1 and not k.endswith("_step")}
+    final = {k: v for k, v in scalar_metrics(trainer).items() if not k.endswith("_step")}
     gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     record = {
         "model": {"model_name_or_path": h.model_name_or_path, "base_model": str(lm.model_path or h.model_name_or_path),
                   "backend": lm.backend.name, "load_in_4bit": bool(lm.backend.quantized),
-                  "lora": {"r": lm.lora.r, "alpha": lm.lora.alpha, "dropout": lm.lora.dropout,
-                           "target_modules": list(lm.lora.target_modules),
-                           "modules_to_save": list(lm.lora.modules_to_save)},
+                  "lora": asdict(lm.lora),
                   "trainable_params": trainable, "total_params": total,
                   "trainable_pct": 100.0 * trainable / max(total, 1),
                   "max_seq_length": h.max_seq_length, "gradient_checkpointing": h.gradient_checkpointing},
@@ -149,21 +152,14 @@ def _plot(path: Path, title: str, series: dict[str, list[tuple[int, float]]], yl
     return True
 
 
-def _first_tag(scalars: dict, *candidates: str) -> Optional[str]:
-    for c in candidates:
-        if c in scalars:
-            return c
-    return next((t for t in scalars if any(t.startswith(c.rstrip("*")) for c in candidates if c.endswith("*"))),
-                None)
-
-
 def make_plots(scalars: dict, out: Path) -> list[tuple[str, str]]:
     """Loss, learning rate, tokens/s and memory plots: [(file name, caption), ...] of those with data."""
     made = []
     loss = {"train": scalars.get("train/loss_step", []), "val": scalars.get("val/loss", [])}
     if _plot(out / "loss.png", "loss (nats per reply token)", loss, "loss"):
         made.append(("loss.png", "train and validation loss"))
-    lr = _first_tag(scalars, "lr", "lr-*")
+    # LearningRateMonitor logs "lr" for the named scheduler, "lr-<Optimizer>" for others
+    lr = "lr" if "lr" in scalars else next((t for t in scalars if t.startswith("lr-")), None)
     if lr and _plot(out / "learning_rate.png", "learning rate", {lr: scalars[lr]}, "lr"):
         made.append(("learning_rate.png", "learning rate"))
     if _plot(out / "tokens_per_sec.png", "training throughput", {"tokens/s": scalars.get("perf/tokens_per_sec", [])},
@@ -307,13 +303,10 @@ def _samples_section(rows: list[dict]) -> list[str]:
 
 
 def _ratings_section(db: Path, eval_dir: Path) -> list[str]:
-    from .registry import ASPECTS, experiment_for, rating_summary
+    from .registry import ASPECTS, find_experiment, rating_summary
 
-    if not db.is_file():
-        return []
-    try:
-        experiment = experiment_for(db, str(eval_dir))
-    except UserError:
+    experiment = find_experiment(db, str(eval_dir)) if db.is_file() else None
+    if experiment is None:
         return []
     summary = rating_summary(db, experiment["id"])
     if not summary:
@@ -336,6 +329,9 @@ def build_report(run_dir: Path, output: Optional[Path] = None, db: Optional[str]
     if fit_dir is None and eval_dir is None:
         raise UserError(f"no run in {run_dir}: it has neither run.json (written when fit ends) nor metrics.json "
                         f"(written by test/predict)")
+    db_path = Path(db) if db else run_dir.parent / "experiments.db"
+    # The ratings are read first: a bad registry file stops the report before any plot is written.
+    ratings = _ratings_section(db_path, eval_dir) if eval_dir is not None else []
     output = Path(output) if output else run_dir
     output.mkdir(parents=True, exist_ok=True)
     lines = [f"# Experiment report: {run_dir}", ""]
@@ -358,7 +354,7 @@ def build_report(run_dir: Path, output: Optional[Path] = None, db: Optional[str]
                   f"(sacreBLEU), ROUGE-L is the mean of sentence F1, NLL and perplexity are token-weighted over "
                   f"reference reply tokens.", ""]
         lines += _metrics_section(metrics) + _category_section(metrics) + _checks_section(metrics)
-        lines += _ratings_section(Path(db) if db else run_dir.parent / "experiments.db", eval_dir)
+        lines += ratings
         lines += _samples_section(rows)
     else:
         lines += ["## Final metrics", "", "No evaluation found: run `test` or `predict` with "
