@@ -1,4 +1,5 @@
-"""Command line: LightningCLI for fit/validate/test/predict, plus chat, export and benchmark."""
+"""Command line: LightningCLI for fit/validate/test/predict, plus chat, export, benchmark, data-stats,
+report, runs and rate."""
 from __future__ import annotations
 
 import sys
@@ -6,7 +7,6 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import UserError
-
 
 
 def tokenizer_path_for(model_name_or_path: str) -> Optional[str]:
@@ -94,8 +94,10 @@ def chat_main(argv: list[str]) -> int:
     p.add_argument("--system-prompt", type=Optional[str], default=None,
                    help="system prompt (default: the adapter's, else the Bengali default)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--no-4bit", type=bool, default=False, help="load the base model unquantised")
+    p.add_argument("--no-4bit", action="store_true", help="load the base model unquantised")
     a = p.parse_args(argv)
+    if a.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, not {a.max_new_tokens}")
     import torch
 
     from .module import EmpathyLM
@@ -243,6 +245,8 @@ def runs_main(argv: list[str]) -> int:
     p.add_argument("--db", type=str, default=DEFAULT_DB, help="the registry file")
     p.add_argument("--samples", type=int, default=5, help="sample replies shown by `show`")
     cfg = p.parse_args(argv)
+    if cfg.samples < 0:
+        raise UserError(f"--samples must be at least 0, not {cfg.samples}")
     if cfg.action is None:
         with connect(cfg.db, create=False) as con:
             rows = con.execute("SELECT id, timestamp, model_name, metrics FROM LLAMAExperiments ORDER BY id").fetchall()
@@ -291,6 +295,8 @@ def rate_main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--db", type=str, default=DEFAULT_DB, help="the registry file")
     cfg = p.parse_args(argv)
+    if cfg.n < 1:
+        raise UserError(f"--n must be at least 1, not {cfg.n}")
 
     def ask(prompt: str) -> str:
         try:
@@ -316,25 +322,31 @@ EXTRA_COMMANDS = {"chat": chat_main, "export": export_main, "benchmark": benchma
                   "data-stats": data_stats_main, "report": report_main, "runs": runs_main, "rate": rate_main}
 
 
+def lightning_main(args: Optional[list[str]]) -> int:
+    """fit / validate / test / predict; Lightning's own checks of trainer options become user errors."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        lightning_cli(args)
+    except MisconfigurationException as exc:  # raised while building the Trainer, before any run
+        raise UserError(" ".join(str(exc).split())) from exc
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from jsonargparse import ArgumentError
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     cli_args = argv  # None: LightningCLI reads sys.argv itself
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv and argv[0] in EXTRA_COMMANDS:
             return EXTRA_COMMANDS[argv[0]](argv[1:])
-        lightning_cli(cli_args)
-        return 0
+        return lightning_main(cli_args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except MisconfigurationException as exc:  # Lightning's own checks of trainer options, before any run
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     except ArgumentError as exc:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)

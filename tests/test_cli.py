@@ -132,6 +132,11 @@ def test_report_on_the_default_run(default_fit, tmp_path):
     assert f"lightning_logs/{eval_dir.name}`" in report.split("Evaluation: ")[1].splitlines()[0]
     assert cells["chrF++"] == f"{metrics['chrf']:.4f}" and cells["NLL (nats/token)"] == f"{metrics['loss']:.4f}"
     assert "## Sample generations" in report and "## Honesty checks" in report
+    (tmp_path / "notes.db").write_text("my notes\n")
+    r = run_cli(["report", str(vdir), "--output", str(tmp_path / "r2"), "--db", str(tmp_path / "notes.db")], cwd=cwd)
+    err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(err) == 1 and "not an SQLite database" in err[0], r.stderr[-2000:]
+    assert (tmp_path / "notes.db").read_text() == "my notes\n" and not (tmp_path / "r2").exists()
 
 
 def test_data_stats_command(tmp_path):
@@ -182,6 +187,9 @@ def test_every_shipped_config_parses(tmp_path):
     (["--model.optimizer", "sgd"], "model.optimizer"),
     (["--model.learning_rate", "-0.1"], "model.learning_rate must be positive, not -0.1"),
     (["--model.lora_r", "0"], "model.lora_r must be a positive integer, not 0"),
+    (["--model.generation_batch_size", "0"], "model.generation_batch_size must be at least 1, not 0"),
+    (["--model.compare_base", "maybe"], "model.compare_base"),
+    (["--data.deduplicate", "true", "--data.streaming", "true"], "data.deduplicate needs the corpus in memory"),
     (["--trainer.max_steps", "-5"], "`max_steps` must be a non-negative integer or -1"),
     (["--model.model_name_or_path", "no_weights"], "has a config.json but no weights"),
     (["--model.adapter_path", "not_adapter"], "not_adapter is not a LoRA adapter directory"),
@@ -234,7 +242,10 @@ def test_runs_and_rate_bad_input_is_one_line(tmp_path):
     for args, message in ((["runs", "show", "99", "--db", str(db)], "no experiment '99'"),
                           (["runs", "--db", str(tmp_path / "notes.db")], "not an SQLite database"),
                           (["runs", "--db", str(tmp_path / "missing.db")], "experiment database not found"),
-                          (["rate", "1", "--db", str(db)], "no generated replies")):
+                          (["rate", "1", "--db", str(db)], "no generated replies"),
+                          (["rate", "1", "--n", "0", "--db", str(db)], "--n must be at least 1"),
+                          (["runs", "show", "1", "--samples", "-1", "--db", str(db)], "--samples must be at least 0"),
+                          (["chat", "--max-new-tokens", "0", "-m", "x"], "--max-new-tokens must be at least 1")):
         r = run_cli(args, cwd=tmp_path)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
         err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -107,3 +109,18 @@ def test_every_registered_backend_is_a_choice_and_auto_resolves_to_one():
 
     assert set(BACKENDS) == {"auto"} | set(REGISTRY)
     assert resolve_backend("auto") in REGISTRY
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("generation_batch_size", 0, "model.generation_batch_size must be at least 1, not 0"),
+    ("temperature", -0.5, "model.temperature must be at least 0"),
+    ("top_p", 0.0, "model.top_p must be in (0, 1]"),
+    ("top_k", -1, "model.top_k must be at least 0"),
+    ("repetition_penalty", 0.0, "model.repetition_penalty must be positive"),
+    ("no_repeat_ngram_size", -2, "model.no_repeat_ngram_size must be at least 0"),
+    ("max_new_tokens", 0, "model.max_new_tokens must be at least 1"),
+    ("val_generate_batches", -2, "model.val_generate_batches must be at least -1"),
+])
+def test_generation_options_out_of_range_are_user_errors(tiny_model_path, option, value, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", **{option: value})
