@@ -1,11 +1,10 @@
-"""``python -m bengali_empathy {fit,validate,test,predict,chat,export,benchmark} ...``"""
+"""``python -m bengali_empathy {fit,validate,test,predict,chat,export,benchmark,...} ...``"""
 import sys
 
-# Unsloth patches transformers/peft when imported, so it must come first when it
-# will be used (CUDA + the optional extra + backend auto/unsloth).
+# Unsloth patches transformers/peft when imported, so it must come first when it may be used.
 from bengali_empathy.backends import preimport_unsloth
 
-preimport_unsloth(sys.argv[1:])
+preimport_unsloth(sys.argv[1] if len(sys.argv) > 1 else None)
 
 from bengali_empathy.cli import main  # noqa: E402
 

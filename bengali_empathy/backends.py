@@ -3,7 +3,7 @@
 * ``unsloth``: Unsloth's FastLanguageModel (4-bit NF4, fused kernels, its own
   offloaded gradient checkpointing). CUDA only; Unsloth cannot even be
   imported without a GPU, so it is an optional extra imported lazily, and
-  before transformers/peft where possible (:func:`preimport_unsloth`).
+  before transformers/peft (:func:`preimport_unsloth`).
 * ``hf``: transformers + peft, with bitsandbytes 4-bit NF4 when CUDA and
   bitsandbytes are there; full precision on CPU.
 * ``auto``: ``unsloth`` when CUDA and Unsloth are available, else ``hf``.
@@ -69,36 +69,20 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def _backend_from_argv(argv: list[str]) -> str:
-    """Best-effort read of ``model.backend`` from CLI args and --config files."""
-    backend = "auto"
-    it = iter(range(len(argv)))
-    for i in it:
-        arg = argv[i]
-        if arg in ("--config", "-c") and i + 1 < len(argv):
-            try:
-                import yaml
-
-                with open(argv[i + 1], encoding="utf-8") as fh:
-                    cfg = yaml.safe_load(fh) or {}
-                backend = (cfg.get("model") or {}).get("backend", backend) or backend
-            except Exception:  # noqa: BLE001 - the CLI reports config errors itself
-                pass
-        elif arg.startswith("--config="):
-            return _backend_from_argv(["--config", arg.split("=", 1)[1]] + argv[i + 1:])
-        elif arg.startswith("--model.backend="):
-            backend = arg.split("=", 1)[1]
-        elif arg in ("--model.backend", "--backend") and i + 1 < len(argv):
-            backend = argv[i + 1]
-        elif arg.startswith("--backend="):
-            backend = arg.split("=", 1)[1]
-    return backend
+# Commands that load a model.
+MODEL_COMMANDS = frozenset({"fit", "validate", "test", "predict", "chat", "export", "benchmark"})
 
 
-def preimport_unsloth(argv: Optional[list[str]] = None) -> bool:
-    """Import Unsloth before transformers/peft when it will be used (it patches them on import)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if _backend_from_argv(argv) not in ("auto", "unsloth") or not unsloth_available():
+def preimport_unsloth(command: Optional[str]) -> bool:
+    """Import Unsloth first when ``command`` loads a model on a machine that can run it.
+
+    Unsloth patches transformers and peft when imported, so it must come before them;
+    but which backend a run uses is known only once its configuration is parsed, and
+    Lightning (which LightningCLI needs to parse) already imports transformers. So the
+    choice is made once, from the machine: with CUDA and the extra installed, Unsloth is
+    imported for every model command, and the ``hf`` backend then runs beside its patches.
+    """
+    if command not in MODEL_COMMANDS or not unsloth_available():
         return False
     if "transformers" in sys.modules or "peft" in sys.modules:
         log.warning("transformers was imported before unsloth; some Unsloth patches may not apply")
@@ -165,12 +149,29 @@ class Backend:
         self.gradient_checkpointing = gradient_checkpointing
         self.seed = seed
         self.quantized = False
+        # Decoder layers that recompute activations (the first ones); None = all of them.
+        self.checkpointed_layers: Optional[int] = None
 
     def load(self, model_path: Path, max_seq_length: int, lora: LoraSettings, adapter_path: Optional[str]):
         raise NotImplementedError
 
-    def for_training(self, model) -> None:
+    def arm(self, model) -> None:
+        """Training mode with gradient checkpointing on every decoder layer (when enabled)."""
+        from .memory import decoder_layers
+
         model.train()
+        if self.gradient_checkpointing:
+            for layer in decoder_layers(model):
+                layer.gradient_checkpointing = True
+
+    def for_training(self, model) -> None:
+        """Training mode with the planned checkpointing split (:mod:`.memory`), re-armed on every call:
+        generation or an eval/train switch may have changed the flags."""
+        from .memory import limit_checkpointing
+
+        self.arm(model)
+        if self.gradient_checkpointing and self.checkpointed_layers is not None:
+            limit_checkpointing(model, self.checkpointed_layers)
 
     def for_inference(self, model) -> None:
         model.eval()
@@ -183,15 +184,19 @@ class Backend:
         """Context in which the model is its base: LoRA (and ``modules_to_save``) switched off."""
         return model.disable_adapter()
 
-    @staticmethod
-    def checkpointing_flags(model) -> int:
-        """Number of modules whose gradient-checkpointing flag is on."""
-        return sum(1 for m in model.modules() if getattr(m, "gradient_checkpointing", False) is not False
-                   and getattr(m, "gradient_checkpointing", False) is not None)
+    def planned_checkpointed_layers(self, model) -> int:
+        from .memory import decoder_layers
 
-    def gradient_checkpointing_active(self, model) -> bool:
-        return model.training and self.checkpointing_flags(model) > 0
+        if not self.gradient_checkpointing:
+            return 0
+        layers = len(decoder_layers(model))
+        return layers if self.checkpointed_layers is None else min(layers, self.checkpointed_layers)
 
+    def checkpointing_as_planned(self, model) -> bool:
+        """In training mode with exactly the planned layers checkpointed (every one, without a plan)."""
+        from .memory import checkpointed_layer_count
+
+        return model.training and checkpointed_layer_count(model) == self.planned_checkpointed_layers(model)
 
 
 def _reply_token_count(batch: dict) -> torch.Tensor:
@@ -296,13 +301,14 @@ class UnslothBackend(Backend):
         tokenizer = load_tokenizer(model_path)
         return model, tokenizer
 
-    def for_training(self, model) -> None:
+    def arm(self, model) -> None:
         """Re-arm Unsloth's gradient checkpointing.
 
         Outside Unsloth's own Trainer nothing calls ``for_training``: after any
         ``generate`` (which runs ``for_inference`` and clears the flags) or a
         Lightning eval/train switch, the layers silently train without
-        checkpointing. Lightning's hooks call this instead of ``model.train()``.
+        checkpointing. Lightning's hooks call this (through :meth:`for_training`)
+        instead of ``model.train()``.
         """
         from unsloth import FastLanguageModel
 

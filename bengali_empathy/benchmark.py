@@ -5,10 +5,16 @@
 Random-token batches of ``batch_size x seq_len`` (every position trained) go
 through the same EmpathyLM module used by ``fit``, either in a plain PyTorch
 loop or under a Lightning Trainer (with a sanity-check validation that
-generates, as a real ``fit`` does). Steps after ``--warmup`` are timed with CUDA
-synchronisation; peak memory is ``torch.cuda.max_memory_allocated`` over the
-run, model weights included. ``--arch llama-3.1-8b`` writes a random-weight
+generates, as a real ``fit`` does), with the checkpointing split that
+``--memory-budget`` buys (:mod:`.memory`). ``--loop trl`` runs Unsloth's own
+recommended path instead: TRL's SFTTrainer on the same model, LoRA, batches and
+8-bit AdamW. Steps after ``--warmup`` are timed with CUDA synchronisation; peak
+memory is ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` over the
+timed run, model weights included. ``--arch llama-3.1-8b`` writes a random-weight
 Llama-3.1-8B checkpoint (bf16) to the cache once.
+
+``--compare 7,14,22,auto`` runs TRL's path and this package at each budget, each in
+its own process, and prints one table.
 """
 from __future__ import annotations
 
@@ -80,7 +86,23 @@ def _gib(x: int) -> float:
     return round(x / 2**30, 2)
 
 
+def parse_budget(text: str):
+    """``14`` -> 14.0, ``auto`` -> "auto", ``none`` -> None (every layer checkpointed)."""
+    if text.lower() in ("none", "null"):
+        return None
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        from .errors import UserError
+
+        raise UserError(f"memory budget must be a number of GiB, auto or none, not {text!r}") from None
+
+
 def run(args) -> dict:
+    if args.loop == "trl":
+        return run_trl(args)
     from .module import EmpathyLM
 
     cuda = torch.cuda.is_available()
@@ -88,6 +110,7 @@ def run(args) -> dict:
     t_load = time.perf_counter()
     lm = EmpathyLM(model_name_or_path=path, backend=args.backend, load_in_4bit=not args.no_4bit,
                    max_seq_length=args.seq_len, gradient_checkpointing=not args.no_gradient_checkpointing,
+                   memory_budget_gib=parse_budget(args.memory_budget),
                    optimizer=args.optimizer, max_new_tokens=4, val_generate_batches=1, log_samples=0,
                    save_adapter_on_fit_end=False)
     lm.configure_model()
@@ -108,14 +131,19 @@ def run(args) -> dict:
     else:
         batches = random_batches(total_steps, args.batch_size, args.seq_len)
         val_batches = batches[:1]
+    lm.plan_memory(args.batch_size)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    plan = lm.memory_plan
     result = {
         "arch": args.arch, "backend": lm.backend.name, "loop": args.loop, "seq_len": args.seq_len,
         "batch_size": args.batch_size, "steps_timed": args.steps, "corpus": args.corpus, "packed": args.pack,
         "group_by_length": args.group_by_length, "quantized_4bit": lm.backend.quantized,
         "gradient_checkpointing_requested": not args.no_gradient_checkpointing,
+        "memory_budget": args.memory_budget, "budget_gib": plan.budget_gib if plan else None,
+        "checkpointed_layers": plan.checkpointed_layers if plan else None, "layers": plan.layers if plan else None,
+        "memory_plan": plan.as_dict() if plan else None,
         "trainable_params": lm.param_counts[0], "rearm_checkpointing": args.rearm, "load_s": round(load_s, 1),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
@@ -138,7 +166,7 @@ def run(args) -> dict:
             else:
                 loss, _ = lm(batch)
             loss.backward()
-            gc_seen.append(lm.backend.gradient_checkpointing_active(lm.model))
+            gc_seen.append(lm.backend.checkpointing_as_planned(lm.model))
             opt.step()
             opt.zero_grad(set_to_none=True)
         if cuda:
@@ -157,7 +185,7 @@ def run(args) -> dict:
                     times["t0"] = time.perf_counter()
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                gc_seen.append(lm.backend.gradient_checkpointing_active(lm.model))
+                gc_seen.append(lm.backend.checkpointing_as_planned(lm.model))
                 if batch_idx == total_steps - 1:
                     if cuda:
                         torch.cuda.synchronize()
@@ -167,13 +195,18 @@ def run(args) -> dict:
         def loader(bs):
             return DataLoader(bs, batch_size=None)
 
+        import tempfile
+
+        root = tempfile.TemporaryDirectory()  # the run.json that fit ends with goes nowhere
         trainer = L.Trainer(
+            default_root_dir=root.name,
             accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
             max_steps=total_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, num_sanity_val_steps=1 if args.sanity_val else 0,
             limit_val_batches=1, val_check_interval=None, check_val_every_n_epoch=1000, callbacks=[Timer()],
         )
-        trainer.fit(lm, train_dataloaders=loader(batches), val_dataloaders=loader(val_batches))
+        with root:
+            trainer.fit(lm, train_dataloaders=loader(batches), val_dataloaders=loader(val_batches))
     if "t1" not in times:
         raise SystemExit("benchmark did not complete its timed steps")
     dt = times["t1"] - times["t0"]
@@ -182,11 +215,130 @@ def run(args) -> dict:
     result["fill"] = round(sum(int(b["n_tokens"]) for b in batches[args.warmup:])
                            / sum(b["input_ids"].numel() for b in batches[args.warmup:]), 3)
     result["step_s"] = round(dt / args.steps, 4)
-    result["gradient_checkpointing_active"] = bool(gc_seen) and all(gc_seen[args.warmup:])
+    # Every timed step trained with the planned split (all layers checkpointed without a budget).
+    result["checkpointing_as_planned"] = bool(gc_seen) and all(gc_seen[args.warmup:])
     if cuda:
         result["peak_mem_allocated_gib"] = _gib(torch.cuda.max_memory_allocated())
         result["peak_mem_reserved_gib"] = _gib(torch.cuda.max_memory_reserved())
     return result
+
+
+def run_trl(args) -> dict:
+    """Unsloth's own recommended path on the same model, LoRA, batches and optimizer: TRL's SFTTrainer."""
+    import tempfile
+
+    from .backends import LoraSettings, resolve_backend
+
+    if resolve_backend(args.backend) != "unsloth":
+        from .errors import UserError
+
+        raise UserError("--loop trl is Unsloth's trainer: it needs a CUDA GPU with the unsloth extra")
+    from unsloth import FastLanguageModel  # noqa: I001 - before trl and transformers
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    path = model_path_for(args.arch, args.model_path)
+    lora = LoraSettings()
+    total_steps = args.warmup + args.steps
+    t_load = time.perf_counter()
+    model, tokenizer = FastLanguageModel.from_pretrained(model_name=path, max_seq_length=args.seq_len, dtype=None,
+                                                         load_in_4bit=not args.no_4bit, local_files_only=True)
+    model = FastLanguageModel.get_peft_model(
+        model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        bias="none", use_gradient_checkpointing=False if args.no_gradient_checkpointing else "unsloth",
+        random_state=3407, max_seq_length=args.seq_len)
+    load_s = time.perf_counter() - t_load
+    ids = torch.cat([b["input_ids"] for b in random_batches(total_steps, args.batch_size, args.seq_len)])
+    dataset = Dataset.from_dict({"input_ids": ids.tolist()})
+    times: dict = {}
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, _args, state, control, **kwargs):
+            if state.global_step == args.warmup:
+                torch.cuda.synchronize()
+                times["t0"] = time.perf_counter()
+
+        def on_step_end(self, _args, state, control, **kwargs):
+            if state.global_step == total_steps:
+                torch.cuda.synchronize()
+                times["t1"] = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        config = SFTConfig(output_dir=out_dir, per_device_train_batch_size=args.batch_size,
+                           gradient_accumulation_steps=1, max_steps=total_steps, learning_rate=2e-4,
+                           optim="adamw_8bit", bf16=True, logging_steps=total_steps, save_strategy="no",
+                           report_to="none", max_length=args.seq_len, packing=False, seed=3407,
+                           dataloader_num_workers=0, dataset_num_proc=1)
+        trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=config,
+                             callbacks=[Timer()])
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        stats = trainer.train()
+    dt = times["t1"] - times["t0"]
+    return {
+        "arch": args.arch, "backend": "unsloth", "loop": "trl", "seq_len": args.seq_len,
+        "batch_size": args.batch_size, "steps_timed": args.steps, "quantized_4bit": not args.no_4bit,
+        "gradient_checkpointing_requested": not args.no_gradient_checkpointing, "memory_budget": None,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "load_s": round(load_s, 1), "device": torch.cuda.get_device_name(),
+        "final_loss": round(float(stats.training_loss), 4),
+        "tokens_per_sec": round(args.steps * args.batch_size * args.seq_len / dt, 1),
+        "step_s": round(dt / args.steps, 4),
+        "peak_mem_allocated_gib": _gib(torch.cuda.max_memory_allocated()),
+        "peak_mem_reserved_gib": _gib(torch.cuda.max_memory_reserved()),
+    }
+
+
+def compare(args) -> list[dict]:
+    """TRL's SFTTrainer, then this package at each budget of ``args.compare``, each in a fresh process."""
+    import subprocess
+    import tempfile
+
+    common = ["--arch", args.arch, "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
+              "--steps", str(args.steps), "--warmup", str(args.warmup), "--backend", args.backend]
+    if args.model_path:
+        common += ["--model-path", args.model_path]
+    budgets = [b.strip() for b in args.compare.split(",") if b.strip()]
+    for b in budgets:
+        parse_budget(b)
+    runs = [["--loop", "trl"]] + [["--loop", args.loop, "--memory-budget", b] for b in budgets]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, extra in enumerate(runs):
+            out = Path(tmp) / f"{i}.jsonl"
+            cmd = [sys.executable, "-m", "bengali_empathy", "benchmark", *common, *extra, "--json", str(out)]
+            print("running: benchmark " + " ".join(common + extra), file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if proc.returncode != 0 or not out.is_file():
+                tail = proc.stderr.strip().splitlines()[-3:]
+                results.append({"loop": extra[1], "memory_budget": extra[-1] if len(extra) > 2 else None,
+                                "error": " | ".join(tail)})
+                continue
+            results.append(json.loads(out.read_text(encoding="utf-8").splitlines()[-1]))
+            print(json.dumps(results[-1], ensure_ascii=False), flush=True)
+    return results
+
+
+def comparison_table(results: list[dict]) -> str:
+    """Markdown: tokens/s and peak memory of each run, relative to the first (TRL's SFTTrainer)."""
+    ref = results[0].get("tokens_per_sec") if results else None
+    lines = ["| path | budget (GiB) | layers checkpointed | tokens/s | vs SFTTrainer | peak allocated (GiB) "
+             "| peak reserved (GiB) |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        path = "Unsloth + TRL SFTTrainer" if r.get("loop") == "trl" else f"bengali_empathy ({r.get('loop')})"
+        if "error" in r:
+            lines.append(f"| {path} | {r.get('memory_budget')} | failed: {r['error']} | | | | |")
+            continue
+        budget = r.get("memory_budget") or ("-" if r.get("loop") == "trl" else "none")
+        if r.get("budget_gib") is not None and r.get("memory_budget") == "auto":
+            budget = f"auto ({r['budget_gib']:.1f})"
+        layers = f"{r['checkpointed_layers']} of {r['layers']}" if r.get("layers") else "all"
+        speed = f"{r['tokens_per_sec'] / ref:.2f}x" if ref else ""
+        memory = " | ".join(f"{r[k]:.2f}" if k in r else "-" for k in ("peak_mem_allocated_gib",
+                                                                         "peak_mem_reserved_gib"))
+        lines.append(f"| {path} | {budget} | {layers} | {r['tokens_per_sec']:,.0f} | {speed} | {memory} |")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -197,12 +349,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--arch", default="tiny", choices=["tiny", "llama-3.1-8b"])
     p.add_argument("--model-path", default=None, help="local checkpoint to benchmark instead of --arch")
     p.add_argument("--backend", default="auto", choices=["auto", "unsloth", "hf"])
-    p.add_argument("--loop", default="lightning", choices=["lightning", "plain"])
+    p.add_argument("--loop", default="lightning", choices=["lightning", "plain", "trl"],
+                   help="this package under Lightning or in a plain loop, or Unsloth's own TRL SFTTrainer")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--optimizer", default="auto")
+    p.add_argument("--memory-budget", default="none",
+                   help="model.memory_budget_gib: GiB, auto, or none (every layer checkpointed)")
+    p.add_argument("--compare", default=None,
+                   help="comma-separated budgets, e.g. 7,14,22,auto: TRL's SFTTrainer and this package at "
+                        "each, each in its own process, as one table")
     p.add_argument("--no-4bit", action="store_true")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--no-sanity-val", dest="sanity_val", action="store_false",
@@ -215,11 +373,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="with --corpus and no --pack: batch conversations of similar length together")
     p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     args = p.parse_args(argv)
-    result = run(args)
-    line = json.dumps(result, ensure_ascii=False)
-    print(line)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+    results = compare(args) if args.compare else [run(args)]
+    for result in results:
+        line = json.dumps(result, ensure_ascii=False)
+        if not args.compare:  # compare printed each as it finished
+            print(line)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.json, "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+    if args.compare:
+        print(comparison_table(results))
     return 0

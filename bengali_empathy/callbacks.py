@@ -19,7 +19,9 @@ def peak_rss_gib() -> float:
 
 class TokenThroughput(L.Callback):
     """Logs training tokens/s (non-padding tokens, wall clock, CUDA-synchronised) and memory:
-    GPU memory on CUDA, the process's peak resident memory (``mem/peak_rss_gib``) always.
+    GPU memory on CUDA, against the memory budget when one applies (``gpu/memory_budget_gib``;
+    tokens/s and peak reserved memory also on the progress bar), and the process's peak resident
+    memory (``mem/peak_rss_gib``) always.
 
     (Lightning's own ``ThroughputMonitor`` counts samples and FLOPs; this counts the
     tokens that are not padding, the figure that compares packed and padded batches.)"""
@@ -51,13 +53,18 @@ class TokenThroughput(L.Callback):
             return
         self._sync(pl_module)
         now = time.perf_counter()
-        metrics = {"perf/tokens_per_sec": self._tokens / max(now - self._t0, 1e-9)}
+        bar = {"perf/tokens_per_sec": self._tokens / max(now - self._t0, 1e-9)}
+        metrics = {"mem/peak_rss_gib": peak_rss_gib()}
         if pl_module.device.type == "cuda":
             gib = 2**30
+            bar["gpu/max_mem_reserved_gib"] = torch.cuda.max_memory_reserved(pl_module.device) / gib
             metrics["gpu/mem_allocated_gib"] = torch.cuda.memory_allocated(pl_module.device) / gib
             metrics["gpu/max_mem_allocated_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / gib
-            metrics["gpu/max_mem_reserved_gib"] = torch.cuda.max_memory_reserved(pl_module.device) / gib
-        metrics["mem/peak_rss_gib"] = peak_rss_gib()
+            plan = getattr(pl_module, "memory_plan", None)
+            if plan is not None:
+                bar["gpu/memory_budget_gib"] = plan.budget_gib
+                metrics["gpu/checkpointed_layers"] = float(plan.checkpointed_layers)
+        pl_module.log_dict(bar, on_step=True, on_epoch=False, prog_bar=True)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
         self._t0, self._tokens = now, 0
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -15,6 +16,8 @@ from .checkpoints import AdapterInfo, check_adapter, lora_state_from_ckpt, save_
 from .errors import UserError
 from .evaluation import Evaluation, requests_from_batch, summarize
 from .generation import Decoding, generate_replies
+from .memory import (CheckpointPlan, MemoryBudget, below_minimum, check_budget_value, checkpointed_layer_count,
+                     plan_checkpointing, probe_batch, resolve_budget_gib, weights_gib)
 from .metrics import TokenWeightedLoss, score_loss
 from .modeling import TINY_MODEL, resolve_model_path
 
@@ -35,7 +38,12 @@ class EmpathyLM(L.LightningModule):
         lora_r / lora_alpha / lora_dropout / target_modules: LoRA settings.
         modules_to_save: modules trained in full beside LoRA (peft ``modules_to_save``), e.g.
             ``[lm_head]``: the embedded tiny model's random head must learn for it to speak Bengali.
-        gradient_checkpointing: recompute activations in the backward pass.
+        gradient_checkpointing: recompute activations in the backward pass (on as many decoder layers as
+            ``memory_budget_gib`` requires; false: on none).
+        memory_budget_gib: GPU memory that training may take (GiB, peak reserved by this process):
+            before training a short probe measures the worst-case batch and leaves as many decoder
+            layers without recompute as fit (faster steps). ``auto``: 92% of what the card has free;
+            null: checkpoint every layer (least memory). Applies to fit on CUDA; see :mod:`.memory`.
         adapter_path: LoRA adapter directory to start from (for validate/predict/chat or to resume).
         optimizer: ``auto`` (8-bit AdamW on CUDA with bitsandbytes, else AdamW), ``adamw_8bit`` or ``adamw``.
         learning_rate / weight_decay / warmup_ratio / min_lr_ratio: cosine schedule with linear warmup.
@@ -66,6 +74,7 @@ class EmpathyLM(L.LightningModule):
         target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"],  # noqa: B006 - jsonargparse default
         modules_to_save: list[str] = [],  # noqa: B006 - jsonargparse default
         gradient_checkpointing: bool = True,
+        memory_budget_gib: MemoryBudget = 14.0,
         adapter_path: Optional[str] = None,
         optimizer: Optimizer = "auto",
         learning_rate: float = 2e-4,
@@ -106,11 +115,18 @@ class EmpathyLM(L.LightningModule):
             log_samples=(log_samples, log_samples >= 0, "at least 0"),
             target_modules=(target_modules, len(target_modules) > 0, "a non-empty list"),
         )
+        check_budget_value(memory_budget_gib)
         if adapter_path:
             check_adapter(adapter_path, model_name_or_path, {"r": lora_r, "alpha": lora_alpha,
                                                              "target_modules": list(target_modules),
                                                              "modules_to_save": list(modules_to_save)})
         self.model_path = resolve_model_path(model_name_or_path) if model_name_or_path != TINY_MODEL else None
+        if self.model_path is not None and gradient_checkpointing and torch.cuda.is_available() \
+                and memory_budget_gib not in (None, "auto"):
+            floor = weights_gib(self.model_path, load_in_4bit)
+            if memory_budget_gib < floor:
+                raise below_minimum(memory_budget_gib, floor, f"the weights of {self.model_path.name} alone take"
+                                    + (" in 4 bits" if load_in_4bit else ""))
         self.backend: Backend = make_backend(
             backend, load_in_4bit=load_in_4bit, gradient_checkpointing=gradient_checkpointing, seed=lora_seed
         )
@@ -128,6 +144,7 @@ class EmpathyLM(L.LightningModule):
         self._train_texts: Optional[tuple[list[str], list[str]]] = None
         self.last_evaluation: Optional[Evaluation] = None
         self.param_counts: tuple[int, int] = (0, 0)
+        self.memory_plan: Optional[CheckpointPlan] = None
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -144,13 +161,55 @@ class EmpathyLM(L.LightningModule):
         return self.backend.loss(self.model, batch)
 
     # ------------------------------------------------------------------ modes
+    def plan_memory(self, batch_size: int, context=None) -> Optional[CheckpointPlan]:
+        """Choose the checkpointing split for the memory budget by probing ``batch_size`` x ``max_seq_length``
+        (see :mod:`.memory`); None where no budget applies (CPU, no checkpointing, budget null)."""
+        device = next(p.device for p in self.model.parameters() if p.requires_grad)
+        budget = resolve_budget_gib(self.hparams.memory_budget_gib, device)
+        if budget is None or not self.hparams.gradient_checkpointing:
+            return None
+        seq_len = self.hparams.max_seq_length
+        batch = probe_batch(batch_size, seq_len, device, min(128000, self.model.get_input_embeddings().num_embeddings))
+        if context is None:
+            context = self.trainer.precision_plugin.forward_context if self._trainer is not None else \
+                (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+        def train_step() -> None:
+            try:
+                with context():
+                    loss, _ = self.backend.loss(self.model, batch)
+                loss.backward()
+            finally:
+                for p in trainable:
+                    p.grad = None
+
+        self.backend.checkpointed_layers = None
+        plan = plan_checkpointing(self.model, lambda: self.backend.arm(self.model), train_step, budget, batch_size,
+                                  seq_len, device, report=self._report)
+        self.backend.checkpointed_layers = plan.checkpointed_layers
+        self.memory_plan = plan
+        return plan
+
+    def _report(self, message: str) -> None:
+        if self._trainer is not None:
+            self.print(message)
+        else:  # the benchmark's plain loop: standard output carries its JSON
+            print(message, file=sys.stderr)
+
     def on_fit_start(self) -> None:
         self._fit_started = time.time()
         dm = self.trainer.datamodule
-        if getattr(dm, "stats", None) and self.logger is not None:
+        batch_size = getattr(dm, "hparams", {}).get("batch_size") if dm is not None else None
+        if self.memory_plan is None and batch_size:
+            self.plan_memory(int(batch_size))
+        if self.logger is not None:
             from .data import flat_stats
 
-            self.logger.log_hyperparams(flat_stats(dm.stats))
+            extra = {f"memory/{k}": v for k, v in self.memory_plan.as_dict().items()} if self.memory_plan else {}
+            stats = flat_stats(dm.stats) if getattr(dm, "stats", None) else {}
+            if stats or extra:
+                self.logger.log_hyperparams({**stats, **extra})
 
     def on_train_epoch_start(self) -> None:
         # Lightning calls set_epoch on samplers only; a streamed split reshuffles through this.
@@ -184,11 +243,10 @@ class EmpathyLM(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if batch_idx == 0 and self.hparams.gradient_checkpointing:
-            active = self.backend.gradient_checkpointing_active(self.model)
-            if not active:  # never train silently without it
+            if not self.backend.checkpointing_as_planned(self.model):  # never train silently without it
                 self.backend.for_training(self.model)
-                active = self.backend.gradient_checkpointing_active(self.model)
-            self.log("train/gradient_checkpointing", float(active), on_step=True, on_epoch=False)
+            self.log("train/checkpointed_layers", float(checkpointed_layer_count(self.model)), on_step=True,
+                     on_epoch=False)
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -330,12 +388,18 @@ class EmpathyLM(L.LightningModule):
 
         was_training = self.model.training
         self.backend.for_inference(self.model)
+        if torch.cuda.is_available():
+            # Training's cached activation blocks would otherwise sit beside the KV cache (and the
+            # KV cache's beside the next training step's): memory stays within the training budget.
+            torch.cuda.empty_cache()
         try:
             return generate_replies(self.model, self.tokenizer, prompts, decoding or self.decoding,
                                     self.hparams.generation_batch_size, stop_token_ids(self.tokenizer), desc=desc,
                                     progress=progress,
                                     on_oom=lambda b: self.print(f"{desc}: out of GPU memory, batch size now {b}"))
         finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             if was_training:
                 self.backend.for_training(self.model)
 
@@ -416,6 +480,10 @@ class EmpathyLM(L.LightningModule):
                 out = self.save_adapter(Path(log_dir) / "adapter-best", lora_state_from_ckpt(best))
                 self.print(f"adapter of the best checkpoint ({Path(best).name}) saved to {out}")
         record = write_run_record(Path(log_dir), self.trainer, self, time.time() - self._fit_started)
+        if self.memory_plan is not None:
+            self.print(f"peak GPU memory {record['peak_memory_gib']['gpu_reserved']:.2f} GiB reserved of the "
+                       f"{self.memory_plan.budget_gib:.2f} GiB budget ({self.memory_plan.checkpointed_layers} of "
+                       f"{self.memory_plan.layers} layers checkpointed)")
         self._log_final_hparams(record["final"])
 
     def _log_final_hparams(self, final: dict) -> None:

@@ -51,14 +51,18 @@ def write_run_record(log_dir: Path, trainer, lm, wall_seconds: float) -> dict:
     trainable, total = lm.param_counts
     h = lm.hparams
     final = {k: v for k, v in scalar_metrics(trainer).items() if not k.endswith("_step")}
-    gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    cuda = torch.cuda.is_available()
+    gpu = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
     record = {
         "model": {"model_name_or_path": h.model_name_or_path, "base_model": str(lm.model_path or h.model_name_or_path),
                   "backend": lm.backend.name, "load_in_4bit": bool(lm.backend.quantized),
                   "lora": asdict(lm.lora),
                   "trainable_params": trainable, "total_params": total,
                   "trainable_pct": 100.0 * trainable / max(total, 1),
-                  "max_seq_length": h.max_seq_length, "gradient_checkpointing": h.gradient_checkpointing},
+                  "max_seq_length": h.max_seq_length, "gradient_checkpointing": h.gradient_checkpointing,
+                  "memory_budget_gib": h.get("memory_budget_gib"),
+                  "memory_plan": lm.memory_plan.as_dict() if lm.memory_plan else None},
         "data": {"corpus": str(getattr(dm, "corpus_path", "")), "stats": getattr(dm, "stats", {}) or {},
                  "pack": bool(getattr(dm, "pack", False)),
                  "group_by_length": bool(getattr(dm, "hparams", {}).get("group_by_length", False)),
@@ -69,7 +73,7 @@ def write_run_record(log_dir: Path, trainer, lm, wall_seconds: float) -> dict:
                     "devices": trainer.world_size, "optimizer": getattr(lm, "optimizer_name", h.optimizer),
                     "learning_rate": h.learning_rate},
         "wall_seconds": wall_seconds,
-        "peak_memory_gib": {"gpu_allocated": gpu, "process_rss": peak_rss_gib()},
+        "peak_memory_gib": {"gpu_allocated": gpu, "gpu_reserved": reserved, "process_rss": peak_rss_gib()},
         "final": final,
         "versions": library_versions(),
     }
@@ -215,9 +219,15 @@ def _run_rows(record: dict, scalars: dict) -> list[list]:
              ["devices", t["devices"]], ["precision", t["precision"]], ["optimizer", t["optimizer"]],
              ["learning rate", t["learning_rate"]], ["gradient checkpointing", m["gradient_checkpointing"]],
              ["steps", t["steps"]], ["wall time (s)", record["wall_seconds"]]]
+    plan = m.get("memory_plan")
+    if plan:
+        rows.append(["memory budget (GiB) / layers checkpointed",
+                     f"{plan['budget_gib']} / {plan['checkpointed_layers']} of {plan['layers']}"])
     peak = record["peak_memory_gib"]
     if peak.get("gpu_allocated") is not None:
         rows.append(["peak GPU memory allocated (GiB)", peak["gpu_allocated"]])
+    if peak.get("gpu_reserved") is not None:
+        rows.append(["peak GPU memory reserved (GiB)", peak["gpu_reserved"]])
     rows.append(["peak process memory (GiB)", peak["process_rss"]])
     tps = scalars.get("perf/tokens_per_sec")
     if tps:

@@ -11,8 +11,7 @@ import time
 
 from bengali_empathy.backends import preimport_unsloth
 
-preimport_unsloth(["--model.backend", sys.argv[sys.argv.index("--backend") + 1] if "--backend" in sys.argv
-                   else "unsloth"])
+preimport_unsloth("predict")
 
 import torch  # noqa: E402
 

@@ -2,7 +2,8 @@
 # Runs on the lent GPU machine: installs carried wheels, runs GPU tests and benchmarks.
 # Usage: bash scripts/gpu_session.sh STEP...
 #   STEP: tests | unsloth | unsloth_plain | norearm | hf | hf_plain | corpus_packed | corpus_unpacked | corpus_grouped
-#         | model8b | predict
+#         | model8b | predict | compare
+# compare: Unsloth's TRL SFTTrainer and this package at each memory budget of $BUDGETS, one table.
 # predict runs `predict` end to end on a random-weight 8B checkpoint (made by model8b in /tmp/llama8b)
 # for each generation batch size in $GEN_BS, on $ROWS training rows of $CORPUS, with $PREDICT_ARGS.
 # corpus_* read $CORPUS (default .gpu_data/conversations.jsonl: carry a copy of
@@ -20,8 +21,8 @@ S=${STEPS:-25}
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
-    tests) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -x -m gpu tests/test_gpu.py -p no:cacheprovider \
-             -W ignore::UserWarning --tb=short >"$OUT/gpu_tests.log" 2>&1; tail -30 "$OUT/gpu_tests.log" ;;
+    tests) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu --durations=0 tests/test_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} -p no:cacheprovider \
+             -W ignore::UserWarning --tb=short >"$OUT/gpu_tests.log" 2>&1; grep -E "passed|failed|^E |^FAILED" "$OUT/gpu_tests.log" | tail -30 ;;
     unsloth) timeout 240 $B --batch-size 2 --backend unsloth --loop lightning --steps $S --warmup 5 2>&1 | tail -1 ;;
     unsloth_plain) timeout 200 $B --batch-size 2 --backend unsloth --loop plain --steps $S --warmup 5 2>&1 | tail -1 ;;
     norearm) timeout 200 $B --batch-size 2 --backend unsloth --loop lightning --steps 10 --warmup 3 --no-rearm 2>&1 | tail -1 ;;
@@ -33,6 +34,8 @@ for step in "$@"; do
              --warmup 5 --corpus "$CORPUS" 2>&1 | tail -1 ;;
     corpus_grouped) timeout 300 $B --batch-size ${UNPACKED_BS:-8} --backend unsloth --loop lightning --steps $S \
              --warmup 5 --corpus "$CORPUS" --group-by-length 2>&1 | tail -1 ;;
+    compare) timeout ${COMPARE_TIMEOUT:-540} $B --batch-size 2 --steps $S --warmup 5 \
+             --compare ${BUDGETS:-none,7,14,22,auto} 2>"$OUT/compare.err" | tee "$OUT/compare.out" ;;
     model8b) [ -f /tmp/llama8b/config.json ] || timeout 400 python3 -c "from bengali_empathy.modeling import \
              write_random_model, LLAMA31_8B_ARCH; write_random_model('/tmp/llama8b', LLAMA31_8B_ARCH, \
              dtype='bfloat16', device='cuda')"; ls /tmp/llama8b ;;

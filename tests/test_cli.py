@@ -204,6 +204,8 @@ def test_every_shipped_config_parses(tmp_path):
     (["--data.corpus_path", "role.jsonl", "--data.messages_column", "chat"], "missing column(s) 'chat'"),
     (["--data.max_seq_length", "64"], "longer than max_seq_length"),
     (["--model.model_name_or_path", "/no/such/model"], "model directory not found"),
+    (["--model.memory_budget_gib", "-2"], "model.memory_budget_gib must be a positive number of GiB"),
+    (["--model.memory_budget_gib", "lots"], "model.memory_budget_gib"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, message):
     (tmp_path / "wrong.jsonl").write_text('{"question": "ক", "answer": "খ"}\n', encoding="utf-8")

@@ -22,7 +22,7 @@ def test_unsloth_backend_trains_generates_and_keeps_checkpointing(tiny_model_pat
     assert lm.param_counts[0] == 14336  # LoRA r=16 on q,k,v,o of the tiny model
     batch = two_pair_batch(lm.tokenizer, "cuda")
     lm.backend.for_training(lm.model)
-    assert lm.backend.gradient_checkpointing_active(lm.model)
+    assert lm.backend.checkpointing_as_planned(lm.model)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss, n = lm(batch)
     assert torch.isfinite(loss) and 10 < float(loss) < 14 and int(n) > 10
@@ -37,7 +37,14 @@ def test_unsloth_backend_trains_generates_and_keeps_checkpointing(tiny_model_pat
     with lm.backend.adapter_disabled(lm.model):  # the base model, for compare_base
         assert len(lm.generate_texts(prompts, progress=False)[0]) == 2
     # ... and generate_texts() re-arms them
-    assert lm.backend.gradient_checkpointing_active(lm.model)
+    assert lm.backend.checkpointing_as_planned(lm.model)
+    from bengali_empathy.memory import decoder_layers
+
+    lm.backend.checkpointed_layers = 1  # a memory plan's split is re-armed the same way
+    lm.backend.for_training(lm.model)
+    lm.generate_texts(prompts, progress=False)
+    assert [bool(layer.gradient_checkpointing) for layer in decoder_layers(lm.model)] == [True, False]
+    assert lm.backend.checkpointing_as_planned(lm.model)
 
 
 def test_hf_backend_loads_4bit_nf4(tiny_model_path):
@@ -69,7 +76,7 @@ def test_fit_under_lightning_keeps_unsloth_checkpointing(tmp_path):
     import json
 
     r = json.loads(out.read_text().splitlines()[-1])
-    assert r["gradient_checkpointing_active"] is True
+    assert r["checkpointing_as_planned"] is True
     assert r["tokens_per_sec"] > 0
 
 
@@ -98,3 +105,65 @@ def test_unsloth_packed_multi_turn_loss_equals_per_conversation_loss(tiny_model_
     weighted = sum(float(l) * int(n) for l, n in singles) / sum(int(n) for _, n in singles)
     assert int(n_p) == sum(int(n) for _, n in singles)
     assert float(packed) == pytest.approx(weighted, rel=2e-2)
+
+
+MID_ARCH = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=12, num_attention_heads=16,
+                num_key_value_heads=8)
+
+
+@pytest.fixture(scope="module")
+def mid_model_path(tmp_path_factory):
+    """A 12-layer Llama-3.1-style model (~0.9B parameters, bf16): big enough for a memory split to matter."""
+    from bengali_empathy.modeling import write_random_model
+
+    path = write_random_model(tmp_path_factory.mktemp("mid") / "llama-mid", MID_ARCH, dtype="bfloat16",
+                              device="cuda")
+    torch.cuda.empty_cache()
+    return path
+
+
+@pytest.mark.parametrize("backend", [pytest.param("unsloth", marks=needs_unsloth), "hf"])
+def test_memory_budget_buys_layers_without_recompute_and_is_kept(mid_model_path, backend):
+    import gc
+
+    from bengali_empathy.errors import UserError
+    from bengali_empathy.memory import GIB, decoder_layers, probe_batch
+    from bengali_empathy.module import EmpathyLM
+
+    if backend == "hf":
+        pytest.importorskip("bitsandbytes")
+    lm = EmpathyLM(model_name_or_path=str(mid_model_path), backend=backend, max_seq_length=2048, max_new_tokens=2,
+                   memory_budget_gib=1000.0)
+    lm.configure_model()
+    roomy = lm.plan_memory(2)
+    assert roomy.checkpointed_layers == 0 and roomy.layers == 12  # everything fits: no recompute at all
+    all_unflagged = roomy.probe_peak_gib  # measured with no layer checkpointed
+    opt = lm.configure_optimizers()["optimizer"]
+    batch = probe_batch(2, 2048, torch.device("cuda"))
+    chosen = []
+    for share in (0.3, 0.7):
+        budget = roomy.minimum_gib + share * (all_unflagged - roomy.minimum_gib)
+        lm.hparams.memory_budget_gib = budget
+        plan = lm.plan_memory(2)
+        lm.generate_texts([[128000, 9906]], progress=False)  # generation clears Unsloth's flags ...
+        # ... and the planned split comes back, not every layer
+        assert [bool(x.gradient_checkpointing) for x in decoder_layers(lm.model)] == \
+            [True] * plan.checkpointed_layers + [False] * plan.unflagged_layers
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):  # real steps, optimizer states included
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, _ = lm(batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        peak = torch.cuda.max_memory_reserved() / GIB
+        assert peak <= 1.05 * budget, (budget, peak, plan)
+        assert 0 < plan.checkpointed_layers < plan.layers, plan
+        chosen.append(plan.checkpointed_layers)
+    assert chosen[1] < chosen[0]
+    lm.hparams.memory_budget_gib = 0.8 * roomy.minimum_gib
+    with pytest.raises(UserError, match="with every layer checkpointed"):
+        lm.plan_memory(2)
+    del lm, opt
+    gc.collect()
+    torch.cuda.empty_cache()
