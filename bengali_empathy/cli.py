@@ -48,6 +48,17 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
 
         before_fit = before_validate = before_test = before_predict = _prepare_data
 
+        def _run_subcommand(self, subcommand: str) -> None:
+            # Some bad input only shows once the run has begun (a memory budget below the measured
+            # minimum, an optimizer this machine lacks), after the logger made its directory.
+            new_dir = _new_log_dir(self.trainer)
+            try:
+                super()._run_subcommand(subcommand)
+            except UserError:
+                if new_dir is not None:
+                    _remove_if_only_setup(new_dir)
+                raise
+
     return EmpathyCLI(
         EmpathyLM,
         EmpatheticDialogueDataModule,
@@ -67,6 +78,28 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
         parser_kwargs={"description": "Fine-tune Llama-3.1 to reply with empathy in Bengali (QLoRA + Lightning).",
                        "exit_on_error": False},
     )
+
+
+def _new_log_dir(trainer) -> Optional[Path]:
+    """The log directory this run will create, if it does not exist yet (rank 0, TensorBoard logger)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = trainer.logger
+    if not trainer.is_global_zero or not isinstance(logger, TensorBoardLogger):
+        return None
+    path = Path(logger.log_dir)
+    return None if path.exists() else path
+
+
+def _remove_if_only_setup(path: Path) -> None:
+    """Remove a run directory that holds nothing but what setup writes (config, hparams, empty events)."""
+    import shutil
+
+    if path.is_dir() and all(p.name in ("config.yaml", "hparams.yaml") or p.name.startswith("events.out.tfevents")
+                             for p in path.iterdir()):
+        shutil.rmtree(path, ignore_errors=True)
+        if path.parent.is_dir() and not any(path.parent.iterdir()):
+            path.parent.rmdir()
 
 
 # --------------------------------------------------------------------------- chat
