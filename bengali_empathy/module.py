@@ -480,7 +480,7 @@ class EmpathyLM(L.LightningModule):
                 out = self.save_adapter(Path(log_dir) / "adapter-best", lora_state_from_ckpt(best))
                 self.print(f"adapter of the best checkpoint ({Path(best).name}) saved to {out}")
         record = write_run_record(Path(log_dir), self.trainer, self, time.time() - self._fit_started)
-        if self.memory_plan is not None:
+        if self.memory_plan is not None and record["peak_memory_gib"]["gpu_reserved"] is not None:
             self.print(f"peak GPU memory {record['peak_memory_gib']['gpu_reserved']:.2f} GiB reserved of the "
                        f"{self.memory_plan.budget_gib:.2f} GiB budget ({self.memory_plan.checkpointed_layers} of "
                        f"{self.memory_plan.layers} layers checkpointed)")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from bengali_empathy.memory import weights_gib
+from bengali_empathy.module import EmpathyLM
 
 
 def test_weights_floor_counts_the_parameters_of_the_checkpoint(tiny_model_path):
@@ -109,3 +110,49 @@ def test_budget_below_the_weights_is_refused_before_loading(monkeypatch, tiny_mo
         EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", memory_budget_gib=floor / 2)
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", memory_budget_gib=floor * 2)
     assert lm.model is None  # nothing loaded yet: the check reads config.json only
+
+
+def test_fit_plans_from_the_datamodule_and_keeps_the_split_through_validation(monkeypatch, tmp_path,
+                                                                               tiny_model_path):
+    """The glue around the probe, on the CPU: fit asks for a plan at the data module's batch size and
+    max_seq_length, trains every step with its split (re-armed after the sanity validation's generate)
+    and records it in run.json. The probe itself is the GPU test's."""
+    import json
+
+    import lightning as L
+
+    from bengali_empathy import module
+    from bengali_empathy.data import EmpatheticDialogueDataModule
+    from bengali_empathy.memory import CheckpointPlan, checkpointed_layer_count, limit_checkpointing
+
+    asked = []
+
+    def fake_plan(model, arm, train_step, budget_gib, batch_size, seq_len, device, report):
+        asked.append((budget_gib, batch_size, seq_len))
+        arm()
+        limit_checkpointing(model, 1)
+        return CheckpointPlan(budget_gib, 2, 1, 0.1, 0.05, 0.15, batch_size, seq_len)
+
+    monkeypatch.setattr(module, "resolve_budget_gib", lambda budget, device: budget)
+    monkeypatch.setattr(module, "plan_checkpointing", fake_plan)
+
+    class SplitRecorder(L.Callback):
+        def __init__(self):
+            self.counts = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.counts.append(checkpointed_layer_count(pl_module.model))
+
+    recorder = SplitRecorder()
+    dm = EmpatheticDialogueDataModule(max_seq_length=768, batch_size=3)
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False, max_seq_length=768,
+                   memory_budget_gib=5.0, max_new_tokens=2, val_generate_batches=1, save_adapter_on_fit_end=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=1, val_check_interval=2,
+                        num_sanity_val_steps=1, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[recorder], default_root_dir=tmp_path)
+    trainer.fit(lm, datamodule=dm)
+    assert asked == [(5.0, 3, 768)]
+    assert recorder.counts == [1, 1, 1]  # after the sanity validation and the one at step 2 alike
+    record = json.loads((tmp_path / "lightning_logs" / "version_0" / "run.json").read_text())
+    assert record["model"]["memory_budget_gib"] == 5.0
+    assert record["model"]["memory_plan"]["checkpointed_layers"] == 1
