@@ -2,8 +2,10 @@
 # Runs on the lent GPU machine: installs carried wheels, runs GPU tests and benchmarks.
 # Usage: bash scripts/gpu_session.sh STEP...
 #   STEP: tests | unsloth | unsloth_plain | norearm | hf | hf_plain | corpus_packed | corpus_unpacked | corpus_grouped
-#         | model8b | predict | compare
+#         | model8b | predict | compare | fitbudget
 # compare: Unsloth's TRL SFTTrainer and this package at each memory budget of $BUDGETS, one table.
+# fitbudget: `fit` of the 8B config on $CORPUS (random 8B from model8b) for 30 steps at each budget of
+# $FIT_BUDGETS: the plan line, tokens/s and the peak against the budget.
 # predict runs `predict` end to end on a random-weight 8B checkpoint (made by model8b in /tmp/llama8b)
 # for each generation batch size in $GEN_BS, on $ROWS training rows of $CORPUS, with $PREDICT_ARGS.
 # corpus_* read $CORPUS (default .gpu_data/conversations.jsonl: carry a copy of
@@ -36,6 +38,14 @@ for step in "$@"; do
              --warmup 5 --corpus "$CORPUS" --group-by-length 2>&1 | tail -1 ;;
     compare) timeout ${COMPARE_TIMEOUT:-540} $B --batch-size 2 --steps $S --warmup 5 \
              --compare ${BUDGETS:-none,7,14,22,auto} 2>"$OUT/compare.err" | tee "$OUT/compare.out" ;;
+    fitbudget) for b in ${FIT_BUDGETS:-14}; do
+               timeout ${FIT_TIMEOUT:-300} python3 -m bengali_empathy fit --config configs/llama31_8b_unsloth.yaml \
+                 --model.model_name_or_path /tmp/llama8b --data.corpus_path "$CORPUS" --model.memory_budget_gib $b \
+                 --trainer.max_steps 30 --trainer.max_epochs -1 --trainer.val_check_interval 20 \
+                 --trainer.limit_val_batches 1 --model.max_new_tokens 16 --trainer.default_root_dir "$OUT/fit_b$b" \
+                 >"$OUT/fit_b$b.log" 2>&1
+               echo "rc=$? budget=$b"; grep -E "^(memory budget|peak GPU|error)" "$OUT/fit_b$b.log"
+             done ;;
     model8b) [ -f /tmp/llama8b/config.json ] || timeout 400 python3 -c "from bengali_empathy.modeling import \
              write_random_model, LLAMA31_8B_ARCH; write_random_model('/tmp/llama8b', LLAMA31_8B_ARCH, \
              dtype='bfloat16', device='cuda')"; ls /tmp/llama8b ;;
