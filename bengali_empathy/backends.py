@@ -185,6 +185,7 @@ class Backend:
         return model.disable_adapter()
 
     def planned_checkpointed_layers(self, model) -> int:
+        """How many decoder layers should recompute in training: the plan's, all without one, none when off."""
         from .memory import decoder_layers
 
         if not self.gradient_checkpointing:

@@ -70,6 +70,7 @@ class CheckpointPlan:
                 f"about +{self.per_layer_gib:.2f} GiB per layer without recompute)")
 
     def as_dict(self) -> dict:
+        """Plain values, for run.json, TensorBoard hparams and the benchmark's JSON."""
         return asdict(self)
 
 
@@ -81,6 +82,7 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 
 
 def checkpointed_layer_count(model) -> int:
+    """How many decoder layers have their checkpointing flag on now."""
     return sum(1 for m in decoder_layers(model) if m.gradient_checkpointing)
 
 
@@ -112,6 +114,7 @@ def resolve_budget_gib(budget: MemoryBudget, device: torch.device) -> Optional[f
 
 
 def check_budget_value(budget: MemoryBudget) -> None:
+    """A number must be positive (``auto`` and None pass): one error line otherwise."""
     if budget is not None and budget != "auto" and not budget > 0:
         raise UserError(f"model.memory_budget_gib must be a positive number of GiB, 'auto' or null, not {budget!r}")
 
@@ -134,6 +137,7 @@ def weights_gib(model_dir: Path, quantized: bool) -> float:
 
 
 def below_minimum(budget_gib: float, minimum_gib: float, what: str) -> UserError:
+    """The one-line error for a budget under ``minimum_gib``, which ``what`` explains."""
     return UserError(f"model.memory_budget_gib {budget_gib:.2f} is below the {minimum_gib:.2f} GiB {what}; "
                      f"give at least {math.ceil(minimum_gib * 10) / 10:.1f}, 'auto', or a smaller batch or "
                      f"max_seq_length")
