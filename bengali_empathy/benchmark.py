@@ -29,16 +29,16 @@ import torch
 
 
 def random_batches(n: int, batch_size: int, seq_len: int, seed: int = 0, prompt_len: int = 16):
+    """``n`` full-length random-token training batches (the memory probe's kind), with evaluation columns."""
+    from .memory import probe_batch
+
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        ids = torch.randint(0, 128000, (batch_size, seq_len), generator=g)
-        labels = ids.clone()
-        labels[:, :1] = -100
-        prompt = ids[:, :prompt_len]
+        batch = probe_batch(batch_size, seq_len, generator=g)
+        prompt = batch["input_ids"][:, :prompt_len]
         out.append({
-            "input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
-            "position_ids": torch.arange(seq_len).expand(batch_size, -1).clone(), "n_tokens": ids.numel(),
+            **batch, "n_tokens": batch["input_ids"].numel(),
             "gen_input_ids": prompt, "gen_attention_mask": torch.ones_like(prompt),
             "id": [str(i) for i in range(batch_size)], "prompt": ["ক"] * batch_size, "reference": ["খ"] * batch_size,
             "category": [None] * batch_size,

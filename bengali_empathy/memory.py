@@ -92,9 +92,10 @@ def limit_checkpointing(model, checkpointed: int) -> None:
         layer.gradient_checkpointing = False
 
 
-def probe_batch(batch_size: int, seq_len: int, device: torch.device, vocab_size: int = 128000) -> dict:
-    """The worst case of a training batch: every row full length and every token trained."""
-    g = torch.Generator().manual_seed(0)
+def probe_batch(batch_size: int, seq_len: int, device: torch.device | str = "cpu", vocab_size: int = 128000,
+                generator: Optional[torch.Generator] = None) -> dict:
+    """The worst case of a training batch: every row full length (random tokens) and every token trained."""
+    g = generator or torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)
     labels = ids.clone()
     labels[:, 0] = -100

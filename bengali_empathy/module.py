@@ -170,7 +170,7 @@ class EmpathyLM(L.LightningModule):
             return None
         seq_len = self.hparams.max_seq_length
         vocab = self.model.get_input_embeddings().num_embeddings
-        batch = probe_batch(batch_size, seq_len, device, min(128000, vocab))
+        batch = probe_batch(batch_size, seq_len, device, vocab_size=min(128000, vocab))
         if context is None:
             context = self.trainer.precision_plugin.forward_context if self._trainer is not None else \
                 (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
