@@ -171,8 +171,11 @@ def plan_checkpointing(model, arm: Callable[[], None], train_step: Callable[[], 
     peak(0)  # warm-up: kernels compiled and autotuned, workspaces allocated
     measured = {0: peak(0)}
     minimum = measured[0]
+    if math.isinf(minimum):
+        raise UserError(f"training at batch {batch_size} x {seq_len} tokens runs out of GPU memory even with every "
+                        f"layer checkpointed; give a smaller batch or max_seq_length")
     if minimum > budget_gib:
-        raise below_minimum(budget_gib, minimum if math.isfinite(minimum) else budget_gib,
+        raise below_minimum(budget_gib, minimum,
                             f"training needs at batch {batch_size} x {seq_len} tokens with every layer checkpointed")
     fits, over = 0, layers + 1
     while over - fits > 1:

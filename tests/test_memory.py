@@ -100,6 +100,15 @@ def test_budget_below_the_minimum_is_one_error_naming_it(card):
         _plan(card, 5.0)
 
 
+def test_a_card_that_cannot_hold_even_the_minimum_is_one_error_without_a_number(card):
+    from bengali_empathy.errors import UserError
+
+    card.card = 6.0  # weights fit, one layer's recompute does not
+    with pytest.raises(UserError, match=r"^training at batch 2 x 2048 tokens runs out of GPU memory even with every "
+                                        r"layer checkpointed; give a smaller batch or max_seq_length$"):
+        _plan(card, 100.0)
+
+
 def test_budget_below_the_weights_is_refused_before_loading(monkeypatch, tiny_model_path):
     from bengali_empathy.errors import UserError
     from bengali_empathy.module import EmpathyLM
