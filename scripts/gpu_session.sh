@@ -46,9 +46,10 @@ for step in "$@"; do
                  >"$OUT/fit_b$b.log" 2>&1
                echo "rc=$? budget=$b"; grep -E "^(memory budget|peak GPU|error)" "$OUT/fit_b$b.log"
              done ;;
-    model8b) [ -f /tmp/llama8b/config.json ] || timeout 400 python3 -c "from bengali_empathy.modeling import \
-             write_random_model, LLAMA31_8B_ARCH; write_random_model('/tmp/llama8b', LLAMA31_8B_ARCH, \
-             dtype='bfloat16', device='cuda')"; ls /tmp/llama8b ;;
+    model8b) M8=$BENGALI_EMPATHY_CACHE/random-llama-3.1-8b  # where benchmark --arch llama-3.1-8b looks too
+             [ -f $M8/config.json ] || timeout 400 python3 -c "from bengali_empathy.modeling import \
+             write_random_model, LLAMA31_8B_ARCH; write_random_model('$M8', LLAMA31_8B_ARCH, \
+             dtype='bfloat16', device='cuda')"; ln -sfn $M8 /tmp/llama8b; ls /tmp/llama8b/ ;;
     predict) for bs in ${GEN_BS:-128}; do
                timeout ${PREDICT_TIMEOUT:-400} python3 -m bengali_empathy predict --config configs/llama31_8b_unsloth.yaml \
                  --model.model_name_or_path /tmp/llama8b --data.corpus_path "$CORPUS" --data.predict_split train \
