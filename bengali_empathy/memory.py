@@ -20,7 +20,8 @@ H200, the first unflagged layer of a 12-layer model added 0.11 GiB where all 12 
 checkpointed at a 14 GiB budget. So the split is measured, not extrapolated.
 
 Peak memory is ``torch.cuda.max_memory_reserved``: what the process holds on the card
-(nvidia-smi shows about 0.5 GiB more, the CUDA context). The layers that keep
+(nvidia-smi shows about 0.5 GiB more, the CUDA context). For the rest of the fit,
+:func:`cap_reserved_memory` holds the allocator to the budget. The layers that keep
 checkpointing are the first ones; both backends decide per layer
 (transformers' ``GradientCheckpointingLayer.gradient_checkpointing``, which Unsloth's
 decoder loop also honours with its offloaded checkpointing).
@@ -135,6 +136,20 @@ def weights_gib(model_dir: Path, quantized: bool) -> float:
     other = embeddings + (2 * n + 1) * h
     linear_bytes = linear * (0.5 + 0.13 / 8) if quantized else linear * 2
     return (linear_bytes + 2 * other) / GIB
+
+
+def cap_reserved_memory(budget_gib: Optional[float], device: torch.device) -> None:
+    """Hold what the caching allocator reserves on ``device`` to ``budget_gib`` (None: lift the cap).
+
+    The probe bounds the training step at its worst-case shape, but batches of other shapes
+    fragment the cache and generation's KV cache grows with its batch; at the cap the allocator
+    frees its cache and retries before it reports out of memory, and generation halves its batch
+    on that report."""
+    if device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = 1.0 if budget_gib is None else min(1.0, budget_gib * GIB / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
 
 
 def below_minimum(budget_gib: float, minimum_gib: float, what: str) -> UserError:

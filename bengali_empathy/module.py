@@ -16,8 +16,8 @@ from .checkpoints import AdapterInfo, check_adapter, lora_state_from_ckpt, save_
 from .errors import UserError
 from .evaluation import Evaluation, requests_from_batch, summarize
 from .generation import Decoding, generate_replies
-from .memory import (CheckpointPlan, MemoryBudget, below_minimum, check_budget_value, checkpointed_layer_count,
-                     plan_checkpointing, probe_batch, resolve_budget_gib, weights_gib)
+from .memory import (CheckpointPlan, MemoryBudget, below_minimum, cap_reserved_memory, check_budget_value,
+                     checkpointed_layer_count, plan_checkpointing, probe_batch, resolve_budget_gib, weights_gib)
 from .metrics import TokenWeightedLoss, score_loss
 from .modeling import TINY_MODEL, resolve_model_path
 
@@ -145,6 +145,7 @@ class EmpathyLM(L.LightningModule):
         self.last_evaluation: Optional[Evaluation] = None
         self.param_counts: tuple[int, int] = (0, 0)
         self.memory_plan: Optional[CheckpointPlan] = None
+        self._capped_device: Optional[torch.device] = None
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -204,6 +205,9 @@ class EmpathyLM(L.LightningModule):
         batch_size = getattr(dm, "hparams", {}).get("batch_size") if dm is not None else None
         if self.memory_plan is None and batch_size:
             self.plan_memory(int(batch_size))
+        if self.memory_plan is not None:
+            self._capped_device = self.device
+            cap_reserved_memory(self.memory_plan.budget_gib, self._capped_device)
         if self.logger is not None:
             from .data import flat_stats
 
@@ -211,6 +215,11 @@ class EmpathyLM(L.LightningModule):
             stats = flat_stats(dm.stats) if getattr(dm, "stats", None) else {}
             if stats or extra:
                 self.logger.log_hyperparams({**stats, **extra})
+
+    def teardown(self, stage: str) -> None:
+        if self._capped_device is not None:  # the budget held the fit only
+            cap_reserved_memory(None, self._capped_device)
+            self._capped_device = None
 
     def on_train_epoch_start(self) -> None:
         # Lightning calls set_epoch on samplers only; a streamed split reshuffles through this.

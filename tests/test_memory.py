@@ -144,6 +144,8 @@ def test_fit_plans_from_the_datamodule_and_keeps_the_split_through_validation(mo
 
     monkeypatch.setattr(module, "resolve_budget_gib", lambda budget, device: budget)
     monkeypatch.setattr(module, "plan_checkpointing", fake_plan)
+    caps = []
+    monkeypatch.setattr(module, "cap_reserved_memory", lambda budget, device: caps.append(budget))
 
     class SplitRecorder(L.Callback):
         def __init__(self):
@@ -151,6 +153,7 @@ def test_fit_plans_from_the_datamodule_and_keeps_the_split_through_validation(mo
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.counts.append(checkpointed_layer_count(pl_module.model))
+            assert caps == [5.0]  # the allocator is held to the budget while training ...
 
     recorder = SplitRecorder()
     dm = EmpatheticDialogueDataModule(max_seq_length=768, batch_size=3)
@@ -162,6 +165,7 @@ def test_fit_plans_from_the_datamodule_and_keeps_the_split_through_validation(mo
     trainer.fit(lm, datamodule=dm)
     assert asked == [(5.0, 3, 768)]
     assert recorder.counts == [1, 1, 1]  # after the sanity validation and the one at step 2 alike
+    assert caps == [5.0, None]  # ... and let go when the fit ends
     record = json.loads((tmp_path / "lightning_logs" / "version_0" / "run.json").read_text())
     assert record["model"]["memory_budget_gib"] == 5.0
     assert record["model"]["memory_plan"]["checkpointed_layers"] == 1
