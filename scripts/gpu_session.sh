@@ -44,7 +44,8 @@ for step in "$@"; do
                  --trainer.max_steps 30 --trainer.max_epochs -1 --trainer.val_check_interval 20 \
                  --trainer.limit_val_batches 1 --model.max_new_tokens 16 --trainer.default_root_dir "$OUT/fit_b$b" \
                  >"$OUT/fit_b$b.log" 2>&1
-               echo "rc=$? budget=$b"; grep -aE "^(memory budget|peak GPU|error)|out of GPU memory|Error" "$OUT/fit_b$b.log" | head -20; tr "\r" "\n" <"$OUT/fit_b$b.log" | grep -aoE "perf/tokens_per_s.{0,40}" | tail -1
+               echo "rc=$? budget=$b"; grep -aE "^(memory budget|peak GPU|error)|out of GPU memory|Error" "$OUT/fit_b$b.log" | head -20
+               for f in $(find "$OUT/fit_b$b" -name "events.out*" -o -name run.json); do cp "$f" "$OUT/b${b}_$(basename $f)"; done
              done ;;
     model8b) M8=$BENGALI_EMPATHY_CACHE/random-llama-3.1-8b  # where benchmark --arch llama-3.1-8b looks too
              [ -f $M8/config.json ] || timeout 400 python3 -c "from bengali_empathy.modeling import \
