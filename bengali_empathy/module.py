@@ -146,6 +146,7 @@ class EmpathyLM(L.LightningModule):
         self.param_counts: tuple[int, int] = (0, 0)
         self.memory_plan: Optional[CheckpointPlan] = None
         self._capped_device: Optional[torch.device] = None
+        self._generation_batch_size: Optional[int] = None  # set when generation ran out of memory
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -402,11 +403,15 @@ class EmpathyLM(L.LightningModule):
             # Training's cached activation blocks would otherwise sit beside the KV cache (and the
             # KV cache's beside the next training step's): memory stays within the training budget.
             torch.cuda.empty_cache()
+        def smaller(batch_size: int) -> None:
+            # Kept for the rest of the run: every validation would otherwise run out of memory again first.
+            self._generation_batch_size = batch_size
+            self._report(f"{desc}: out of GPU memory, batch size now {batch_size} for the rest of this run")
+
         try:
             return generate_replies(self.model, self.tokenizer, prompts, decoding or self.decoding,
-                                    self.hparams.generation_batch_size, stop_token_ids(self.tokenizer), desc=desc,
-                                    progress=progress,
-                                    on_oom=lambda b: self.print(f"{desc}: out of GPU memory, batch size now {b}"))
+                                    self._generation_batch_size or self.hparams.generation_batch_size,
+                                    stop_token_ids(self.tokenizer), desc=desc, progress=progress, on_oom=smaller)
         finally:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

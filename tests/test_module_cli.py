@@ -127,3 +127,24 @@ def test_every_registered_backend_is_a_choice_and_auto_resolves_to_one():
 def test_generation_options_out_of_range_are_user_errors(tiny_model_path, option, value, message):
     with pytest.raises(UserError, match=re.escape(message)):
         EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", **{option: value})
+
+
+def test_generation_keeps_the_batch_size_it_halved_to(monkeypatch, tiny_model_path):
+    from bengali_empathy import module
+
+    asked = []
+
+    def small_card(model, tokenizer, prompts, decoding, batch_size, stop_ids, desc, progress, on_oom):
+        asked.append(batch_size)
+        while batch_size > 2:  # as generate_replies does on out-of-memory
+            batch_size //= 2
+            on_oom(batch_size)
+        return [""] * len(prompts), None
+
+    monkeypatch.setattr(module, "generate_replies", small_card)
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False,
+                   generation_batch_size=16)
+    lm.configure_model()
+    lm.generate_texts([[128000, 9906]] * 3, progress=False)
+    lm.generate_texts([[128000, 9906]] * 3, progress=False)
+    assert asked == [16, 2]
