@@ -43,7 +43,8 @@ MemoryBudget = Union[float, Literal["auto"], None]
 GIB = 2**30
 # ``auto``: this share of the memory the card has free (plus what this process already holds).
 AUTO_SHARE = 0.92
-# The split is planned to this share of the budget: batches of other shapes fragment the cache a little.
+# The split is planned to this share of the budget: batches of other shapes fragment the cache a little,
+# and at the cap (cap_reserved_memory) every flush of the cache costs the step a synchronisation.
 PLAN_SHARE = 0.96
 
 

@@ -400,9 +400,10 @@ class EmpathyLM(L.LightningModule):
         was_training = self.model.training
         self.backend.for_inference(self.model)
         if torch.cuda.is_available():
-            # Training's cached activation blocks would otherwise sit beside the KV cache (and the
-            # KV cache's beside the next training step's): memory stays within the training budget.
+            # Training's cached activation blocks go back before the KV cache is built (and the KV
+            # cache's after), not at the first allocation that fails at the fit's cap (cap_reserved_memory).
             torch.cuda.empty_cache()
+
         def smaller(batch_size: int) -> None:
             # Kept for the rest of the run: every validation would otherwise run out of memory again first.
             self._generation_batch_size = batch_size
