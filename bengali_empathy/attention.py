@@ -1,0 +1,52 @@
+"""Decoding attention that reads each key/value head once (grouped-query attention).
+
+Llama-3.1-8B has 32 query heads and 8 key/value heads. With a padding mask, transformers' SDPA
+path repeats every K/V head 4x (``repeat_kv``) and leaves the fused kernels, so each decoding step
+copies the whole KV cache several times and its cost grows with the prompt length. While decoding
+there is one query per row, so the 4 query heads that share a K/V head can be laid out as 4 query
+*positions* of that one head: a single SDPA call over the un-repeated cache gives the same result.
+Prefill (more than one query) keeps transformers' SDPA path.
+
+``register()`` adds it to transformers' ``AttentionInterface`` as ``gqa_decode`` (with SDPA's mask
+function), so any Llama model can use it through ``model.set_attn_implementation("gqa_decode")``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+NAME = "gqa_decode"
+
+
+def gqa_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                         scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                         **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: ``query`` (batch, heads, q_len, dim), ``key``/``value``
+    (batch, kv_heads, kv_len, dim); returns (batch, q_len, heads, dim) and no attention weights."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    if q_len != 1 or kv_heads == heads or dropout:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    # Query head j attends with K/V head j // groups (the order repeat_kv produces).
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    mask = attention_mask
+    if mask is not None and mask.dim() == 4:
+        mask = mask[:, :, :, : key.shape[2]]  # (batch, 1, 1, kv_len): the same for every head of a group
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Register :func:`gqa_decode_attention` with transformers (idempotent); returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, gqa_decode_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
