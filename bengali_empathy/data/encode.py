@@ -161,14 +161,14 @@ class RowEncoder:
         o = self.opts
         for j, i in enumerate(indices):
             line = i + 1
-            c = self.fmt.conversation({k: batch[k][j] for k in keys}, where(self.file, line))
-            fallback = where(self.file, line)
+            here = where(self.file, line)
+            c = self.fmt.conversation({k: batch[k][j] for k in keys}, here)
             out["file"].append(self.file)
             out["line"].append(line)
             out["split"].append(split_of(c.group if c else f"{self.file}\x00{line}", o.val_fraction,
                                          o.test_fraction, o.seed))
-            out["id"].append(c.id if c else fallback)
-            out["group"].append(c.group if c else fallback)
+            out["id"].append(c.id if c else here)
+            out["group"].append(c.group if c else here)
             out["category"].append(c.category if c else None)
             out["system"].append(c.system if c else None)
             out["turns"].append(c.turns if c else [])
