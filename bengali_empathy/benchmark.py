@@ -31,6 +31,7 @@ import torch
 def random_batches(n: int, batch_size: int, seq_len: int, seed: int = 0, prompt_len: int = 16):
     """``n`` full-length random-token training batches (the memory probe's kind), with evaluation columns."""
     from .memory import probe_batch
+    from .schema import EvalRow
 
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -39,9 +40,8 @@ def random_batches(n: int, batch_size: int, seq_len: int, seed: int = 0, prompt_
         prompt = batch["input_ids"][:, :prompt_len]
         out.append({
             **batch, "n_tokens": batch["input_ids"].numel(),
-            "gen_input_ids": prompt, "gen_attention_mask": torch.ones_like(prompt),
-            "id": [str(i) for i in range(batch_size)], "prompt": ["ক"] * batch_size, "reference": ["খ"] * batch_size,
-            "category": [None] * batch_size,
+            "eval_rows": [EvalRow(file="random", line=i + 1, id=str(i), prompt="ক", reference="খ",
+                                  prompt_ids=prompt[i].tolist()) for i in range(batch_size)],
         })
     return out
 

@@ -44,11 +44,10 @@ class Evaluation:
 
 
 def requests_from_batch(batch: dict) -> list[dict]:
-    """Evaluation rows of a collated batch: identity, texts and the unpadded generation prompt."""
-    ids, mask = batch["gen_input_ids"], batch["gen_attention_mask"].bool()
-    where = batch.get("row") or batch["id"]  # "file: row N", unique: merges the rows of several ranks
-    return [{"id": batch["id"][i], "row": where[i], "prompt": batch["prompt"][i], "reference": batch["reference"][i],
-             "category": batch["category"][i], "prompt_ids": ids[i][mask[i]].tolist()} for i in range(len(ids))]
+    """Evaluation rows of a collated batch (``batch["eval_rows"]``): identity, texts and the unpadded prompt."""
+    # "file: row N", unique: merges the rows of several ranks
+    return [{"id": r.id, "row": r.where, "prompt": r.prompt, "reference": r.reference, "category": r.category,
+             "prompt_ids": list(r.prompt_ids)} for r in batch["eval_rows"]]
 
 
 def _scores(rows: list[dict], key: str, loss: dict) -> dict:

@@ -423,7 +423,7 @@ class EmpathyLM(L.LightningModule):
         """One reply to ``message`` (a single user turn) with the given or the default Bengali system prompt."""
         from dataclasses import replace
 
-        from .corpus import DEFAULT_SYSTEM_PROMPT
+        from .data import DEFAULT_SYSTEM_PROMPT
         from .data import ChatEncoder
 
         if self._chat_encoder is None:  # built once: it checks the whole vocabulary
@@ -468,7 +468,7 @@ class EmpathyLM(L.LightningModule):
         """What the adapter directory records: base model, backend, LoRA, system prompt, length, template."""
         from dataclasses import asdict
 
-        from .corpus import DEFAULT_SYSTEM_PROMPT
+        from .data import DEFAULT_SYSTEM_PROMPT
 
         dm = self.trainer.datamodule if self._trainer is not None else None
         system = getattr(dm, "hparams", {}).get("system_prompt", DEFAULT_SYSTEM_PROMPT) if dm else DEFAULT_SYSTEM_PROMPT

@@ -42,8 +42,7 @@ def chat(tokenizer):
 
 def encode_pairs(tokenizer, pairs, system=None):
     """Encoded examples (as the data module stores them) of single-exchange (prompt, reply) pairs."""
-    from bengali_empathy.corpus import DEFAULT_SYSTEM_PROMPT
-    from bengali_empathy.data import ChatEncoder
+    from bengali_empathy.data import DEFAULT_SYSTEM_PROMPT, ChatEncoder
 
     chat = ChatEncoder(tokenizer)
     out = []
@@ -51,7 +50,8 @@ def encode_pairs(tokenizer, pairs, system=None):
         sys_ids, p_ids, r_ids = chat.tokenize([system or DEFAULT_SYSTEM_PROMPT, p, r])
         ids, spans = chat.assemble(sys_ids, [("user", p_ids), ("assistant", r_ids)])
         out.append({"input_ids": ids, "label_spans": [x for s in spans for x in s], "prompt_len": spans[-1][0],
-                    "id": str(i), "prompt": p, "reference": r, "category": None})
+                    "file": "pairs.jsonl", "line": i + 1, "id": str(i), "prompt": p, "reference": r,
+                    "category": None})
     return out
 
 

@@ -1,10 +1,9 @@
-"""Corpus formats -> conversations, the group split and bad-input errors (bengali_empathy.corpus)."""
+"""Corpus formats -> conversations, the group split and bad-input errors (bengali_empathy.data.formats, .files)."""
 import json
 
 import pytest
 
-from bengali_empathy.corpus import CorpusFormat, corpus_files, load_file, split_of
-from bengali_empathy.data import EmpatheticDialogueDataModule
+from bengali_empathy.data import CorpusFormat, EmpatheticDialogueDataModule, corpus_files, load_file, split_of
 from bengali_empathy.errors import UserError
 from conftest import SHARED_DATA, requires_shared
 
@@ -88,7 +87,7 @@ def test_group_column_keeps_a_dialogue_in_one_split(tmp_path):
 def test_dailydialog_turn_rows_never_straddle_splits():
     dm = EmpatheticDialogueDataModule(corpus_path=str(SHARED_DATA / "dialogues.jsonl"), max_seq_length=4096,
                                       on_too_long="drop")
-    cols = dm._encode_in_memory().select_columns(["group", "split"])[:]
+    cols = dm.encoded().select_columns(["group", "split"])[:]
     by_group: dict = {}
     for g, s in zip(cols["group"], cols["split"]):
         by_group.setdefault(g, set()).add(s)

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from bengali_empathy.corpus import DEFAULT_SYSTEM_PROMPT, bundled_corpus_path
 from bengali_empathy.data import (
-    IGNORE_INDEX, Collator, EmpatheticDialogueDataModule, format_stats, pack_examples, pack_groups,
+    DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, Collator, EmpatheticDialogueDataModule, bundled_corpus_path, format_stats,
+    pack_examples, pack_groups,
 )
 from bengali_empathy.errors import UserError
 from conftest import TWO_PAIRS, encode_pairs
@@ -68,7 +68,7 @@ def _tokenized(chat, system, turns):
 @pytest.mark.parametrize("train_on", ["all_assistant", "last_assistant"])
 def test_labels_cover_exactly_the_trained_replies(tmp_path, tokenizer, train_on):
     dm = dm_for(tmp_path, [{"messages": LONG_CONV}], val_fraction=0.0, test_fraction=0.0, train_on=train_on)
-    ex = dm.datasets["train"][0]
+    ex = dm.splits.datasets["train"][0]
     batch = dm.collator()([ex])
     labels, ids = batch["labels"][0], batch["input_ids"][0]
     trained = tokenizer.decode(ids[labels != IGNORE_INDEX])
@@ -80,7 +80,7 @@ def test_labels_cover_exactly_the_trained_replies(tmp_path, tokenizer, train_on)
 
 def test_eval_prompt_is_history_up_to_the_final_reply(tmp_path, tokenizer):
     dm = dm_for(tmp_path, [{"id": "c", "messages": LONG_CONV}], val_fraction=0.0, test_fraction=0.0)
-    ex = dm._encode_in_memory()[0]
+    ex = dm.encoded()[0]
     prompt = tokenizer.decode(ex["input_ids"][: ex["prompt_len"]])
     assert prompt.endswith(LONG_CONV[4]["content"] + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
     assert LONG_CONV[5]["content"] not in prompt  # the reference is never inside the prompt
@@ -97,18 +97,18 @@ def test_too_long_policies(tmp_path, tokenizer, chat):
     with pytest.raises(UserError, match=f"row 1: conversation is {full} tokens, longer than max_seq_length={limit}"):
         dm_for(tmp_path, rows, **common)
     dm = dm_for(tmp_path, rows, on_too_long="drop", **common)
-    st = dm.stats["train"]
+    st = dm.facts.stats["train"]
     assert (st["rows"], st["kept"], st["dropped_too_long"], st["dropped_empty"]) == (2, 1, 1, 0)
-    assert "dropped_too_long" in format_stats(dm.stats, limit)
+    assert "dropped_too_long" in format_stats(dm.facts.stats, limit)
     empty = dm_for(tmp_path, [{"prompt": "গ", "response": " "}, {"prompt": "ক", "response": "খ"}], **common)
-    assert (empty.stats["train"]["dropped_empty"], empty.stats["train"]["kept"]) == (1, 1)
+    assert (empty.facts.stats["train"]["dropped_empty"], empty.facts.stats["train"]["kept"]) == (1, 1)
     dm = dm_for(tmp_path, rows, on_too_long="truncate", **common)  # the cut would remove the whole final reply
-    assert (dm.stats["train"]["truncated"], dm.stats["train"]["dropped_too_long"]) == (0, 1)
+    assert (dm.facts.stats["train"]["truncated"], dm.facts.stats["train"]["dropped_too_long"]) == (0, 1)
     dm = dm_for(tmp_path, rows, on_too_long="truncate", max_seq_length=full - 5, val_fraction=0.0, test_fraction=0.0)
-    assert dm.stats["train"]["truncated"] == 1
-    assert max(len(ex["input_ids"]) for ex in dm.datasets["train"]) == full - 5
+    assert dm.facts.stats["train"]["truncated"] == 1
+    assert max(len(ex["input_ids"]) for ex in dm.splits.datasets["train"]) == full - 5
     dm = dm_for(tmp_path, rows, on_too_long="truncate_history", **common)
-    enc = dm._encode_in_memory()
+    enc = dm.encoded()
     long = enc[0]
     assert long["status"] == "truncated" and long["n_tokens"] == final_only and long["n_turns"] == 2
     text = tokenizer.decode(long["input_ids"])
@@ -117,19 +117,24 @@ def test_too_long_policies(tmp_path, tokenizer, chat):
     two = len(chat.assemble(*_tokenized(chat, DEFAULT_SYSTEM_PROMPT, LONG_CONV[2:]))[0])
     dm = dm_for(tmp_path, rows, on_too_long="truncate_history", max_seq_length=two, val_fraction=0.0,
                 test_fraction=0.0)
-    assert dm._encode_in_memory()[0]["n_turns"] == 4
+    assert dm.encoded()[0]["n_turns"] == 4
 
 
-def test_collator_pads_right_for_training_and_left_for_generation():
+def test_collator_pads_right_for_training_and_keeps_generation_prompts_unpadded():
     batch = [
-        {"input_ids": [1, 2, 3], "label_spans": [1, 3], "prompt_len": 1, "id": "a", "prompt": "p", "reference": "r"},
-        {"input_ids": [4, 5], "label_spans": [1, 2], "prompt_len": 1, "id": "b", "prompt": "q", "reference": "s"},
+        {"input_ids": [1, 2, 3], "label_spans": [1, 3], "prompt_len": 1, "file": "c.jsonl", "line": 1, "id": "a",
+         "prompt": "p", "reference": "r"},
+        {"input_ids": [4, 5], "label_spans": [1, 2], "prompt_len": 1, "file": "c.jsonl", "line": 2, "id": "b",
+         "prompt": "q", "reference": "s"},
     ]
     out = Collator(pad_id=0, pad_to_multiple_of=4)(batch)
     assert out["input_ids"].tolist() == [[1, 2, 3, 0], [4, 5, 0, 0]]
     assert out["labels"].tolist() == [[-100, 2, 3, -100], [-100, 5, -100, -100]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
-    assert out["gen_input_ids"].tolist() == [[1], [4]]
+    assert [r.prompt_ids for r in out["eval_rows"]] == [[1], [4]]
+    assert [(r.where, r.id, r.reference) for r in out["eval_rows"]] == [("c.jsonl: row 1", "a", "r"),
+                                                                         ("c.jsonl: row 2", "b", "s")]
+    assert not {"gen_input_ids", "gen_attention_mask", "id", "prompt", "reference", "category", "row"} & set(out)
 
 
 def test_packing_multi_turn_equals_per_conversation_loss(tiny_lora):
@@ -176,10 +181,10 @@ def test_streaming_split_equals_in_memory_and_predict_cap(tmp_path):
     st = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, shuffle_buffer=0, max_predict_samples=5)
     st.setup()
     for split in ("val", "test"):
-        assert [ex["id"] for ex in st.datasets[split]] == list(mem.datasets[split]["id"])
-    assert len(list(st.datasets["train"])) == len(mem.datasets["train"])
+        assert [ex["id"] for ex in st.splits.datasets[split]] == list(mem.splits.datasets[split]["id"])
+    assert len(list(st.splits.datasets["train"])) == len(mem.splits.datasets["train"])
     for dm in (mem, st):
-        assert sum(len(b["id"]) for b in dm.predict_dataloader()) == 5
+        assert sum(len(b["eval_rows"]) for b in dm.predict_dataloader()) == 5
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -189,18 +194,22 @@ def test_predict_on_the_training_split_has_prompts_even_when_packed(tmp_path, st
                                       predict_split="train", max_predict_samples=6, eval_batch_size=4)
     dm.setup()
     batches = list(dm.predict_dataloader())
-    assert sum(len(b["id"]) for b in batches) == 6
-    assert all(b["gen_input_ids"].shape[0] == len(b["reference"]) for b in batches)
-    assert all(r.startswith("উত্তর নম্বর") for b in batches for r in b["reference"])
+    assert sum(len(b["eval_rows"]) for b in batches) == 6
+    assert all(b["input_ids"].shape[0] == len(b["eval_rows"]) for b in batches)
+    assert all(r.reference.startswith("উত্তর নম্বর") and r.prompt_ids for b in batches for r in b["eval_rows"])
+
+
+def _unpadded(loader):
+    return [tuple(b["input_ids"][0][b["attention_mask"][0].bool()].tolist()) for b in loader]
 
 
 def test_streaming_order_changes_every_epoch_and_ranks_are_disjoint(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", _pairs(120))
     dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, shuffle_buffer=50, batch_size=1)
     dm.setup()
-    first = [tuple(ex["input_ids"]) for ex in dm.datasets["train"]]
-    dm.set_epoch(1)
-    second = [tuple(ex["input_ids"]) for ex in dm.datasets["train"]]
+    loader = dm.train_dataloader()  # nobody calls set_epoch: the loader counts its passes
+    first = _unpadded(loader)
+    second = _unpadded(loader)
     assert sorted(first) == sorted(second) and first != second
 
     class Rank:
@@ -212,7 +221,7 @@ def test_streaming_order_changes_every_epoch_and_ranks_are_disjoint(tmp_path):
         dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, shuffle_buffer=50)
         dm.trainer = Rank(r)
         dm.setup()
-        seen.append({tuple(ex["input_ids"]) for ex in dm.datasets["train"]})
+        seen.append({tuple(ex["input_ids"]) for ex in dm.splits.datasets["train"]})
     assert seen[0] and seen[1] and not (seen[0] & seen[1])
     assert seen[0] | seen[1] == set(first)
 
@@ -220,8 +229,8 @@ def test_streaming_order_changes_every_epoch_and_ranks_are_disjoint(tmp_path):
 def test_datamodule_on_bundled_sample(tokenizer):
     dm = EmpatheticDialogueDataModule(max_seq_length=1024, batch_size=4)
     dm.setup()
-    assert dm.stats["train"]["kept"] > 200 and dm.stats["val"]["kept"] > 10
-    assert dm.stats["train"]["turns"] > 2 * dm.stats["train"]["rows"]  # multi-turn conversations are in
+    assert dm.facts.stats["train"]["kept"] > 200 and dm.facts.stats["val"]["kept"] > 10
+    assert dm.facts.stats["train"]["turns"] > 2 * dm.facts.stats["train"]["rows"]  # multi-turn conversations are in
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == batch["labels"].shape and batch["input_ids"].shape[0] == 4
     assert (batch["labels"] != IGNORE_INDEX).sum() > 0
@@ -240,8 +249,8 @@ def test_streaming_counts_dropped_and_truncated_rows(tmp_path):
     dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, on_too_long="drop", max_seq_length=256,
                                       val_fraction=0.0, test_fraction=0.0)
     dm.setup()
-    assert len(list(dm.datasets["train"])) == 30
-    assert dm.stream_counts("train") == {"ok": 30, "too_long": 1, "empty": 1}
+    assert len(list(dm.splits.datasets["train"])) == 30
+    assert dm.splits.counts("train") == {"ok": 30, "too_long": 1, "empty": 1}
 
 
 def test_deduplicate_drops_normalised_repeats_before_the_split(tmp_path):
@@ -250,13 +259,13 @@ def test_deduplicate_drops_normalised_repeats_before_the_split(tmp_path):
                {"id": "d2", "prompt": "য\u09bcাত্রা", "response": "শুভ"},  # NFD ...
                {"id": "d3", "prompt": "\u09dfাত্রা", "response": "শুভ"}]  # ... and NFC: one conversation
     path = write_jsonl(tmp_path / "d.jsonl", base + repeats)
-    kept = lambda dm: sum(s["kept"] for s in dm.stats.values())  # noqa: E731
+    kept = lambda dm: sum(s["kept"] for s in dm.facts.stats.values())  # noqa: E731
     plain = EmpatheticDialogueDataModule(corpus_path=path)
     plain.setup()
     dedup = EmpatheticDialogueDataModule(corpus_path=path, deduplicate=True)
     dedup.setup()
     assert kept(plain) == 33 and kept(dedup) == 31
-    assert sum(s["dropped_duplicate"] for s in dedup.stats.values()) == 2
+    assert sum(s["dropped_duplicate"] for s in dedup.facts.stats.values()) == 2
     with pytest.raises(UserError, match="deduplicate needs the corpus in memory"):
         EmpatheticDialogueDataModule(corpus_path=path, deduplicate=True, streaming=True)
 
@@ -292,5 +301,5 @@ def test_streams_prepared_before_ddp_are_sharded_once_ranks_are_known(tmp_path):
         dm.setup()  # the CLI's prepare(): one process, no ranks yet
         dm.trainer = Rank(r)
         dm.setup("fit")  # Lightning's setup inside the DDP process
-        seen.append({tuple(ex["input_ids"]) for ex in dm.datasets["train"]})
+        seen.append({tuple(ex["input_ids"]) for ex in dm.splits.datasets["train"]})
     assert seen[0] and seen[1] and not seen[0] & seen[1]

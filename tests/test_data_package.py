@@ -1,0 +1,198 @@
+"""The data package's contract with the model (eval_rows, facts, StreamCounts), the streamed reshuffle,
+one parse per row, and bad corpora as one ``error:`` line (the CLI in-process)."""
+import json
+import sys
+from collections import Counter
+
+import pytest
+
+from bengali_empathy.cli import main
+from bengali_empathy.data import CorpusFormat, EmpatheticDialogueDataModule, StreamCounts
+from bengali_empathy.errors import UserError
+from bengali_empathy.schema import CorpusFacts, EvalRow
+from conftest import ROOT
+
+DEFAULT = ["--config", str(ROOT / "configs" / "default.yaml")]
+
+
+def _pairs(n):
+    return [{"id": f"r{i}", "prompt": f"প্রশ্ন নম্বর {i}", "response": f"উত্তর নম্বর {i}"} for i in range(n)]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _unpadded(loader):
+    return [tuple(b["input_ids"][0][b["attention_mask"][0].bool()].tolist()) for b in loader]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_eval_rows_are_unpadded_prompts_with_file_and_line(tmp_path, streaming):
+    rows = _pairs(40)
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=streaming, shuffle_buffer=0, eval_batch_size=4,
+                                      val_fraction=0.3)
+    dm.setup()
+    examples = list(dm.splits.datasets["val"])
+    batches = list(dm.val_dataloader())
+    got = [r for b in batches for r in b["eval_rows"]]
+    assert len(got) == len(examples) > 4 and all(isinstance(r, EvalRow) for r in got)
+    for r, ex in zip(got, examples):
+        assert r.prompt_ids == list(ex["input_ids"][: ex["prompt_len"]])
+        assert r.file == path and rows[r.line - 1]["id"] == r.id and r.reference == rows[r.line - 1]["response"]
+        assert r.where == f"{path}: row {r.line}"
+    for b in batches:  # the prompt is the start of the (right-padded) loss row, not padded itself
+        for i, r in enumerate(b["eval_rows"]):
+            assert b["input_ids"][i, : len(r.prompt_ids)].tolist() == r.prompt_ids
+            assert int(b["attention_mask"][i].sum()) > len(r.prompt_ids)
+
+
+def test_facts_carry_the_corpus_stats_and_training_texts(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", _pairs(50))
+    dm = EmpatheticDialogueDataModule(corpus_path=path)
+    facts = dm.facts
+    assert isinstance(facts, CorpusFacts) and facts.corpus_path == path and facts.stats == {}
+    assert facts.training_texts() is None  # not set up yet
+    dm.setup()
+    assert set(facts.stats) == {"train", "val", "test"} and facts.stats["train"]["kept"] > 30
+    prompts, replies = facts.training_texts()
+    assert len(prompts) == len(replies) == facts.stats["train"]["kept"]
+    assert all(p.startswith("প্রশ্ন নম্বর") for p in prompts) and all(r.startswith("উত্তর নম্বর") for r in replies)
+    streamed = EmpatheticDialogueDataModule(corpus_path=path, streaming=True)
+    streamed.setup()
+    assert streamed.facts.stats == {} and streamed.facts.training_texts() is None
+    assert streamed.compute_stats()["train"]["kept"] == facts.stats["train"]["kept"]
+    assert streamed.facts.stats["train"]["kept"] == facts.stats["train"]["kept"]
+
+
+def test_streamed_training_split_follows_the_trainers_epoch(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", _pairs(80))
+
+    class Trainer:  # what the loader reads of Lightning's trainer
+        global_rank, world_size, current_epoch = 0, 1, 0
+
+    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, shuffle_buffer=40, batch_size=1)
+    dm.setup()
+    passes = dm.train_dataloader()
+    epoch0, epoch1 = _unpadded(passes), _unpadded(passes)
+    resumed = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, shuffle_buffer=40, batch_size=1)
+    resumed.trainer = Trainer()
+    resumed.setup()
+    loader = resumed.train_dataloader()
+    Trainer.current_epoch = 1  # a run resumed in epoch 1 shuffles as the first run's second pass did
+    assert _unpadded(loader) == epoch1 != epoch0
+    Trainer.current_epoch = 0
+    assert _unpadded(loader) == epoch0
+
+
+def test_stream_counts_callback_prints_and_logs_the_epochs_rows(tmp_path, capsys):
+    rows = _pairs(20) + [{"id": "long", "prompt": "দীর্ঘ " * 300, "response": "খ"}, {"id": "e", "prompt": "ক",
+                                                                                      "response": ""}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, on_too_long="drop", max_seq_length=256,
+                                      val_fraction=0.0, test_fraction=0.0)
+    dm.setup()
+    list(dm.train_dataloader())
+    logged = {}
+
+    class Module:
+        print = staticmethod(print)
+
+        def log(self, name, value, **kwargs):
+            logged[name] = value
+
+    class Trainer:
+        datamodule = dm
+
+    StreamCounts().on_train_epoch_end(Trainer(), Module())
+    assert "streamed train rows this epoch: 20 kept, 0 truncated, 1 dropped as too long, 1 dropped as empty" \
+        in capsys.readouterr().out
+    assert logged == {"data/train_truncated_rows": 0.0, "data/train_too_long_rows": 1.0, "data/train_empty_rows": 1.0}
+    in_memory = EmpatheticDialogueDataModule(corpus_path=path, on_too_long="drop", max_seq_length=256)
+    in_memory.setup()
+    Trainer.datamodule = in_memory
+    StreamCounts().on_train_epoch_end(Trainer(), Module())  # counted before the run: nothing to report
+    assert capsys.readouterr().out == "" and len(logged) == 3
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_each_row_is_parsed_once(tmp_path, monkeypatch, streaming):
+    path = write_jsonl(tmp_path / "p.jsonl", _pairs(30))
+    calls = Counter()
+    parse = CorpusFormat.conversation
+
+    def counted(self, row, where):
+        calls[where] += 1
+        return parse(self, row, where)
+
+    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=streaming, shuffle_buffer=0, val_fraction=0.0,
+                                      test_fraction=0.0)
+    monkeypatch.setattr(CorpusFormat, "conversation", counted)
+    dm.setup()
+    assert len(list(dm.splits.datasets["train"])) == 30
+    assert len(calls) == 30 and set(calls.values()) == {1}
+
+
+def _fit_error(tmp_path, monkeypatch, capsys, *extra):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["bengali_empathy"])  # LightningCLI would read pytest's arguments too
+    rc = main(["fit", *DEFAULT, *extra])
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "lightning_logs").exists()
+    return lines[0]
+
+
+def _non_utf8(tmp_path, suffix):
+    rows = _pairs(30)
+    if suffix == ".jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    elif suffix == ".json":
+        text = json.dumps(rows, ensure_ascii=False, indent=1)
+    else:
+        text = "prompt\tresponse\n" + "".join(f"{r['prompt']}\t{r['response']}\n" for r in rows)
+    p = tmp_path / f"latin1{suffix}"
+    p.write_bytes(text.encode("utf-8").replace("উত্তর নম্বর 7".encode("utf-8"), b"caf\xe9 7"))
+    return p, text.splitlines().index(next(x for x in text.splitlines() if "উত্তর নম্বর 7" in x)) + 1
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".tsv"])
+def test_non_utf8_corpus_is_one_line_naming_file_and_line(tmp_path, monkeypatch, capsys, suffix):
+    p, line = _non_utf8(tmp_path, suffix)
+    assert f"{p.name}:{line}: not UTF-8 text" in _fit_error(tmp_path, monkeypatch, capsys, "--data.corpus_path",
+                                                             str(p))
+    with pytest.raises(UserError, match=f"{p.name}:{line}: not UTF-8 text"):  # a .json fails on its first row
+        streamed = EmpatheticDialogueDataModule(corpus_path=str(p), streaming=True, shuffle_buffer=0)
+        streamed.setup()
+        for split in ("train", "val", "test"):
+            list(streamed.splits.datasets[split])
+
+
+def test_row_without_the_response_key_is_a_broken_row(tmp_path, monkeypatch, capsys):
+    rows = _pairs(20)
+    rows[5] = {"id": "x", "prompt": "কিছু একটা"}
+    p = write_jsonl(tmp_path / "missing.jsonl", rows)
+    message = _fit_error(tmp_path, monkeypatch, capsys, "--data.corpus_path", p)
+    assert "missing.jsonl: row 6: no value for 'response' (the key is missing or null" in message
+    streamed = EmpatheticDialogueDataModule(corpus_path=p, streaming=True, shuffle_buffer=0)
+    streamed.setup()
+    with pytest.raises(UserError, match="missing.jsonl: row 6: no value for 'response'"):
+        list(streamed.splits.datasets["train"])
+
+
+def test_too_long_error_counts_the_rows_over_the_limit(tmp_path, monkeypatch, capsys):
+    rows = _pairs(20)
+    for i, n in ((3, 100), (8, 200), (12, 300)):
+        rows[i]["prompt"] = "দীর্ঘ " * n
+    p = write_jsonl(tmp_path / "long.jsonl", rows)
+    message = _fit_error(tmp_path, monkeypatch, capsys, "--data.corpus_path", p, "--data.max_seq_length", "300")
+    assert "long.jsonl: row 4: conversation is" in message and "longer than max_seq_length=300" in message
+    assert "3 of 20 rows are longer (p50 " in message and "p99 " in message and "data.on_too_long" in message
+    streamed = EmpatheticDialogueDataModule(corpus_path=p, streaming=True, shuffle_buffer=0, max_seq_length=300,
+                                            val_fraction=0.0, test_fraction=0.0)
+    streamed.setup()
+    with pytest.raises(UserError, match="long.jsonl: row 4: conversation is .* the first of the stream"):
+        list(streamed.splits.datasets["train"])
