@@ -14,38 +14,20 @@ import logging
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, get_args
 
 import torch
 import torch.nn.functional as F
 
+from .data import IGNORE_INDEX
 from .errors import UserError
+from .lora import LoraSettings
 
 log = logging.getLogger(__name__)
 
 BackendName = Literal["auto", "unsloth", "hf"]
 BACKENDS = get_args(BackendName)
-IGNORE_INDEX = -100
-
-
-@dataclass
-class LoraSettings:
-    r: int = 16
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    modules_to_save: list[str] = field(default_factory=list)
-
-
-def peft_lora_config(lora: LoraSettings):
-    """The peft ``LoraConfig`` of these settings (causal LM, no bias)."""
-    from peft import LoraConfig
-
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
-                      modules_to_save=list(lora.modules_to_save) or None)
 
 
 def unsloth_available() -> bool:
@@ -247,7 +229,7 @@ class HFPeftBackend(Backend):
         if adapter_path:  # settings already checked against the adapter's (checkpoints.check_adapter)
             model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=True)
         else:
-            model = get_peft_model(model, peft_lora_config(lora))
+            model = get_peft_model(model, lora.to_peft())
         tokenizer = load_tokenizer(model_path)
         return model, tokenizer
 

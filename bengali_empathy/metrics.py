@@ -29,6 +29,12 @@ from torchmetrics.text import ROUGEScore
 
 _WS = re.compile(r"\s+")
 
+# Every score an evaluation reports, in the order reports and logs show them, with its display name.
+SCORE_NAMES = {"bleu": "BLEU", "rougeL": "ROUGE-L", "chrf": "chrF++", "loss": "NLL (nats/token)",
+               "perplexity": "perplexity", "nll_per_char": "NLL (nats/character)", "bits_per_char": "bits/character"}
+# The scores of generated replies (the others are the reference replies' loss): per category too.
+TEXT_SCORES = ("bleu", "rougeL", "chrf")
+
 
 def _is_punct(ch: str) -> bool:
     return unicodedata.category(ch).startswith("P")
