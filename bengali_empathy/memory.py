@@ -37,6 +37,7 @@ from typing import Callable, Literal, Optional, Union
 
 import torch
 
+from .backends import checkpointed_layer_count, decoder_layers, limit_checkpointing  # noqa: F401 - also this API's
 from .data import IGNORE_INDEX
 from .errors import UserError
 
@@ -76,24 +77,6 @@ class CheckpointPlan:
     def as_dict(self) -> dict:
         """Plain values, for run.json, TensorBoard hparams and the benchmark's JSON."""
         return asdict(self)
-
-
-def decoder_layers(model) -> list[torch.nn.Module]:
-    """The layers that can each be checkpointed or not (transformers' ``GradientCheckpointingLayer``)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
-def checkpointed_layer_count(model) -> int:
-    """How many decoder layers have their checkpointing flag on now."""
-    return sum(1 for m in decoder_layers(model) if m.gradient_checkpointing)
-
-
-def limit_checkpointing(model, checkpointed: int) -> None:
-    """Switch checkpointing off on all but the first ``checkpointed`` decoder layers (which stay as armed)."""
-    for layer in decoder_layers(model)[checkpointed:]:
-        layer.gradient_checkpointing = False
 
 
 def probe_batch(batch_size: int, seq_len: int, device: torch.device | str = "cpu", vocab_size: int = 128000,

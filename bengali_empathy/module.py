@@ -17,15 +17,14 @@ from typing import Any, Literal, Optional
 import lightning as L
 import torch
 
-from .backends import Backend, BackendName, make_backend
+from .backends import Backend, BackendName, checkpointed_layer_count, make_backend
 from .checkpoints import AdapterInfo, check_adapter, lora_state_from_ckpt, save_adapter
 from .data import DEFAULT_SYSTEM_PROMPT, flat_stats
 from .errors import UserError
 from .evaluation import Evaluation, Evaluator
 from .generation import Decoding, GenerationStats, Generator
 from .lora import DEFAULT_LORA, LoraSettings
-from .memory import (CheckpointPlan, MemoryBudget, cap_reserved_memory, check_budget, checkpointed_layer_count,
-                     plan_training_memory)
+from .memory import CheckpointPlan, MemoryBudget, cap_reserved_memory, check_budget, plan_training_memory
 from .modeling import TINY_MODEL, resolve_model_path
 from .records import RunInfo, write_fit_records
 from .schema import CorpusFacts
