@@ -37,7 +37,7 @@ from typing import Callable, Literal, Optional, Union
 
 import torch
 
-from .backends import checkpointed_layer_count, decoder_layers, limit_checkpointing  # noqa: F401 - also this API's
+from .backends import decoder_layers, limit_checkpointing
 from .data import IGNORE_INDEX
 from .errors import UserError
 

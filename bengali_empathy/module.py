@@ -333,7 +333,6 @@ def check_options(h) -> None:
         "val_generate_batches": (h.val_generate_batches >= -1, "at least -1 (-1 = all)"),
         "log_samples": (h.log_samples >= 0, "at least 0"),
         "target_modules": (len(h.target_modules) > 0, "a non-empty list"),
-        "train_batch_size": (h.train_batch_size is None or h.train_batch_size >= 1, "at least 1 or null"),
     }
     for name, (ok, what) in checks.items():
         if not ok:

@@ -21,7 +21,7 @@ import sqlite3
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import lightning as L
 
@@ -153,7 +153,7 @@ class ExperimentRegistry(L.Callback, RunRecordSink):
             with connect(db_path):  # a bad or locked file fails here, before anything runs or is written
                 pass
 
-    def store(self, record: ExperimentRecord, say=print) -> None:
+    def store(self, record: ExperimentRecord, say: Callable[[str], None] = print) -> None:
         """Insert ``record`` (and its replies); a registry without a file records nothing."""
         if not self.db_path:
             return

@@ -72,7 +72,8 @@ def _plan(card, budget):
 
 
 def test_plan_finds_the_most_unflagged_layers_that_fit_by_measuring(card):
-    from bengali_empathy.memory import PLAN_SHARE, checkpointed_layer_count
+    from bengali_empathy.backends import checkpointed_layer_count
+    from bengali_empathy.memory import PLAN_SHARE
 
     plan = _plan(card, 14.0)
     # 6.0 + 0.1 + 0.41 u <= 0.96 * 14  ->  u = 17 layers without recompute
@@ -132,7 +133,8 @@ def test_fit_plans_from_the_datamodule_and_keeps_the_split_through_validation(mo
 
     from bengali_empathy import memory, module
     from bengali_empathy.data import EmpatheticDialogueDataModule
-    from bengali_empathy.memory import CheckpointPlan, checkpointed_layer_count, limit_checkpointing
+    from bengali_empathy.backends import checkpointed_layer_count, limit_checkpointing
+    from bengali_empathy.memory import CheckpointPlan
 
     asked = []
 
