@@ -38,8 +38,8 @@ def random_batches(n: int, batch_size: int, seq_len: int, seed: int = 0, prompt_
     for _ in range(n):
         batch = probe_batch(batch_size, seq_len, generator=g)
         prompts = batch["input_ids"][:, :prompt_len].tolist()
-        out.append({**batch, "n_tokens": batch["input_ids"].numel(),
-                    "eval_rows": [EvalRow("random", i + 1, str(i), "ক", "খ", ids) for i, ids in enumerate(prompts)]})
+        rows = [EvalRow("random", i + 1, str(i), "ক", "খ", ids) for i, ids in enumerate(prompts)]
+        out.append({**batch, "n_tokens": batch["input_ids"].numel(), "eval_rows": rows})
     return out
 
 

@@ -143,7 +143,7 @@ class EmpathyLM(L.LightningModule):
 
     def generate_texts(self, prompts: list[list[int]], desc: str = "generating", progress: bool = True,
                        decoding: Optional[Decoding] = None) -> tuple[list[str], GenerationStats]:
-        """Replies (in input order) and statistics for tokenised generation prompts (:class:`~.generation.Generator`)."""
+        """Replies (in input order) and statistics for tokenised generation prompts (see :class:`.Generator`)."""
         return self.generator.generate(prompts, desc=desc, progress=progress, decoding=decoding)
 
     # ------------------------------------------------------------------ modes
