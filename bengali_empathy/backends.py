@@ -14,38 +14,20 @@ import logging
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, get_args
 
 import torch
 import torch.nn.functional as F
 
+from .data import IGNORE_INDEX
 from .errors import UserError
+from .lora import LoraSettings
 
 log = logging.getLogger(__name__)
 
 BackendName = Literal["auto", "unsloth", "hf"]
 BACKENDS = get_args(BackendName)
-IGNORE_INDEX = -100
-
-
-@dataclass
-class LoraSettings:
-    r: int = 16
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    modules_to_save: list[str] = field(default_factory=list)
-
-
-def peft_lora_config(lora: LoraSettings):
-    """The peft ``LoraConfig`` of these settings (causal LM, no bias)."""
-    from peft import LoraConfig
-
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM",
-                      modules_to_save=list(lora.modules_to_save) or None)
 
 
 def unsloth_available() -> bool:
@@ -130,6 +112,26 @@ def load_adapter_weights(model, adapter_path: str | os.PathLike) -> None:
         raise UserError(f"adapter {path} does not match the model (unexpected keys, e.g. {unexpected[0]})")
 
 
+# Gradient checkpointing decided per decoder layer: a backend arms it, the memory plan (:mod:`.memory`)
+# chooses how many layers keep it.
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The layers that can each be checkpointed or not (transformers' ``GradientCheckpointingLayer``)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def checkpointed_layer_count(model) -> int:
+    """How many decoder layers have their checkpointing flag on now."""
+    return sum(1 for m in decoder_layers(model) if m.gradient_checkpointing)
+
+
+def limit_checkpointing(model, checkpointed: int) -> None:
+    """Switch checkpointing off on all but the first ``checkpointed`` decoder layers (which stay as armed)."""
+    for layer in decoder_layers(model)[checkpointed:]:
+        layer.gradient_checkpointing = False
+
+
 REGISTRY: dict[str, type["Backend"]] = {}
 
 
@@ -157,8 +159,6 @@ class Backend:
 
     def arm(self, model) -> None:
         """Training mode with gradient checkpointing on every decoder layer (when enabled)."""
-        from .memory import decoder_layers
-
         model.train()
         if self.gradient_checkpointing:
             for layer in decoder_layers(model):
@@ -167,8 +167,6 @@ class Backend:
     def for_training(self, model) -> None:
         """Training mode with the planned checkpointing split (:mod:`.memory`), re-armed on every call:
         generation or an eval/train switch may have changed the flags."""
-        from .memory import limit_checkpointing
-
         self.arm(model)
         if self.gradient_checkpointing and self.checkpointed_layers is not None:
             limit_checkpointing(model, self.checkpointed_layers)
@@ -186,8 +184,6 @@ class Backend:
 
     def planned_checkpointed_layers(self, model) -> int:
         """How many decoder layers should recompute in training: the plan's, all without one, none when off."""
-        from .memory import decoder_layers
-
         if not self.gradient_checkpointing:
             return 0
         layers = len(decoder_layers(model))
@@ -195,8 +191,6 @@ class Backend:
 
     def checkpointing_as_planned(self, model) -> bool:
         """In training mode with exactly the planned layers checkpointed (every one, without a plan)."""
-        from .memory import checkpointed_layer_count
-
         return model.training and checkpointed_layer_count(model) == self.planned_checkpointed_layers(model)
 
 
@@ -247,7 +241,7 @@ class HFPeftBackend(Backend):
         if adapter_path:  # settings already checked against the adapter's (checkpoints.check_adapter)
             model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=True)
         else:
-            model = get_peft_model(model, peft_lora_config(lora))
+            model = get_peft_model(model, lora.to_peft())
         tokenizer = load_tokenizer(model_path)
         return model, tokenizer
 

@@ -37,12 +37,9 @@ def random_batches(n: int, batch_size: int, seq_len: int, seed: int = 0, prompt_
     out = []
     for _ in range(n):
         batch = probe_batch(batch_size, seq_len, generator=g)
-        prompt = batch["input_ids"][:, :prompt_len]
-        out.append({
-            **batch, "n_tokens": batch["input_ids"].numel(),
-            "eval_rows": [EvalRow(file="random", line=i + 1, id=str(i), prompt="ক", reference="খ",
-                                  prompt_ids=prompt[i].tolist()) for i in range(batch_size)],
-        })
+        prompts = batch["input_ids"][:, :prompt_len].tolist()
+        rows = [EvalRow("random", i + 1, str(i), "ক", "খ", ids) for i, ids in enumerate(prompts)]
+        out.append({**batch, "n_tokens": batch["input_ids"].numel(), "eval_rows": rows})
     return out
 
 
@@ -103,6 +100,7 @@ def parse_budget(text: str):
 def run(args) -> dict:
     if args.loop == "trl":
         return run_trl(args)
+    from .memory import plan_training_memory
     from .module import EmpathyLM
 
     cuda = torch.cuda.is_available()
@@ -131,7 +129,9 @@ def run(args) -> dict:
     else:
         batches = random_batches(total_steps, args.batch_size, args.seq_len)
         val_batches = batches[:1]
-    lm.plan_memory(args.batch_size)
+    # Planned here, before any Trainer: the plain loop has none, and under one fit keeps this plan.
+    lm.memory_plan = plan_training_memory(lm.model, lm.backend, lm.hparams.memory_budget_gib, args.batch_size,
+                                          args.seq_len, report=lambda line: print(line, file=sys.stderr))
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -227,7 +227,8 @@ def run_trl(args) -> dict:
     """Unsloth's own recommended path on the same model, LoRA, batches and optimizer: TRL's SFTTrainer."""
     import tempfile
 
-    from .backends import LoraSettings, resolve_backend
+    from .backends import resolve_backend
+    from .lora import LoraSettings
 
     if resolve_backend(args.backend) != "unsloth":
         from .errors import UserError
@@ -245,7 +246,7 @@ def run_trl(args) -> dict:
     model, tokenizer = FastLanguageModel.from_pretrained(model_name=path, max_seq_length=args.seq_len, dtype=None,
                                                          load_in_4bit=not args.no_4bit, local_files_only=True)
     model = FastLanguageModel.get_peft_model(
-        model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
         bias="none", use_gradient_checkpointing=False if args.no_gradient_checkpointing else "unsloth",
         random_state=3407, max_seq_length=args.seq_len)
     load_s = time.perf_counter() - t_load

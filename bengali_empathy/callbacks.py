@@ -1,7 +1,6 @@
 """Callbacks: training throughput and memory logging, and the evaluation writer."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -9,13 +8,8 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process (Linux ``ru_maxrss`` is in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
+from .memory import peak_rss_gib
+from .metrics import SCORE_NAMES
 
 class TokenThroughput(L.Callback):
     """Logs training tokens/s (non-padding tokens, wall clock, CUDA-synchronised) and memory:
@@ -68,13 +62,6 @@ class TokenThroughput(L.Callback):
         self._t0, self._tokens = now, 0
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 class EvaluationWriter(L.Callback):
     """Writes the test/predict evaluation as ``predictions.jsonl`` and ``metrics.json`` (see :mod:`.evaluation`).
 
@@ -96,8 +83,7 @@ class EvaluationWriter(L.Callback):
         evaluation.write(out_dir)
         self.last_dir = out_dir
         m = evaluation.metrics
-        scores = ", ".join(f"{k}={m[k]:.4f}" for k in ("bleu", "rougeL", "chrf", "loss", "perplexity")
-                           if isinstance(m.get(k), float))
+        scores = ", ".join(f"{k}={m[k]:.4f}" for k in SCORE_NAMES if isinstance(m.get(k), float))
         pl_module.print(f"wrote {len(evaluation.rows)} predictions and metrics to {out_dir}: {scores}")
         if "delta" in m:
             pl_module.print("tuned - base: " + ", ".join(f"{k}={v:+.4f}" for k, v in m["delta"].items()))

@@ -7,22 +7,20 @@ the base model, the backend, the LoRA settings, the system prompt, the
 ``adapter/`` (last step) and, with a ``val/loss`` ModelCheckpoint,
 ``adapter-best/`` (the best checkpoint's LoRA weights).
 
-A directory is replaced by writing the new one under a unique temporary name
-and exchanging the two in one ``renameat2(RENAME_EXCHANGE)`` call (Linux), so
-there is no moment without an adapter; elsewhere two renames.
+A directory is replaced whole (:func:`._io.atomic_directory`): there is no moment without an
+adapter, and never half of one.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import shutil
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ._io import atomic_directory
 from .errors import UserError
+from .lora import ADAPTER_CONFIG, LoraSettings
 
 META_FILE = "bengali_empathy.json"
 
@@ -45,8 +43,8 @@ def read_info(adapter: str | os.PathLike) -> Optional[AdapterInfo]:
     directory = Path(adapter)
     if not directory.is_dir():
         raise UserError(f"adapter directory not found: {adapter}")
-    if not (directory / "adapter_config.json").is_file():
-        raise UserError(f"{adapter} is not a LoRA adapter directory (no adapter_config.json)")
+    if not (directory / ADAPTER_CONFIG).is_file():
+        raise UserError(f"{adapter} is not a LoRA adapter directory (no {ADAPTER_CONFIG})")
     meta = directory / META_FILE
     if not meta.is_file():
         return None
@@ -55,71 +53,32 @@ def read_info(adapter: str | os.PathLike) -> Optional[AdapterInfo]:
     return AdapterInfo(**{k: v for k, v in data.items() if k in known})
 
 
-def read_lora(adapter: str | os.PathLike) -> dict:
-    """r, alpha, dropout, target_modules and modules_to_save from the adapter's ``adapter_config.json``."""
-    cfg = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
-    targets = cfg.get("target_modules") or []
-    return {"r": cfg.get("r"), "alpha": cfg.get("lora_alpha"), "dropout": cfg.get("lora_dropout"),
-            "target_modules": sorted([targets] if isinstance(targets, str) else targets),
-            "modules_to_save": sorted(cfg.get("modules_to_save") or [])}
-
-
-def check_adapter(adapter: str, model_name_or_path: str, lora: dict) -> Optional[AdapterInfo]:
+def check_adapter(adapter: str, model_name_or_path: str, lora: LoraSettings) -> Optional[AdapterInfo]:
     """Refuse an adapter of another base model or with other LoRA settings than the configured ones."""
     info = read_info(adapter)
-    if info is not None and info.model_name_or_path != model_name_or_path:
+    if info is not None:
+        check_base_model(adapter, info, model_name_or_path)
+    lora.check_matches(LoraSettings.from_adapter(adapter), adapter)
+    return info
+
+
+def check_base_model(adapter: str, info: AdapterInfo, model_name_or_path: str) -> None:
+    """Refuse to put an adapter on another base model than the one it was trained on."""
+    if info.model_name_or_path != model_name_or_path:
         same = Path(info.base_model).expanduser().resolve() == Path(model_name_or_path).expanduser().resolve()
         if not same:
             raise UserError(f"adapter {adapter} was trained on {info.model_name_or_path}, but "
                             f"model.model_name_or_path is {model_name_or_path}: set it to the adapter's base model")
-    saved = read_lora(adapter)
-    names = {"r": "lora_r", "alpha": "lora_alpha", "target_modules": "target_modules",
-             "modules_to_save": "modules_to_save"}
-    for key, option in names.items():
-        want = sorted(lora[key]) if isinstance(lora[key], list) else lora[key]
-        if saved[key] is not None and saved[key] != want:
-            raise UserError(f"adapter {adapter} has {key} {saved[key]}, but model.{option} is {lora[key]}: "
-                            f"set model.{option} to the adapter's value")
-    return info
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def replace_directory(tmp: Path, directory: Path) -> None:
-    """Move the complete ``tmp`` to ``directory``, replacing any old one without a moment of absence."""
-    if not directory.exists():
-        os.replace(tmp, directory)
-        return
-    if not _exchange(tmp, directory):
-        old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        tmp = old
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_adapter(model, tokenizer, directory: str | os.PathLike, info: AdapterInfo,
                  state_dict: Optional[dict] = None) -> Path:
     """Write a PEFT adapter directory with its ``bengali_empathy.json`` (optionally other LoRA weights)."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_directory(directory) as tmp:
         model.save_pretrained(str(tmp), **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(str(tmp))
         (tmp / META_FILE).write_text(json.dumps(asdict(info), ensure_ascii=False, indent=2), encoding="utf-8")
-        replace_directory(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Iterable, Sequence
 
-from .metrics import normalize_bn, sentence_scores
+from .metrics import sentence_scores
+from .text import normalize_bn
 
 NEAR_JACCARD = 0.8
 MOST = 0.5  # "most rows"

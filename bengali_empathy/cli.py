@@ -21,7 +21,7 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
     from lightning.pytorch.cli import LightningCLI
 
     from .callbacks import EvaluationWriter, TokenThroughput
-    from .data import EmpatheticDialogueDataModule
+    from .data import EmpatheticDialogueDataModule, StreamCounts
     from .module import EmpathyLM
     from .registry import ExperimentRegistry
 
@@ -29,7 +29,10 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(ExperimentRegistry, "registry")
             parser.link_arguments("model.model_name_or_path", "data.tokenizer_path", compute_fn=tokenizer_path_for)
+            # What the model needs from the data and is known at parse time (the rest: EmpathyLM.connect).
             parser.link_arguments("data.max_seq_length", "model.max_seq_length")
+            parser.link_arguments("data.batch_size", "model.train_batch_size")
+            parser.link_arguments("data.system_prompt", "model.system_prompt")
 
         def instantiate_trainer(self, **kwargs):
             from lightning.pytorch.loggers import TensorBoardLogger
@@ -43,8 +46,10 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
             return trainer
 
         def _prepare_data(self) -> None:
-            # Tokenise and validate the corpus before anything is written.
-            self.datamodule.prepare()
+            # Tokenise and validate the corpus before anything is written; then the model learns about it.
+            dm = self.datamodule
+            dm.prepare()
+            self.model.connect(dm.facts)
 
         before_fit = before_validate = before_test = before_predict = _prepare_data
 
@@ -71,6 +76,7 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
                 TokenThroughput(window=5),
                 LearningRateMonitor(logging_interval="step"),
                 EvaluationWriter(),
+                StreamCounts(),
             ],
             "log_every_n_steps": 5,
         },
@@ -110,7 +116,6 @@ def chat_main(argv: list[str]) -> int:
     from jsonargparse import ArgumentParser
 
     from .backends import BackendName
-    from .checkpoints import read_info, read_lora
     from .modeling import TINY_MODEL
 
     p = ArgumentParser(prog="python -m bengali_empathy chat", exit_on_error=False,
@@ -131,34 +136,44 @@ def chat_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, not {a.max_new_tokens}")
-    import torch
-
-    from .module import EmpathyLM
+    from .checkpoints import check_base_model, read_info
 
     info = read_info(a.adapter) if a.adapter else None
-    kwargs = {}
-    if a.adapter:
-        lora = read_lora(a.adapter)
-        kwargs = {"lora_r": lora["r"], "lora_alpha": lora["alpha"], "target_modules": lora["target_modules"],
-                  "modules_to_save": lora["modules_to_save"]}
-    if info is not None and info.max_seq_length:
-        kwargs["max_seq_length"] = info.max_seq_length
     model_name = a.model or (info.model_name_or_path if info else TINY_MODEL)
-    lm = EmpathyLM(model_name_or_path=model_name, backend=a.backend, adapter_path=a.adapter,
-                   load_in_4bit=not a.no_4bit, gradient_checkpointing=False, **kwargs)
-    lm.configure_model()
-    if torch.cuda.is_available() and not lm.backend.quantized:
-        lm.to("cuda")
-    lm.eval()
+    if info is not None:
+        check_base_model(a.adapter, info, model_name)
     system = a.system_prompt if a.system_prompt is not None else (info.system_prompt if info else None)
+    chat = load_chat(model_name, a.adapter, a.backend, not a.no_4bit, a.max_new_tokens, system,
+                     info.max_seq_length if info is not None else None)
     messages = a.message or (line.strip() for line in sys.stdin)
     if not a.message and sys.stdin.isatty():
         print("Type a message (Ctrl-D to quit).", file=sys.stderr)
     for msg in messages:
         if not msg:
             continue
-        print(lm.chat(msg, system_prompt=system, max_new_tokens=a.max_new_tokens), flush=True)
+        print(chat.reply(msg), flush=True)
     return 0
+
+
+def load_chat(model_name: str, adapter: Optional[str], backend: str, load_in_4bit: bool, max_new_tokens: int,
+              system_prompt: Optional[str], max_seq_length: Optional[int]):
+    """A :class:`~.generation.Chat` on the base model with the adapter's LoRA settings and weights."""
+    import torch
+
+    from .backends import make_backend
+    from .generation import Chat, Decoding, Generator
+    from .lora import DEFAULT_LORA, LoraSettings
+    from .modeling import resolve_model_path
+    from .module import MAX_SEQ_LENGTH
+
+    lora = LoraSettings.from_adapter(adapter) if adapter else DEFAULT_LORA
+    strategy = make_backend(backend, load_in_4bit=load_in_4bit, gradient_checkpointing=False)
+    model, tokenizer = strategy.load(resolve_model_path(model_name), max_seq_length or MAX_SEQ_LENGTH, lora, adapter)
+    if torch.cuda.is_available() and not strategy.quantized:
+        model.to("cuda")
+    model.eval()
+    return Chat(Generator(model, tokenizer, strategy, Decoding(max_new_tokens=max_new_tokens), batch_size=1),
+                system_prompt)
 
 
 # --------------------------------------------------------------------------- export
@@ -223,7 +238,7 @@ def data_stats_main(argv: list[str]) -> int:
     if cfg.json:
         import json
 
-        from .callbacks import atomic_write_text
+        from ._io import atomic_write_text
 
         atomic_write_text(Path(cfg.json), json.dumps(stats, indent=2) + "\n")
     return 0
@@ -258,7 +273,9 @@ def report_main(argv: list[str]) -> int:
 
 
 def _key_scores(metrics: dict) -> str:
-    keys = ("val/loss", "loss", "perplexity", "bits_per_char", "bleu", "rougeL", "chrf")
+    from .metrics import SCORE_NAMES
+
+    keys = ("val/loss", *SCORE_NAMES)
     return ", ".join(f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics.get(k), (int, float)))
 
 

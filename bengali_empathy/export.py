@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
+from ._io import atomic_directory
 from .errors import UserError
 
 
@@ -38,9 +38,7 @@ def merge_adapter(adapter: str | os.PathLike, output: str | os.PathLike, base: O
             raise UserError(f"{ckpt} does not match the adapter {adapter} (e.g. {missing[0]})")
         model.load_state_dict(state, strict=False)
     model = model.merge_and_unload()
-    tmp = output.with_name(output.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    load_tokenizer(adapter if (adapter / "tokenizer.json").is_file() else base_path).save_pretrained(str(tmp))
-    os.replace(tmp, output)
+    with atomic_directory(output, replace=False) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        load_tokenizer(adapter if (adapter / "tokenizer.json").is_file() else base_path).save_pretrained(str(tmp))
     return output

@@ -1,4 +1,4 @@
-"""Batched reply generation for evaluation: length-sorted batches of their own size.
+"""Reply generation: batched for evaluation (length-sorted batches of their own size), and chat.
 
 Decoding one step costs about the same at batch 8 as at batch 128 on a GPU
 (reading the 4-bit weights dominates), so evaluation generates in batches much
@@ -6,12 +6,15 @@ larger than the loss batches: prompts are sorted by length (longest first, so a
 batch that does not fit shows up at once), left-padded per batch, every row
 stops at ``<|eot_id|>``, and the replies come back in input order. A batch that
 runs out of GPU memory is retried at half the size.
+
+:class:`Generator` is that for a loaded model (mode switches, cache and batch size kept across
+calls); :class:`Chat` puts one message into the chat template and answers it.
 """
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -138,3 +141,68 @@ def generate_replies(
     if device.type == "cuda":  # the process's peak so far, generation included
         stats.peak_gpu_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
     return replies, stats
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)  # standard output carries replies (chat) or JSON (benchmark)
+
+
+class Generator:
+    """Replies of a loaded LoRA model, for evaluation and chat.
+
+    Each call runs in the backend's inference mode (Unsloth's fast path) and restores training mode
+    with the planned checkpointing split after. The CUDA cache is emptied before (training's cached
+    activation blocks go back before the KV cache is built, not at the first allocation that fails at
+    the fit's allocator cap) and after. A batch size halved on out-of-memory is kept for the rest of
+    the run: every validation would otherwise run out of memory again first.
+    """
+
+    def __init__(self, model, tokenizer, backend, decoding: Decoding, batch_size: int,
+                 report: Callable[[str], None] = _to_stderr) -> None:
+        from .tokenizer import stop_token_ids
+
+        self.model, self.tokenizer, self.backend = model, tokenizer, backend
+        self.decoding = decoding
+        self.batch_size = batch_size
+        self.report = report
+        self.stop_ids = stop_token_ids(tokenizer)
+
+    def generate(self, prompts: Sequence[Sequence[int]], desc: str = "generating", progress: bool = True,
+                 decoding: Optional[Decoding] = None) -> tuple[list[str], GenerationStats]:
+        """Replies (in input order) and :class:`GenerationStats` for tokenised generation prompts."""
+        was_training = self.model.training
+        self.backend.for_inference(self.model)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+        def smaller(batch_size: int) -> None:
+            self.batch_size = batch_size
+            self.report(f"{desc}: out of GPU memory, batch size now {batch_size} for the rest of this run")
+
+        try:
+            return generate_replies(self.model, self.tokenizer, prompts, decoding or self.decoding, self.batch_size,
+                                    self.stop_ids, desc=desc, progress=progress, on_oom=smaller)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if was_training:
+                self.backend.for_training(self.model)
+
+
+class Chat:
+    """Single-turn replies: a user message under a system prompt (default: the Bengali one), generated."""
+
+    def __init__(self, generator: Generator, system_prompt: Optional[str] = None) -> None:
+        from .data import DEFAULT_SYSTEM_PROMPT, ChatEncoder
+
+        self.generator = generator
+        self.encoder = ChatEncoder(generator.tokenizer)  # built once: it checks the whole vocabulary
+        self.system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+
+    def reply(self, message: str, max_new_tokens: Optional[int] = None) -> str:
+        """The model's reply to ``message``."""
+        ids = self.encoder.prompt_ids(self.system_prompt, [{"role": "user", "content": message}])
+        decoding = self.generator.decoding
+        if max_new_tokens:
+            decoding = replace(decoding, max_new_tokens=max_new_tokens)
+        return self.generator.generate([ids], progress=False, decoding=decoding)[0][0]

@@ -32,10 +32,13 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from contextlib import AbstractContextManager
 from typing import Callable, Literal, Optional, Union
 
 import torch
 
+from .backends import decoder_layers, limit_checkpointing
+from .data import IGNORE_INDEX
 from .errors import UserError
 
 MemoryBudget = Union[float, Literal["auto"], None]
@@ -76,31 +79,13 @@ class CheckpointPlan:
         return asdict(self)
 
 
-def decoder_layers(model) -> list[torch.nn.Module]:
-    """The layers that can each be checkpointed or not (transformers' ``GradientCheckpointingLayer``)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
-def checkpointed_layer_count(model) -> int:
-    """How many decoder layers have their checkpointing flag on now."""
-    return sum(1 for m in decoder_layers(model) if m.gradient_checkpointing)
-
-
-def limit_checkpointing(model, checkpointed: int) -> None:
-    """Switch checkpointing off on all but the first ``checkpointed`` decoder layers (which stay as armed)."""
-    for layer in decoder_layers(model)[checkpointed:]:
-        layer.gradient_checkpointing = False
-
-
 def probe_batch(batch_size: int, seq_len: int, device: torch.device | str = "cpu", vocab_size: int = 128000,
                 generator: Optional[torch.Generator] = None) -> dict:
     """The worst case of a training batch: every row full length (random tokens) and every token trained."""
     g = generator or torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)
     labels = ids.clone()
-    labels[:, 0] = -100
+    labels[:, 0] = IGNORE_INDEX
     batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
              "position_ids": torch.arange(seq_len).expand(batch_size, -1).contiguous()}
     return {k: v.to(device) for k, v in batch.items()}
@@ -120,6 +105,25 @@ def check_budget_value(budget: MemoryBudget) -> None:
     """A number must be positive (``auto`` and None pass): one error line otherwise."""
     if budget is not None and budget != "auto" and not budget > 0:
         raise UserError(f"model.memory_budget_gib must be a positive number of GiB, 'auto' or null, not {budget!r}")
+
+
+def check_budget(budget: MemoryBudget, model_dir: Optional[Path], quantized: bool, checkpointing: bool) -> None:
+    """A budget that is no positive number, or (on CUDA) below what the base weights alone take, is one
+    error line before anything loads (the weights' size is read from ``config.json``)."""
+    check_budget_value(budget)
+    if model_dir is None or not checkpointing or not torch.cuda.is_available() or budget in (None, "auto"):
+        return
+    floor = weights_gib(model_dir, quantized)
+    if budget < floor:
+        raise below_minimum(budget, floor, f"the weights of {model_dir.name} alone take" + (" in 4 bits" if quantized
+                                                                                           else ""))
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process (Linux ``ru_maxrss`` is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def weights_gib(model_dir: Path, quantized: bool) -> float:
@@ -210,4 +214,37 @@ def plan_checkpointing(model, arm: Callable[[], None], train_step: Callable[[], 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     report(plan.summary())
+    return plan
+
+
+def plan_training_memory(model, backend, budget: MemoryBudget, batch_size: int, seq_len: int,
+                         context: Optional[Callable[[], AbstractContextManager]] = None,
+                         report: Callable[[str], None] = print) -> Optional[CheckpointPlan]:
+    """The checkpointing split of ``model`` for ``budget``, probed at ``batch_size`` x ``seq_len`` through
+    ``backend`` (whose split it sets); None where no budget applies (CPU, checkpointing off, budget null).
+
+    ``context`` wraps the probe's forward pass as the training step's precision does (default: bf16
+    autocast, as ``bf16-mixed``)."""
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    budget_gib = resolve_budget_gib(budget, device)
+    if budget_gib is None or not backend.gradient_checkpointing:
+        return None
+    context = context or (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+    vocab = model.get_input_embeddings().num_embeddings
+    batch = probe_batch(batch_size, seq_len, device, vocab_size=min(128000, vocab))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def train_step() -> None:
+        try:
+            with context():
+                loss, _ = backend.loss(model, batch)
+            loss.backward()
+        finally:
+            for p in trainable:
+                p.grad = None
+
+    backend.checkpointed_layers = None
+    plan = plan_checkpointing(model, lambda: backend.arm(model), train_step, budget_gib, batch_size, seq_len, device,
+                              report=report)
+    backend.checkpointed_layers = plan.checkpointed_layers
     return plan

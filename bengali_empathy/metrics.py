@@ -19,7 +19,6 @@ Every text is NFC-normalised first. BLEU sees :func:`bleu_tokenize` tokens
 from __future__ import annotations
 
 import math
-import re
 import unicodedata
 from typing import Sequence
 
@@ -27,30 +26,13 @@ import torch
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.text import ROUGEScore
 
-_WS = re.compile(r"\s+")
+from .text import bleu_tokenize, normalize_bn, tokenize_bn
 
-
-def _is_punct(ch: str) -> bool:
-    return unicodedata.category(ch).startswith("P")
-
-
-def normalize_bn(text: str) -> str:
-    """NFC, lower-case (for any Latin), Unicode punctuation removed, white space collapsed."""
-    text = unicodedata.normalize("NFC", text).lower()
-    text = "".join(" " if _is_punct(ch) else ch for ch in text)
-    return _WS.sub(" ", text).strip()
-
-
-def tokenize_bn(text: str) -> list[str]:
-    """Word tokens of :func:`normalize_bn` text (split on white space)."""
-    return text.split()
-
-
-def bleu_tokenize(text: str) -> str:
-    """NFC text with every punctuation mark (``।``, ``?``, ``,`` ...) as its own token."""
-    text = unicodedata.normalize("NFC", text)
-    text = "".join(f" {ch} " if _is_punct(ch) else ch for ch in text)
-    return _WS.sub(" ", text).strip()
+# Every score an evaluation reports, in the order reports and logs show them, with its display name.
+SCORE_NAMES = {"bleu": "BLEU", "rougeL": "ROUGE-L", "chrf": "chrF++", "loss": "NLL (nats/token)",
+               "perplexity": "perplexity", "nll_per_char": "NLL (nats/character)", "bits_per_char": "bits/character"}
+# The scores of generated replies (the others are the reference replies' loss): per category too.
+TEXT_SCORES = ("bleu", "rougeL", "chrf")
 
 
 class _SacreBLEUStatistic(Metric):

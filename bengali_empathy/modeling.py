@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ._io import atomic_directory
 from .errors import UserError
 from .tokenizer import cache_dir, load_tokenizer
 
@@ -60,16 +61,12 @@ def write_random_model(target: str | os.PathLike, arch: dict | None = None, seed
     finally:
         torch.set_default_dtype(prev)
     model.generation_config.do_sample = False
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    load_tokenizer(None).save_pretrained(str(tmp))
-    del model
     try:
-        os.replace(tmp, target)
-    except OSError:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_directory(target, replace=False) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            load_tokenizer(None).save_pretrained(str(tmp))
+    except FileExistsError:
+        pass  # another process wrote it first, from the same seed
     return target
 
 

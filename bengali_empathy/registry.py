@@ -10,8 +10,9 @@ Tables (the first two with the names and columns the original task asked for):
 * ``HumanRatings(id, response_id, shown, empathy, relevance, fluency, coherence, helpfulness,
   comment, timestamp)``: 1-5 scores from ``python -m bengali_empathy rate``.
 
-A run's rows are written in one transaction when it ends, so an interrupted run leaves
-none; tables are only ever created if missing and appended to.
+A run's rows (an :class:`~.records.ExperimentRecord`, built by :mod:`.records`) are written in one
+transaction when it ends, so an interrupted run leaves none; a fit's only after its adapter and
+run.json (:func:`~.records.write_fit_records`). Tables are only ever created if missing and appended to.
 """
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ import sqlite3
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import lightning as L
 
 from .errors import UserError
+from .records import ExperimentRecord, RunRecordSink, experiment_record
 
 DEFAULT_DB = "lightning_logs/experiments.db"
 ASPECTS = ("empathy", "relevance", "fluency", "coherence", "helpfulness")
@@ -137,7 +139,7 @@ def rating_summary(db: str | Path, experiment_id: int) -> dict:
     return {shown: {"n": n, **dict(zip(ASPECTS, means))} for shown, n, *means in rows}
 
 
-class ExperimentRegistry(L.Callback):
+class ExperimentRegistry(L.Callback, RunRecordSink):
     """Records every fit / validate / test / predict in the SQLite registry when it ends (rank 0).
 
     Args:
@@ -151,32 +153,24 @@ class ExperimentRegistry(L.Callback):
             with connect(db_path):  # a bad or locked file fails here, before anything runs or is written
                 pass
 
+    def store(self, record: ExperimentRecord, say: Callable[[str], None] = print) -> None:
+        """Insert ``record`` (and its replies); a registry without a file records nothing."""
+        if not self.db_path:
+            return
+        self.last_id = record_run(self.db_path, record.model_name, record.lora_config, record.train_loss,
+                                  record.val_loss, record.metrics, record.responses)
+        say(f"recorded as experiment {self.last_id} in {self.db_path}")
+
+    def store_fit(self, record: ExperimentRecord) -> None:
+        """A fit's row, which :func:`~.records.write_fit_records` hands over once the adapter and run.json exist."""
+        self.store(record)
+
     def _record(self, trainer, pl_module, stage: str) -> None:
         log_dir = trainer.log_dir  # a collective call under DDP: every rank asks
         if not self.db_path or not trainer.is_global_zero or trainer.sanity_checking:
             return
-        from dataclasses import asdict
-
-        from .report import scalar_metrics
-
-        evaluation = getattr(pl_module, "last_evaluation", None)
-        h = pl_module.hparams
-        cm = scalar_metrics(trainer)
-        metrics = dict(evaluation.metrics) if evaluation is not None and stage != "fit" else \
-            {k: v for k, v in cm.items() if k.startswith("val/")}
-        dm = trainer.datamodule
-        metrics["run"] = {"stage": stage, "log_dir": str(Path(log_dir).resolve()) if log_dir else None,
-                          "corpus": str(getattr(dm, "corpus_path", "")), "steps": trainer.global_step,
-                          "adapter_path": h.adapter_path, "backend": pl_module.backend.name}
-        val_loss = cm.get("val/loss") if stage in ("fit", "validate") else None
-        train_loss = cm.get("train/loss_epoch") if stage == "fit" else None
-        rows = evaluation.rows if evaluation is not None else []
-        self.last_id = record_run(self.db_path, h.model_name_or_path, asdict(pl_module.lora), train_loss, val_loss,
-                                  metrics, rows)
-        pl_module.print(f"recorded as experiment {self.last_id} in {self.db_path}")
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        self._record(trainer, pl_module, "fit")
+        self.store(experiment_record(stage, pl_module.run_info(), trainer, log_dir, pl_module.last_evaluation),
+                   pl_module.print)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.state.fn == "validate":

@@ -1,7 +1,7 @@
 """The experiment report: ``python -m bengali_empathy report lightning_logs/version_N``.
 
 It is built only from what runs already write: a fit's ``run.json`` (written
-here by :func:`write_run_record` when fit ends), ``config.yaml`` and TensorBoard
+by :mod:`.records` when fit ends), ``config.yaml`` and TensorBoard
 events, and an evaluation's ``metrics.json`` and ``predictions.jsonl`` (found in
 the run directory itself or in a later run whose ``model.adapter_path`` points
 into it). Output: ``REPORT.md`` and PNG plots in ``--output`` (default: the run
@@ -11,74 +11,15 @@ from __future__ import annotations
 
 import json
 import math
-import platform
-from dataclasses import asdict
-from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
+from ._io import atomic_write_text
 from .errors import UserError
+from .metrics import SCORE_NAMES, TEXT_SCORES
+from .records import RUN_RECORD, read_run_record
 
-LIBRARIES = ("bengali_empathy", "torch", "transformers", "peft", "lightning", "torchmetrics", "datasets",
-             "bitsandbytes", "unsloth", "sacrebleu")
-SCORE_NAMES = {"bleu": "BLEU", "rougeL": "ROUGE-L", "chrf": "chrF++", "loss": "NLL (nats/token)",
-               "perplexity": "perplexity", "nll_per_char": "NLL (nats/character)", "bits_per_char": "bits/character"}
 SAMPLE_ROWS = 8
-
-
-def library_versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-def scalar_metrics(trainer) -> dict[str, float]:
-    """The trainer's logged one-number metrics (``callback_metrics``) as floats."""
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-
-
-def write_run_record(log_dir: Path, trainer, lm, wall_seconds: float) -> dict:
-    """Write ``run.json``: what was trained, on what, how long, with what memory, and the final scores."""
-    import torch
-
-    from .callbacks import atomic_write_text, peak_rss_gib
-
-    dm = trainer.datamodule
-    trainable, total = lm.param_counts
-    h = lm.hparams
-    final = {k: v for k, v in scalar_metrics(trainer).items() if not k.endswith("_step")}
-    cuda = torch.cuda.is_available()
-    gpu = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
-    record = {
-        "model": {"model_name_or_path": h.model_name_or_path, "base_model": str(lm.model_path or h.model_name_or_path),
-                  "backend": lm.backend.name, "load_in_4bit": bool(lm.backend.quantized),
-                  "lora": asdict(lm.lora),
-                  "trainable_params": trainable, "total_params": total,
-                  "trainable_pct": 100.0 * trainable / max(total, 1),
-                  "max_seq_length": h.max_seq_length, "gradient_checkpointing": h.gradient_checkpointing,
-                  "memory_budget_gib": h.get("memory_budget_gib"),
-                  "memory_plan": lm.memory_plan.as_dict() if lm.memory_plan else None},
-        "data": {"corpus": str(getattr(dm, "corpus_path", "")), "stats": getattr(dm, "stats", {}) or {},
-                 "pack": bool(getattr(dm, "pack", False)),
-                 "group_by_length": bool(getattr(dm, "hparams", {}).get("group_by_length", False)),
-                 "streaming": bool(getattr(dm, "streaming", False)),
-                 "batch_size": getattr(dm, "batch_size", None)},
-        "trainer": {"accumulate_grad_batches": trainer.accumulate_grad_batches, "steps": trainer.global_step,
-                    "epochs": trainer.current_epoch, "precision": str(trainer.precision),
-                    "devices": trainer.world_size, "optimizer": getattr(lm, "optimizer_name", h.optimizer),
-                    "learning_rate": h.learning_rate},
-        "wall_seconds": wall_seconds,
-        "peak_memory_gib": {"gpu_allocated": gpu, "gpu_reserved": reserved, "process_rss": peak_rss_gib()},
-        "final": final,
-        "versions": library_versions(),
-    }
-    atomic_write_text(log_dir / "run.json", json.dumps(record, ensure_ascii=False, indent=2) + "\n")
-    return record
 
 
 # --------------------------------------------------------------------------- reading a run
@@ -120,11 +61,11 @@ def find_evaluation(run_dir: Path) -> Optional[Path]:
 
 def find_fit(run_dir: Path) -> Optional[Path]:
     """The fit run: this directory when it has ``run.json``, else the run its adapter came from."""
-    if (run_dir / "run.json").is_file():
+    if (run_dir / RUN_RECORD).is_file():
         return run_dir
     adapter = _adapter_of(run_dir)
     for d in (adapter, *(adapter.parents if adapter else ())):
-        if d is not None and (d / "run.json").is_file():
+        if d is not None and (d / RUN_RECORD).is_file():
             return d
     return None
 
@@ -232,8 +173,7 @@ def _run_rows(record: dict, scalars: dict) -> list[list]:
     tps = scalars.get("perf/tokens_per_sec")
     if tps:
         rows.append(["training tokens/s (last logged)", tps[-1][1]])
-    for tag in ("train/loss_epoch", "val/loss", "val/perplexity", "val/bits_per_char", "val/bleu", "val/rougeL",
-                "val/chrf"):
+    for tag in ("train/loss_epoch", *(f"val/{k}" for k in SCORE_NAMES)):
         if scalars.get(tag):
             rows.append([f"final {tag}", scalars[tag][-1][1]])
     rows.append(["versions", ", ".join(f"{k} {v}" for k, v in record["versions"].items())])
@@ -266,14 +206,13 @@ def _category_section(metrics: dict) -> list[str]:
     if not cats:
         return []
     has_base = any("base" in v for v in cats.values())
-    header = ["category", "rows", "BLEU", "ROUGE-L", "chrF++"] + (["base BLEU", "base ROUGE-L", "base chrF++"]
-                                                                   if has_base else [])
+    names = [SCORE_NAMES[k] for k in TEXT_SCORES]
+    header = ["category", "rows", *names] + ([f"base {n}" for n in names] if has_base else [])
     rows = []
     for c, v in cats.items():
-        row = [c, v.get("n"), v.get("bleu"), v.get("rougeL"), v.get("chrf")]
+        row = [c, v.get("n"), *(v.get(k) for k in TEXT_SCORES)]
         if has_base:
-            b = v.get("base", {})
-            row += [b.get("bleu"), b.get("rougeL"), b.get("chrf")]
+            row += [v.get("base", {}).get(k) for k in TEXT_SCORES]
         rows.append(row)
     return ["## Scores per category", ""] + _table(header, rows)
 
@@ -329,8 +268,6 @@ def _ratings_section(db: Path, eval_dir: Path) -> list[str]:
 def build_report(run_dir: Path, output: Optional[Path] = None, db: Optional[str] = None) -> Path:
     """Write ``REPORT.md`` and the plots for ``run_dir``; returns the report's path. ``db``: the
     experiment registry with human ratings (default: ``experiments.db`` beside the run)."""
-    from .callbacks import atomic_write_text
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory not found: {run_dir}")
@@ -346,7 +283,7 @@ def build_report(run_dir: Path, output: Optional[Path] = None, db: Optional[str]
     output.mkdir(parents=True, exist_ok=True)
     lines = [f"# Experiment report: {run_dir}", ""]
     if fit_dir is not None:
-        record = json.loads((fit_dir / "run.json").read_text(encoding="utf-8"))
+        record = read_run_record(fit_dir)
         scalars = read_scalars(fit_dir)
         lines += [f"Training run: `{fit_dir}`.", "", "## Run", ""] + _table(["", "value"], _run_rows(record, scalars))
         plots = make_plots(scalars, output)

@@ -60,9 +60,11 @@ class CorpusFacts:
     ``stats`` is filled when the data module is set up (per split: rows, conversations, token-length
     percentiles, kept / truncated / dropped counts; empty for a streamed corpus, which is counted as
     it streams). ``training_texts`` returns the training split's texts for the honesty checks, or
-    ``None`` where that would take an extra pass over the corpus (streaming).
+    ``None`` where that would take an extra pass over the corpus (streaming). ``batching`` is how the
+    data module batches, as run.json records it (``pack``, ``group_by_length``, ``streaming``).
     """
 
     corpus_path: str
     stats: dict[str, dict] = field(default_factory=dict)
     training_texts: Callable[[], Optional[TrainingTexts]] = field(default=lambda: None, repr=False)
+    batching: dict[str, bool] = field(default_factory=dict)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ._io import atomic_directory
 from .errors import UserError
 
 BEGIN_OF_TEXT = "<|begin_of_text|>"
@@ -142,16 +143,11 @@ def embedded_tokenizer_dir() -> Path:
         return target
     tok = build_llama3_tokenizer()
     _add_bos_post_processor(tok)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    tok.save_pretrained(str(tmp))
-    tmp.mkdir(parents=True, exist_ok=True)
     try:
-        os.replace(tmp, target)
-    except OSError:
-        # Another process won the race; its copy is identical.
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_directory(target, replace=False) as tmp:
+            tok.save_pretrained(str(tmp))
+    except FileExistsError:
+        pass  # another process won the race; its copy is identical
     return target
 
 

@@ -1,4 +1,5 @@
 """The adapter directory: metadata, checks, atomic replacement, the best checkpoint's adapter, export from .ckpt."""
+from dataclasses import replace
 
 import lightning as L
 import pytest
@@ -7,12 +8,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from safetensors.torch import load_file
 
-from bengali_empathy.checkpoints import check_adapter, lora_state_from_ckpt, read_info, replace_directory
+from bengali_empathy._io import replace_directory
+from bengali_empathy.checkpoints import check_adapter, lora_state_from_ckpt, read_info
 from bengali_empathy.data import EmpatheticDialogueDataModule
 from bengali_empathy.errors import UserError
+from bengali_empathy.lora import LoraSettings
 from bengali_empathy.module import EmpathyLM
 
-LORA = {"r": 16, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "modules_to_save": []}
+LORA = LoraSettings(r=16, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], modules_to_save=[])
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +23,10 @@ def fitted(tmp_path_factory, tiny_model_path):
     """A short fit with a val/loss ModelCheckpoint: (log dir, best .ckpt path, the module)."""
     root = tmp_path_factory.mktemp("fit")
     dm = EmpatheticDialogueDataModule(max_seq_length=768, batch_size=2, system_prompt="তুমি সহমর্মী সহায়ক।")
+    # The system prompt reaches the model as the CLI links it (data.system_prompt -> model.system_prompt).
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False, max_seq_length=768,
-                   gradient_checkpointing=False, val_generate_batches=0, learning_rate=0.01, optimizer="adamw")
+                   gradient_checkpointing=False, val_generate_batches=0, learning_rate=0.01, optimizer="adamw",
+                   system_prompt="তুমি সহমর্মী সহায়ক।")
     ckpt = ModelCheckpoint(dirpath=root / "ckpt", monitor="val/loss", mode="min", save_top_k=1)
     trainer = L.Trainer(accelerator="cpu", max_steps=4, val_check_interval=2, limit_val_batches=1,
                         num_sanity_val_steps=0, logger=TensorBoardLogger(root, name="logs"),
@@ -73,9 +78,9 @@ def test_adapter_checks(fitted, tmp_path):
     base = read_info(adapter).base_model
     check_adapter(adapter, base, LORA)
     with pytest.raises(UserError, match="has r 16, but model.lora_r is 8"):
-        check_adapter(adapter, base, {**LORA, "r": 8})
+        check_adapter(adapter, base, replace(LORA, r=8))
     with pytest.raises(UserError, match="has target_modules"):
-        check_adapter(adapter, base, {**LORA, "target_modules": ["q_proj", "v_proj"]})
+        check_adapter(adapter, base, replace(LORA, target_modules=["q_proj", "v_proj"]))
     with pytest.raises(UserError, match="was trained on"):
         check_adapter(adapter, str(tmp_path), LORA)
     (tmp_path / "empty").mkdir()
@@ -95,15 +100,23 @@ def test_replacing_a_directory_keeps_no_leftovers(tmp_path):
 
 
 def test_chat_uses_the_adapters_system_prompt_and_length(fitted, monkeypatch, capsys):
+    from bengali_empathy.backends import HFPeftBackend
     from bengali_empathy.cli import chat_main
+    from bengali_empathy.generation import Chat
 
-    seen = []
+    seen, loaded = [], []
+    real_load = HFPeftBackend.load
 
-    def fake_chat(self, message, system_prompt=None, max_new_tokens=None):
-        seen.append((system_prompt, self.hparams.max_seq_length, self.hparams.lora_r))
+    def load(self, model_path, max_seq_length, lora, adapter_path):
+        loaded.append((max_seq_length, lora.r))
+        return real_load(self, model_path, max_seq_length, lora, adapter_path)
+
+    def fake_reply(self, message, max_new_tokens=None):
+        seen.append((self.system_prompt, *loaded[-1]))
         return "উত্তর"
 
-    monkeypatch.setattr(EmpathyLM, "chat", fake_chat)
+    monkeypatch.setattr(HFPeftBackend, "load", load)
+    monkeypatch.setattr(Chat, "reply", fake_reply)
     assert chat_main(["--adapter", str(fitted[0] / "adapter"), "-m", "আমি একা।"]) == 0
     assert seen == [("তুমি সহমর্মী সহায়ক।", 768, 16)]
     assert capsys.readouterr().out.strip() == "উত্তর"

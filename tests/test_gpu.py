@@ -31,7 +31,7 @@ def test_unsloth_backend_trains_generates_and_keeps_checkpointing(tiny_model_pat
     assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
     # generate() runs Unsloth's for_inference, which clears the checkpointing flags ...
     lm.model.train()
-    prompts = [ids[m.bool()].tolist() for ids, m in zip(batch["gen_input_ids"], batch["gen_attention_mask"])]
+    prompts = [r.prompt_ids for r in batch["eval_rows"]]
     out, stats = lm.generate_texts(prompts, progress=False)
     assert len(out) == 2 and stats.new_tokens > 0
     with lm.backend.adapter_disabled(lm.model):  # the base model, for compare_base
@@ -127,7 +127,7 @@ def test_memory_budget_buys_layers_without_recompute_and_is_kept(mid_model_path,
     import gc
 
     from bengali_empathy.errors import UserError
-    from bengali_empathy.memory import GIB, decoder_layers, probe_batch
+    from bengali_empathy.memory import GIB, decoder_layers, plan_training_memory, probe_batch
     from bengali_empathy.module import EmpathyLM
 
     if backend == "hf":
@@ -135,7 +135,7 @@ def test_memory_budget_buys_layers_without_recompute_and_is_kept(mid_model_path,
     lm = EmpathyLM(model_name_or_path=str(mid_model_path), backend=backend, max_seq_length=2048, max_new_tokens=2,
                    memory_budget_gib=1000.0)
     lm.configure_model()
-    roomy = lm.plan_memory(2)
+    roomy = plan_training_memory(lm.model, lm.backend, lm.hparams.memory_budget_gib, 2, 2048)
     assert roomy.checkpointed_layers == 0 and roomy.layers == 12  # everything fits: no recompute at all
     all_unflagged = roomy.probe_peak_gib  # measured with no layer checkpointed
     opt = lm.configure_optimizers()["optimizer"]
@@ -144,7 +144,7 @@ def test_memory_budget_buys_layers_without_recompute_and_is_kept(mid_model_path,
     for share in (0.3, 0.7):
         budget = roomy.minimum_gib + share * (all_unflagged - roomy.minimum_gib)
         lm.hparams.memory_budget_gib = budget
-        plan = lm.plan_memory(2)
+        plan = plan_training_memory(lm.model, lm.backend, lm.hparams.memory_budget_gib, 2, 2048)
         lm.generate_texts([[128000, 9906]], progress=False)  # generation clears Unsloth's flags ...
         # ... and the planned split comes back, not every layer
         assert [bool(x.gradient_checkpointing) for x in decoder_layers(lm.model)] == \
@@ -163,7 +163,7 @@ def test_memory_budget_buys_layers_without_recompute_and_is_kept(mid_model_path,
     assert chosen[1] < chosen[0]
     lm.hparams.memory_budget_gib = 0.8 * roomy.minimum_gib
     with pytest.raises(UserError, match="with every layer checkpointed"):
-        lm.plan_memory(2)
+        plan_training_memory(lm.model, lm.backend, lm.hparams.memory_budget_gib, 2, 2048)
     del lm, opt
     gc.collect()
     torch.cuda.empty_cache()

@@ -72,7 +72,8 @@ def _plan(card, budget):
 
 
 def test_plan_finds_the_most_unflagged_layers_that_fit_by_measuring(card):
-    from bengali_empathy.memory import PLAN_SHARE, checkpointed_layer_count
+    from bengali_empathy.backends import checkpointed_layer_count
+    from bengali_empathy.memory import PLAN_SHARE
 
     plan = _plan(card, 14.0)
     # 6.0 + 0.1 + 0.41 u <= 0.96 * 14  ->  u = 17 layers without recompute
@@ -123,16 +124,17 @@ def test_budget_below_the_weights_is_refused_before_loading(monkeypatch, tiny_mo
 
 def test_fit_plans_from_the_datamodule_and_keeps_the_split_through_validation(monkeypatch, tmp_path,
                                                                                tiny_model_path):
-    """The glue around the probe, on the CPU: fit asks for a plan at the data module's batch size and
+    """The glue around the probe, on the CPU: fit asks for a plan at the training batch size and
     max_seq_length, trains every step with its split (re-armed after the sanity validation's generate)
     and records it in run.json. The probe itself is the GPU test's."""
     import json
 
     import lightning as L
 
-    from bengali_empathy import module
+    from bengali_empathy import memory, module
     from bengali_empathy.data import EmpatheticDialogueDataModule
-    from bengali_empathy.memory import CheckpointPlan, checkpointed_layer_count, limit_checkpointing
+    from bengali_empathy.backends import checkpointed_layer_count, limit_checkpointing
+    from bengali_empathy.memory import CheckpointPlan
 
     asked = []
 
@@ -142,8 +144,8 @@ def test_fit_plans_from_the_datamodule_and_keeps_the_split_through_validation(mo
         limit_checkpointing(model, 1)
         return CheckpointPlan(budget_gib, 2, 1, 0.1, 0.05, 0.15, batch_size, seq_len)
 
-    monkeypatch.setattr(module, "resolve_budget_gib", lambda budget, device: budget)
-    monkeypatch.setattr(module, "plan_checkpointing", fake_plan)
+    monkeypatch.setattr(memory, "resolve_budget_gib", lambda budget, device: budget)
+    monkeypatch.setattr(memory, "plan_checkpointing", fake_plan)
     caps = []
     monkeypatch.setattr(module, "cap_reserved_memory", lambda budget, device: caps.append(budget))
 
@@ -157,8 +159,10 @@ def test_fit_plans_from_the_datamodule_and_keeps_the_split_through_validation(mo
 
     recorder = SplitRecorder()
     dm = EmpatheticDialogueDataModule(max_seq_length=768, batch_size=3)
+    # The batch size reaches the model as the CLI links it (data.batch_size -> model.train_batch_size).
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False, max_seq_length=768,
-                   memory_budget_gib=5.0, max_new_tokens=2, val_generate_batches=1, save_adapter_on_fit_end=False)
+                   memory_budget_gib=5.0, max_new_tokens=2, val_generate_batches=1, save_adapter_on_fit_end=False,
+                   train_batch_size=3)
     trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=1, val_check_interval=2,
                         num_sanity_val_steps=1, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[recorder], default_root_dir=tmp_path)

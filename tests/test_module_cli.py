@@ -38,16 +38,15 @@ def test_llama31_8b_lora_has_13_6m_trainable_params_with_the_project_defaults():
     from peft import get_peft_model
     from transformers import LlamaForCausalLM
 
-    from bengali_empathy.backends import LoraSettings, peft_lora_config
+    from bengali_empathy.lora import LoraSettings
     from bengali_empathy.modeling import LLAMA31_8B_ARCH, llama31_config
 
     defaults = {k: p.default for k, p in inspect.signature(EmpathyLM).parameters.items()}
-    lora = LoraSettings(r=defaults["lora_r"], alpha=defaults["lora_alpha"], dropout=defaults["lora_dropout"],
-                        target_modules=defaults["target_modules"], modules_to_save=defaults["modules_to_save"])
+    lora = LoraSettings.from_options(**defaults)
     with torch.device("meta"):
         model = LlamaForCausalLM(llama31_config(LLAMA31_8B_ARCH))
     assert sum(p.numel() for p in model.parameters()) == 8_030_261_248  # Llama-3.1-8B
-    model = get_peft_model(model, peft_lora_config(lora))
+    model = get_peft_model(model, lora.to_peft())
     assert model.get_nb_trainable_parameters()[0] == 13_631_488
 
 
@@ -82,7 +81,8 @@ def test_checkpoint_keeps_only_lora_weights(tiny_model_path):
 
 
 def test_hf_checkpointing_split_survives_eval_and_generate(tiny_model_path):
-    from bengali_empathy.memory import checkpointed_layer_count, decoder_layers
+    from bengali_empathy.generation import Chat
+    from bengali_empathy.backends import checkpointed_layer_count, decoder_layers
 
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False, max_new_tokens=2)
     lm.configure_model()
@@ -91,7 +91,7 @@ def test_hf_checkpointing_split_survives_eval_and_generate(tiny_model_path):
     lm.backend.checkpointed_layers = 1  # what a memory plan sets
     lm.backend.for_training(lm.model)
     assert [layer.gradient_checkpointing for layer in decoder_layers(lm.model)] == [True, False]
-    lm.chat("আমি খুব ক্লান্ত।")
+    Chat(lm.generator).reply("আমি খুব ক্লান্ত।")
     assert lm.model.training and lm.backend.checkpointing_as_planned(lm.model)
     for layer in decoder_layers(lm.model):  # as Unsloth's for_inference leaves them
         layer.gradient_checkpointing = False
@@ -103,8 +103,10 @@ def test_hf_checkpointing_split_survives_eval_and_generate(tiny_model_path):
 def test_reply_characters_are_those_of_the_reference_replies(tiny_model_path):
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False)
     lm.configure_model()
+    from bengali_empathy.evaluation import reply_chars
+
     batch = two_pair_batch(lm.tokenizer)
-    assert lm._reply_chars(batch) == sum(len(reply) for _, reply in TWO_PAIRS)
+    assert reply_chars(lm.tokenizer, batch) == sum(len(reply) for _, reply in TWO_PAIRS)
 
 
 def test_every_registered_backend_is_a_choice_and_auto_resolves_to_one():
@@ -130,7 +132,7 @@ def test_generation_options_out_of_range_are_user_errors(tiny_model_path, option
 
 
 def test_generation_keeps_the_batch_size_it_halved_to(monkeypatch, tiny_model_path):
-    from bengali_empathy import module
+    from bengali_empathy import generation
 
     asked = []
 
@@ -141,7 +143,7 @@ def test_generation_keeps_the_batch_size_it_halved_to(monkeypatch, tiny_model_pa
             on_oom(batch_size)
         return [""] * len(prompts), None
 
-    monkeypatch.setattr(module, "generate_replies", small_card)
+    monkeypatch.setattr(generation, "generate_replies", small_card)
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False,
                    generation_batch_size=16)
     lm.configure_model()

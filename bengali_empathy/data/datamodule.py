@@ -80,7 +80,8 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
                                         category_column) for f in corpus_files(self.corpus_path)}
         self.splits: Optional[CorpusSplits] = None
         self.facts = CorpusFacts(self.corpus_path,
-                                 training_texts=lambda: self.splits.training_texts() if self.splits else None)
+                                 training_texts=lambda: self.splits.training_texts() if self.splits else None,
+                                 batching={"pack": pack, "group_by_length": group_by_length, "streaming": streaming})
 
     @cached_property
     def tokenizer(self):

@@ -94,7 +94,7 @@ def conversation_key(system: str, turns: Turns) -> str:
 
 def reference_in_prompt(system: str, turns: Turns) -> bool:
     """Whether the final reply (of at least ``ECHO_MIN_WORDS`` words) occurs in the text before it."""
-    from ..metrics import normalize_bn
+    from ..text import normalize_bn
 
     reference = normalize_bn(turns[-1]["content"])
     if len(reference.split()) < ECHO_MIN_WORDS:
