@@ -5,19 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, SHARED_DATA, requires_shared, run_cli
+from conftest import DEFAULT, SHARED_DATA, requires_shared, run_cli
 
-DEFAULT = ["--config", str(ROOT / "configs" / "default.yaml")]
 QUICK = [*DEFAULT, "--trainer.limit_val_batches", "1", "--model.max_new_tokens", "4", "--data.max_predict_samples", "4"]
-
-
-@pytest.fixture(scope="module")
-def default_fit(tmp_path_factory):
-    """``python -m bengali_empathy fit --config configs/default.yaml``, exactly as README runs it."""
-    cwd = tmp_path_factory.mktemp("default_fit")
-    r = run_cli(["fit", *DEFAULT], cwd=cwd)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return cwd, cwd / "lightning_logs" / "version_0", r
 
 
 def _events(vdir):
@@ -169,13 +159,6 @@ def test_dailydialog_conversations_fit_validate_predict(tmp_path):
     assert len(rows) == 4 and json.loads(rows[0])["id"].startswith("ddbn-sample-")
 
 
-def test_every_shipped_config_parses(tmp_path):
-    for cfg in sorted((ROOT / "configs").glob("*.yaml")):
-        r = run_cli(["fit", "--config", str(cfg), "--print_config"], cwd=tmp_path)
-        assert r.returncode == 0, (cfg.name, r.stderr[-2000:])
-        assert "model_name_or_path" in r.stdout and "group_by_length" in r.stdout
-
-
 @pytest.mark.parametrize("extra,message", [
     (["--data.corpus_path", "missing.jsonl"], "corpus file not found"),
     (["--data.corpus_path", "wrong.jsonl"], "missing column"),
@@ -312,3 +295,32 @@ def test_streaming_late_data_error_names_file_and_row(tmp_path, bad_line, messag
     err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(err) == 1 and message in err[0], r.stderr[-2000:]
     assert not list(tmp_path.glob("lightning_logs/*/adapter*"))
+
+
+def _qa_csv(path, rows=12):
+    """A small Q&A corpus: 10 training rows, 3 batches per epoch, fewer than the default config's 5 steps
+    between validations."""
+    lines = ["prompt,response"] + [f"প্রশ্ন {i}: আমার মন খারাপ।,আমি শুনছি {i}, বলুন।" for i in range(rows)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_validation_every_n_steps_spans_epochs_of_a_small_corpus(tmp_path):
+    corpus = _qa_csv(tmp_path / "qa.csv")
+    r = run_cli(["fit", *QUICK, "--data.corpus_path", corpus, "--trainer.max_steps", "5"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    vdir = tmp_path / "lightning_logs" / "version_0"
+    ea = _events(vdir)
+    assert [e.step for e in ea.Scalars("val/loss")] == [4]  # after step 5 (logged at 0-based step 4)
+    assert ea.Scalars("epoch")[-1].value == 1  # in the small corpus's second epoch
+    assert (vdir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_trainer_option_lightning_rejects_is_one_line(tmp_path):
+    corpus = _qa_csv(tmp_path / "qa.csv")
+    r = run_cli(["fit", *QUICK, "--data.corpus_path", corpus, "--trainer.check_val_every_n_epoch", "1",
+                 "--trainer.max_steps", "5"], cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "`val_check_interval` (5) must be less than or equal" in err[0], r.stderr[-2000:]
+    assert not (tmp_path / "lightning_logs").exists()
