@@ -7,7 +7,8 @@ import torch
 
 from conftest import DEFAULT, SHARED_DATA, requires_shared, run_cli
 
-QUICK = [*DEFAULT, "--trainer.limit_val_batches", "1", "--model.max_new_tokens", "4", "--data.max_predict_samples", "4"]
+# On the command line limit_val_batches 1 is the float 1.0 (every batch), so 2 is the fewest whole batches.
+QUICK = [*DEFAULT, "--trainer.limit_val_batches", "2", "--model.max_new_tokens", "4", "--data.max_predict_samples", "4"]
 
 
 def _events(vdir):
@@ -117,7 +118,7 @@ def test_report_on_the_default_run(default_fit, tmp_path):
     assert cells["final val/loss"] == f"{ea.Scalars('val/loss')[-1].value:.4f}"
     assert cells["final val/chrf"] == f"{ea.Scalars('val/chrf')[-1].value:.4f}"
     assert cells["trainable parameters"] == f"{run['model']['trainable_params']:,}"
-    assert cells["steps"] == "40" and cells["LoRA r / alpha / dropout"] == "16 / 16 / 0.0"
+    assert cells["steps"] == "24" and cells["LoRA r / alpha / dropout"] == "16 / 16 / 0.0"
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert f"lightning_logs/{eval_dir.name}`" in report.split("Evaluation: ")[1].splitlines()[0]
     assert cells["chrF++"] == f"{metrics['chrf']:.4f}" and cells["NLL (nats/token)"] == f"{metrics['loss']:.4f}"
@@ -298,29 +299,29 @@ def test_streaming_late_data_error_names_file_and_row(tmp_path, bad_line, messag
 
 
 def _qa_csv(path, rows=12):
-    """A small Q&A corpus: 10 training rows, 3 batches per epoch, fewer than the default config's 5 steps
+    """A small Q&A corpus: 10 training rows, 3 batches per epoch, fewer than the default config's 6 steps
     between validations."""
-    lines = ["prompt,response"] + [f"প্রশ্ন {i}: আমার মন খারাপ।,আমি শুনছি {i}, বলুন।" for i in range(rows)]
+    lines = ["prompt,response"] + [f"প্রশ্ন {i}: আমার মন খারাপ।,আমি শুনছি {i}; বলুন।" for i in range(rows)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
 def test_validation_every_n_steps_spans_epochs_of_a_small_corpus(tmp_path):
     corpus = _qa_csv(tmp_path / "qa.csv")
-    r = run_cli(["fit", *QUICK, "--data.corpus_path", corpus, "--trainer.max_steps", "5"], cwd=tmp_path)
+    r = run_cli(["fit", *QUICK, "--data.corpus_path", corpus, "--trainer.max_steps", "6"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     vdir = tmp_path / "lightning_logs" / "version_0"
     ea = _events(vdir)
-    assert [e.step for e in ea.Scalars("val/loss")] == [4]  # after step 5 (logged at 0-based step 4)
-    assert ea.Scalars("epoch")[-1].value == 1  # in the small corpus's second epoch
+    assert [e.step for e in ea.Scalars("val/loss")] == [5]  # after step 6 (logged at 0-based step 5)
+    assert ea.Scalars("epoch")[-1].value == 1  # at the end of the small corpus's second epoch
     assert (vdir / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_a_trainer_option_lightning_rejects_is_one_line(tmp_path):
     corpus = _qa_csv(tmp_path / "qa.csv")
     r = run_cli(["fit", *QUICK, "--data.corpus_path", corpus, "--trainer.check_val_every_n_epoch", "1",
-                 "--trainer.max_steps", "5"], cwd=tmp_path)
+                 "--trainer.max_steps", "6"], cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "`val_check_interval` (5) must be less than or equal" in err[0], r.stderr[-2000:]
+    assert len(err) == 1 and "`val_check_interval` (6) must be less than or equal" in err[0], r.stderr[-2000:]
     assert not (tmp_path / "lightning_logs").exists()
