@@ -88,6 +88,7 @@ def run_cli(args, cwd, stdin=None):
     """
     from bengali_empathy.cli import main
 
+    args = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
     saved = (os.getcwd(), dict(os.environ), torch.get_default_dtype(), torch.get_num_threads())
     handlers = _stream_handlers()
@@ -99,12 +100,12 @@ def run_cli(args, cwd, stdin=None):
               mock.patch.object(sys, "stdin", io.StringIO(stdin or "")),
               mock.patch.object(sys, "argv", ["bengali_empathy"])):  # the arguments are main's, not pytest's
             try:
-                code = main(list(map(str, args)))
-            except SystemExit as exc:  # --help, --print_config
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-                if not isinstance(exc.code, (int, type(None))):
+                code = main(args)
+            except SystemExit as exc:  # --help, --print_config: 0; sys.exit("message"): printed, status 1
+                if isinstance(exc.code, str):
                     print(exc.code, file=sys.stderr)
-            except Exception:  # noqa: BLE001 - what the interpreter does with an uncaught exception
+                code = 1 if isinstance(exc.code, str) else exc.code or 0
+            except Exception:  # what the interpreter does with an uncaught exception
                 traceback.print_exc(file=sys.stderr)
                 code = 1
     finally:

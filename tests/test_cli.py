@@ -31,7 +31,7 @@ def test_default_fit_visibly_learns_and_logs(default_fit):
     val = [e.value for e in ea.Scalars("val/loss")]
     assert len(val) >= 3 and val[-1] <= 0.6 * val[0], val
     table = ea.Tensors("samples/text_summary")[-1].tensor_proto.string_val[0].decode()
-    predictions = [line.split(" | ")[1] for line in table.splitlines()[2:]]
+    predictions = [line.split(" | ")[2] for line in table.splitlines()[2:]]  # | prompt | reference | prediction |
     assert predictions and all(sum("\u0980" <= ch <= "\u09ff" for ch in p) >= 3 for p in predictions), table
     hparams = (vdir / "hparams.yaml").read_text(encoding="utf-8")
     assert "data/train/tokens_p90" in hparams and "data/val/rows" in hparams
@@ -299,7 +299,7 @@ def test_streaming_late_data_error_names_file_and_row(tmp_path, bad_line, messag
 
 
 def _qa_csv(path, rows=12):
-    """A small Q&A corpus: 10 training rows, 3 batches per epoch, fewer than the default config's 6 steps
+    """A small Q&A corpus: 10 training rows, 3 batches per epoch, fewer than the default config's 4 steps
     between validations."""
     lines = ["prompt,response"] + [f"প্রশ্ন {i}: আমার মন খারাপ।,আমি শুনছি {i}; বলুন।" for i in range(rows)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -308,20 +308,20 @@ def _qa_csv(path, rows=12):
 
 def test_validation_every_n_steps_spans_epochs_of_a_small_corpus(tmp_path):
     corpus = _qa_csv(tmp_path / "qa.csv")
-    r = run_cli(["fit", *QUICK, "--data.corpus_path", corpus, "--trainer.max_steps", "6"], cwd=tmp_path)
+    r = run_cli(["fit", *QUICK, "--data.corpus_path", corpus, "--trainer.max_steps", "4"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     vdir = tmp_path / "lightning_logs" / "version_0"
     ea = _events(vdir)
-    assert [e.step for e in ea.Scalars("val/loss")] == [5]  # after step 6 (logged at 0-based step 5)
-    assert ea.Scalars("epoch")[-1].value == 1  # at the end of the small corpus's second epoch
+    assert [e.step for e in ea.Scalars("val/loss")] == [3]  # after step 4 (logged at 0-based step 3)
+    assert ea.Scalars("epoch")[-1].value == 1  # in the small corpus's second epoch
     assert (vdir / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_a_trainer_option_lightning_rejects_is_one_line(tmp_path):
     corpus = _qa_csv(tmp_path / "qa.csv")
     r = run_cli(["fit", *QUICK, "--data.corpus_path", corpus, "--trainer.check_val_every_n_epoch", "1",
-                 "--trainer.max_steps", "6"], cwd=tmp_path)
+                 "--trainer.max_steps", "4"], cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "`val_check_interval` (6) must be less than or equal" in err[0], r.stderr[-2000:]
+    assert len(err) == 1 and "`val_check_interval` (4) must be less than or equal" in err[0], r.stderr[-2000:]
     assert not (tmp_path / "lightning_logs").exists()
