@@ -298,17 +298,21 @@ def test_streaming_late_data_error_names_file_and_row(tmp_path, bad_line, messag
     assert not list(tmp_path.glob("lightning_logs/*/adapter*"))
 
 
-def _qa_csv(path, rows=12):
-    """A small Q&A corpus: 10 training rows, 3 batches per epoch, fewer than the default config's 4 steps
-    between validations."""
+def _qa_csv(path, rows=24):
+    """A small Q&A corpus."""
     lines = ["prompt,response"] + [f"প্রশ্ন {i}: আমার মন খারাপ।,আমি শুনছি {i}; বলুন।" for i in range(rows)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
+# Half of the 24 rows for validation: 9 training rows, 3 batches per epoch, fewer than the default
+# config's 4 steps between validations.
+SMALL = ["--data.val_fraction", "0.5"]
+
+
 def test_validation_every_n_steps_spans_epochs_of_a_small_corpus(tmp_path):
     corpus = _qa_csv(tmp_path / "qa.csv")
-    r = run_cli(["fit", *QUICK, "--data.corpus_path", corpus, "--trainer.max_steps", "4"], cwd=tmp_path)
+    r = run_cli(["fit", *QUICK, *SMALL, "--data.corpus_path", corpus, "--trainer.max_steps", "4"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     vdir = tmp_path / "lightning_logs" / "version_0"
     ea = _events(vdir)
@@ -319,7 +323,7 @@ def test_validation_every_n_steps_spans_epochs_of_a_small_corpus(tmp_path):
 
 def test_a_trainer_option_lightning_rejects_is_one_line(tmp_path):
     corpus = _qa_csv(tmp_path / "qa.csv")
-    r = run_cli(["fit", *QUICK, "--data.corpus_path", corpus, "--trainer.check_val_every_n_epoch", "1",
+    r = run_cli(["fit", *QUICK, *SMALL, "--data.corpus_path", corpus, "--trainer.check_val_every_n_epoch", "1",
                  "--trainer.max_steps", "4"], cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
