@@ -55,14 +55,20 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
 
         def _run_subcommand(self, subcommand: str) -> None:
             # Some bad input only shows once the run has begun (a memory budget below the measured
-            # minimum, an optimizer this machine lacks), after the logger made its directory.
+            # minimum, an optimizer this machine lacks, a validation interval longer than an epoch),
+            # after the logger made its directory.
             new_dir = _new_log_dir(self.trainer)
             try:
                 super()._run_subcommand(subcommand)
-            except UserError:
+            except Exception as exc:
+                error = as_user_error(exc)
+                if error is None:
+                    raise
                 if new_dir is not None:
                     _remove_if_only_setup(new_dir)
-                raise
+                if error is exc:
+                    raise
+                raise error from exc
 
     return EmpathyCLI(
         EmpathyLM,
@@ -372,14 +378,41 @@ EXTRA_COMMANDS = {"chat": chat_main, "export": export_main, "benchmark": benchma
                   "data-stats": data_stats_main, "report": report_main, "runs": runs_main, "rate": rate_main}
 
 
-def lightning_main(args: Optional[list[str]]) -> int:
-    """fit / validate / test / predict; Lightning's own checks of trainer options become user errors."""
+def as_user_error(exc: BaseException) -> Optional[UserError]:
+    """``exc`` as the user error it stands for, or None for a fault of the program.
+
+    Lightning rejects trainer options it cannot honour (``MisconfigurationException``, or a
+    ``ValueError`` raised in Lightning's own code, e.g. ``val_check_interval`` beyond an epoch's
+    batches) while it builds the Trainer or sets up the run: bad input, not a bug.
+    """
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    if isinstance(exc, UserError):
+        return exc
+    if isinstance(exc, MisconfigurationException) or (isinstance(exc, ValueError) and _raised_in_lightning(exc)):
+        return UserError(" ".join(str(exc).split()))
+    return None
+
+
+def _raised_in_lightning(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc``'s traceback is in the lightning package."""
+    import lightning
+
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).is_relative_to(Path(lightning.__file__).parent)
+
+
+def lightning_main(args: Optional[list[str]]) -> int:
+    """fit / validate / test / predict; Lightning's own checks of trainer options become user errors."""
     try:
         lightning_cli(args)
-    except MisconfigurationException as exc:  # raised while building the Trainer, before any run
-        raise UserError(" ".join(str(exc).split())) from exc
+    except Exception as exc:
+        error = as_user_error(exc)
+        if error is None or error is exc:
+            raise
+        raise error from exc
     return 0
 
 

@@ -1,12 +1,19 @@
+import contextlib
+import io
+import json
+import logging
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ["--config", str(ROOT / "configs" / "default.yaml")]  # the README's main command's config
 
 
 @pytest.fixture(scope="session")
@@ -70,10 +77,88 @@ requires_shared = pytest.mark.skipif(not (SHARED_DATA / "conversations.jsonl").i
                                      reason="../shared/data/dailydialog_bn_sample is absent")
 
 
-def run_cli(args, cwd, timeout=600, stdin=None):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "bengali_empathy", *args], cwd=cwd, env=env, input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
+def run_cli(args, cwd, stdin=None):
+    """``python -m bengali_empathy ARGS`` run in this process (as torchtune and litgpt test their recipes).
+
+    ``cli.main(args)`` runs with ``cwd`` as the working directory and ``stdin`` as standard input; what
+    it prints to stdout/stderr (also through logging handlers, which keep the stream they were made
+    with) is captured. An exception that escapes ``main`` is exit status 1 with its traceback in stderr,
+    as the interpreter would have it. The working directory, environment, torch's default dtype and
+    thread count and the logging streams are restored afterwards.
+    """
+    from bengali_empathy.cli import main
+
+    args = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    saved = (os.getcwd(), dict(os.environ), torch.get_default_dtype(), torch.get_num_threads())
+    handlers = _stream_handlers()
+    try:
+        os.chdir(cwd)
+        for handler in handlers:
+            handler.setStream(err)
+        with (contextlib.redirect_stdout(out), contextlib.redirect_stderr(err),
+              mock.patch.object(sys, "stdin", io.StringIO(stdin or "")),
+              mock.patch.object(sys, "argv", ["bengali_empathy"])):  # the arguments are main's, not pytest's
+            try:
+                code = main(args)
+            except SystemExit as exc:  # --help, --print_config: 0; sys.exit("message"): printed, status 1
+                if isinstance(exc.code, str):
+                    print(exc.code, file=sys.stderr)
+                code = 1 if isinstance(exc.code, str) else exc.code or 0
+            except Exception:  # what the interpreter does with an uncaught exception
+                traceback.print_exc(file=sys.stderr)
+                code = 1
+    finally:
+        for handler, stream in handlers.items():
+            handler.setStream(stream)
+        os.chdir(saved[0])
+        os.environ.clear()
+        os.environ.update(saved[1])
+        torch.set_default_dtype(saved[2])
+        torch.set_num_threads(saved[3])
+    return subprocess.CompletedProcess(["bengali_empathy", *args], code, out.getvalue(), err.getvalue())
+
+
+def _stream_handlers() -> dict:
+    """Every logging handler that writes to a console stream, with that stream."""
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    return {h: h.stream for lg in loggers for h in lg.handlers
+            if type(h) is logging.StreamHandler and h.stream is not None}
+
+
+def run_module(args, cwd, timeout=600, stdin=None):
+    """``python -m bengali_empathy ARGS`` in a new interpreter (the entry point itself; DDP launches)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # this checkout's code
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
+    return subprocess.run([sys.executable, "-m", "bengali_empathy", *map(str, args)], cwd=cwd, env=env,
+                          input=stdin, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def default_fit(tmp_path_factory):
+    """``python -m bengali_empathy fit --config configs/default.yaml``, exactly as README runs it, once per
+    test session (once for all pytest-xdist workers): (its working directory, its run directory, the run).
+
+    Tests read what it wrote and may run further commands on its adapter; only the report test adds runs
+    beside it (a test run in the same lightning_logs, as a user would).
+    """
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this session
+    cwd, result = root / "default_fit", root / "default_fit.json"
+    with FileLock(str(root / "default_fit.lock")):
+        if result.is_file():
+            r = subprocess.CompletedProcess(**json.loads(result.read_text(encoding="utf-8")))
+        else:
+            cwd.mkdir()
+            r = run_cli(["fit", *DEFAULT], cwd=cwd)
+            result.write_text(json.dumps({"args": r.args, "returncode": r.returncode, "stdout": r.stdout,
+                                          "stderr": r.stderr}), encoding="utf-8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return cwd, cwd / "lightning_logs" / "version_0", r
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

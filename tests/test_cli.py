@@ -5,19 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, SHARED_DATA, requires_shared, run_cli
+from conftest import DEFAULT, SHARED_DATA, requires_shared, run_cli
 
-DEFAULT = ["--config", str(ROOT / "configs" / "default.yaml")]
-QUICK = [*DEFAULT, "--trainer.limit_val_batches", "1", "--model.max_new_tokens", "4", "--data.max_predict_samples", "4"]
-
-
-@pytest.fixture(scope="module")
-def default_fit(tmp_path_factory):
-    """``python -m bengali_empathy fit --config configs/default.yaml``, exactly as README runs it."""
-    cwd = tmp_path_factory.mktemp("default_fit")
-    r = run_cli(["fit", *DEFAULT], cwd=cwd)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return cwd, cwd / "lightning_logs" / "version_0", r
+# On the command line limit_val_batches 1 is the float 1.0 (every batch), so 2 is the fewest whole batches.
+QUICK = [*DEFAULT, "--trainer.limit_val_batches", "2", "--model.max_new_tokens", "4", "--data.max_predict_samples", "4"]
 
 
 def _events(vdir):
@@ -40,7 +31,7 @@ def test_default_fit_visibly_learns_and_logs(default_fit):
     val = [e.value for e in ea.Scalars("val/loss")]
     assert len(val) >= 3 and val[-1] <= 0.6 * val[0], val
     table = ea.Tensors("samples/text_summary")[-1].tensor_proto.string_val[0].decode()
-    predictions = [line.split(" | ")[1] for line in table.splitlines()[2:]]
+    predictions = [line.split(" | ")[2] for line in table.splitlines()[2:]]  # | prompt | reference | prediction |
     assert predictions and all(sum("\u0980" <= ch <= "\u09ff" for ch in p) >= 3 for p in predictions), table
     hparams = (vdir / "hparams.yaml").read_text(encoding="utf-8")
     assert "data/train/tokens_p90" in hparams and "data/val/rows" in hparams
@@ -127,7 +118,7 @@ def test_report_on_the_default_run(default_fit, tmp_path):
     assert cells["final val/loss"] == f"{ea.Scalars('val/loss')[-1].value:.4f}"
     assert cells["final val/chrf"] == f"{ea.Scalars('val/chrf')[-1].value:.4f}"
     assert cells["trainable parameters"] == f"{run['model']['trainable_params']:,}"
-    assert cells["steps"] == "40" and cells["LoRA r / alpha / dropout"] == "16 / 16 / 0.0"
+    assert cells["steps"] == "24" and cells["LoRA r / alpha / dropout"] == "16 / 16 / 0.0"
     metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert f"lightning_logs/{eval_dir.name}`" in report.split("Evaluation: ")[1].splitlines()[0]
     assert cells["chrF++"] == f"{metrics['chrf']:.4f}" and cells["NLL (nats/token)"] == f"{metrics['loss']:.4f}"
@@ -167,13 +158,6 @@ def test_dailydialog_conversations_fit_validate_predict(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
     rows = (tmp_path / "lightning_logs" / "version_2" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(rows) == 4 and json.loads(rows[0])["id"].startswith("ddbn-sample-")
-
-
-def test_every_shipped_config_parses(tmp_path):
-    for cfg in sorted((ROOT / "configs").glob("*.yaml")):
-        r = run_cli(["fit", "--config", str(cfg), "--print_config"], cwd=tmp_path)
-        assert r.returncode == 0, (cfg.name, r.stderr[-2000:])
-        assert "model_name_or_path" in r.stdout and "group_by_length" in r.stdout
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -312,3 +296,36 @@ def test_streaming_late_data_error_names_file_and_row(tmp_path, bad_line, messag
     err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(err) == 1 and message in err[0], r.stderr[-2000:]
     assert not list(tmp_path.glob("lightning_logs/*/adapter*"))
+
+
+def _qa_csv(path, rows=24):
+    """A small Q&A corpus."""
+    lines = ["prompt,response"] + [f"প্রশ্ন {i}: আমার মন খারাপ।,আমি শুনছি {i}; বলুন।" for i in range(rows)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# Half of the 24 rows for validation: 9 training rows, 3 batches per epoch, fewer than the default
+# config's 4 steps between validations.
+SMALL = ["--data.val_fraction", "0.5"]
+
+
+def test_validation_every_n_steps_spans_epochs_of_a_small_corpus(tmp_path):
+    corpus = _qa_csv(tmp_path / "qa.csv")
+    r = run_cli(["fit", *QUICK, *SMALL, "--data.corpus_path", corpus, "--trainer.max_steps", "4"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    vdir = tmp_path / "lightning_logs" / "version_0"
+    ea = _events(vdir)
+    assert [e.step for e in ea.Scalars("val/loss")] == [3]  # after step 4 (logged at 0-based step 3)
+    assert ea.Scalars("epoch")[-1].value == 1  # in the small corpus's second epoch
+    assert (vdir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_trainer_option_lightning_rejects_is_one_line(tmp_path):
+    corpus = _qa_csv(tmp_path / "qa.csv")
+    r = run_cli(["fit", *QUICK, *SMALL, "--data.corpus_path", corpus, "--trainer.check_val_every_n_epoch", "1",
+                 "--trainer.max_steps", "4"], cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "`val_check_interval` (4) must be less than or equal" in err[0], r.stderr[-2000:]
+    assert not (tmp_path / "lightning_logs").exists()

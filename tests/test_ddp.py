@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_module
 
 DDP = ["--config", str(ROOT / "configs" / "default.yaml"), "--trainer.devices", "2", "--trainer.strategy", "ddp",
        "--trainer.accelerator", "cpu", "--model.max_new_tokens", "4"]
@@ -16,14 +16,15 @@ def test_two_process_fit_validate_predict(tmp_path):
 
     from bengali_empathy.registry import connect
 
-    r = run_cli(["fit", *DDP, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2"], cwd=tmp_path)
+    # DDP re-launches the command line per rank, so the two-process runs are real interpreters.
+    r = run_module(["fit", *DDP, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     logs = tmp_path / "lightning_logs"
     assert (logs / "version_0" / "adapter" / "adapter_model.safetensors").is_file()  # written once, by rank 0
     assert sorted(p.name for p in logs.iterdir()) == ["experiments.db", "version_0"]
     adapter = str(logs / "version_0" / "adapter")
 
-    r = run_cli(["validate", *DDP, "--model.adapter_path", adapter], cwd=tmp_path)
+    r = run_module(["validate", *DDP, "--model.adapter_path", adapter], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     ea = EventAccumulator(str(logs / "version_1"))
     ea.Reload()
@@ -31,8 +32,8 @@ def test_two_process_fit_validate_predict(tmp_path):
     assert math.log(ppl) == pytest.approx(loss, rel=1e-5)  # one token-weighted loss, reduced over both ranks
 
     # 9 rows over 2 ranks: the distributed sampler's split is uneven; every row must come back once.
-    r = run_cli(["predict", *DDP, "--model.adapter_path", adapter, "--data.max_predict_samples", "9",
-                 "--model.compare_base", "true"], cwd=tmp_path)
+    r = run_module(["predict", *DDP, "--model.adapter_path", adapter, "--data.max_predict_samples", "9",
+                    "--model.compare_base", "true"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     pdir = logs / "version_2"
     assert not list(pdir.glob("rank*"))

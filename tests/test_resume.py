@@ -18,8 +18,16 @@ class BatchRecorder(L.Callback):
         self.seen.append((trainer.global_step, digest))
 
 
+def _short_corpus(tmp_path):
+    """Short Q&A rows: the batches' order is what is checked, and short rows make each step cheap."""
+    path = tmp_path / "qa.csv"
+    rows = [f"প্রশ্ন {i}: আজ মন ভালো নেই।,আমি শুনছি; বলুন {i}।" for i in range(24)]
+    path.write_text("prompt,response\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return str(path)
+
+
 def _fit(tmp_path, tiny_model_path, callbacks, max_steps, ckpt_path=None):
-    dm = EmpatheticDialogueDataModule(max_seq_length=768, batch_size=2)
+    dm = EmpatheticDialogueDataModule(corpus_path=_short_corpus(tmp_path), max_seq_length=768, batch_size=2)
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False,
                    gradient_checkpointing=False, save_adapter_on_fit_end=False, val_generate_batches=0)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, limit_train_batches=4, limit_val_batches=0,
