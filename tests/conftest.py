@@ -13,6 +13,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each pytest-xdist worker (and the interpreters it starts) computes on one core: two workers with
+    # two threads each on a 2-core machine spend their time waiting for each other.
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 DEFAULT = ["--config", str(ROOT / "configs" / "default.yaml")]  # the README's main command's config
 
 
@@ -162,3 +168,12 @@ def default_fit(tmp_path_factory):
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    # With pytest-xdist's --dist loadgroup, the tests that read the shared default fit run on the
+    # worker that computes it, instead of a second worker waiting on its lock.
+    for item in items:
+        if "default_fit" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("default_fit"))
