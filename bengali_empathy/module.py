@@ -255,11 +255,13 @@ class EmpathyLM(L.LightningModule):
     def run_info(self) -> RunInfo:
         """What the run records (run.json, the registry) say about this model and its corpus."""
         h = self.hparams
-        return RunInfo(h.model_name_or_path, str(self.model_path or h.model_name_or_path), self.backend.name,
-                       self.backend.quantized, self.lora, *self.param_counts, h.max_seq_length,
-                       h.gradient_checkpointing, h.memory_budget_gib, self.optimizer_name, h.learning_rate,
-                       h.adapter_path, h.train_batch_size, self.memory_plan,
-                       self.facts or CorpusFacts(corpus_path=""))
+        return RunInfo(
+            model_name_or_path=h.model_name_or_path, base_model=str(self.model_path or h.model_name_or_path),
+            backend=self.backend.name, quantized=self.backend.quantized, lora=self.lora,
+            trainable_params=self.param_counts[0], total_params=self.param_counts[1], max_seq_length=h.max_seq_length,
+            gradient_checkpointing=h.gradient_checkpointing, memory_budget_gib=h.memory_budget_gib,
+            optimizer=self.optimizer_name, learning_rate=h.learning_rate, adapter_path=h.adapter_path,
+            batch_size=h.train_batch_size, memory_plan=self.memory_plan, corpus=self.facts or CorpusFacts(""))
 
     def on_fit_end(self) -> None:
         record = write_fit_records(self.trainer, self.run_info(), time.time() - self._fit_started,
