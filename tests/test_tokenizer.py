@@ -44,3 +44,22 @@ def test_chat_template_is_llama31(tokenizer):
         "<|start_header_id|>user<|end_header_id|>\n\nপ্রশ্ন<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
+
+
+def test_loaded_tokenizers_are_separate_copies_and_follow_their_files(tmp_path):
+    import shutil
+
+    from bengali_empathy.tokenizer import embedded_tokenizer_dir, load_tokenizer
+
+    directory = shutil.copytree(embedded_tokenizer_dir(), tmp_path / "tok")
+    first, second = load_tokenizer(directory), load_tokenizer(directory)
+    first.padding_side = "left"  # one caller's change is not another's
+    assert second is not first and second.padding_side == "right" and load_tokenizer(directory).padding_side == "right"
+    assert first("আমি একা।")["input_ids"] == second("আমি একা।")["input_ids"]
+    config = directory / "tokenizer_config.json"
+    import json
+
+    cfg = json.loads(config.read_text(encoding="utf-8"))
+    cfg["model_max_length"] = 4321
+    config.write_text(json.dumps(cfg), encoding="utf-8")  # a changed directory is read again
+    assert load_tokenizer(directory).model_max_length == 4321
