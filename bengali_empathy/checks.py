@@ -6,8 +6,12 @@ and ROUGE-L 1.0 (the reference reply was inside the prompt and echoed back).
 These checks look for the causes instead of the symptoms:
 
 * **overlap with training data**: evaluated prompts or references that also
-  occur in the training split, exactly or nearly (after NFC, punctuation and
-  white-space normalisation; "near" = character 4-gram Jaccard >= 0.8);
+  occur anywhere in the training split's text -- any turn of any training
+  conversation, user or assistant: in a per-turn corpus a test reply is often a
+  later training row's prompt -- exactly or nearly (after NFC, punctuation and
+  white-space normalisation; "near" = character 4-gram Jaccard >= 0.8). Texts of
+  fewer than ``MIN_OVERLAP_WORDS`` words ("অবশ্যই।") are counted apart: short
+  generic turns recur in any dialogue corpus without a leak;
 * **degenerate predictions**: most rows scoring BLEU or ROUGE-L 1.0, empty
   predictions, predictions that copy the prompt or begin by echoing it, one reply
   repeated for most rows.
@@ -23,6 +27,7 @@ from .metrics import sentence_scores
 from .text import normalize_bn
 
 NEAR_JACCARD = 0.8
+MIN_OVERLAP_WORDS = 4
 MOST = 0.5  # "most rows"
 EXAMPLES = 3
 _MAX_POSTING = 2000  # word pairs this common find too many candidates to be worth checking
@@ -86,19 +91,24 @@ class NearDuplicateIndex:
         return ""
 
 
-def train_overlap(rows: Sequence[dict], train_prompts: Iterable[str], train_replies: Iterable[str]) -> dict:
-    """Evaluated rows whose prompt or reference also occurs in the training split."""
-    prompts, replies = NearDuplicateIndex(train_prompts), NearDuplicateIndex(train_replies)
+def train_overlap(rows: Sequence[dict], train_texts: Iterable[str]) -> dict:
+    """Evaluated rows whose prompt or reference also occurs among the training split's texts (every turn).
+
+    Per field: ``exact`` and ``near`` counts and examples of texts of at least ``MIN_OVERLAP_WORDS``
+    words, and ``short``: the matches (exact or near) of shorter texts, counted apart.
+    """
+    index = NearDuplicateIndex(train_texts)
     out: dict = {}
-    for field, index in (("prompt", prompts), ("reference", replies)):
-        found = {"exact": [], "near": []}
+    for field in ("prompt", "reference"):
+        found: dict = {"exact": [], "near": [], "short": []}
         for r in rows:
             kind = index.match(r[field])
             if kind:
-                found[kind].append(r)
+                short = len(normalize_bn(r[field] or "").split()) < MIN_OVERLAP_WORDS
+                found["short" if short else kind].append((kind, r))
         out[field] = {kind: len(found[kind]) for kind in found}
         out[field]["examples"] = [{"id": r["id"], "match": kind, field: r[field]}
-                                  for kind in ("exact", "near") for r in found[kind][:EXAMPLES]]
+                                  for group in ("exact", "near") for kind, r in found[group][:EXAMPLES]]
     return out
 
 
@@ -153,5 +163,6 @@ def warnings_for(overlap: dict | None, degenerate: dict, label: str = "") -> lis
         for field in ("prompt", "reference"):
             exact, near = overlap[field]["exact"], overlap[field]["near"]
             if exact or near:
-                out.append(f"{exact} evaluated {field}s occur exactly and {near} nearly in the training split")
+                out.append(f"{exact} evaluated {field}s occur exactly and {near} nearly in the training split's "
+                           f"text (any turn; texts of {MIN_OVERLAP_WORDS}+ words)")
     return out

@@ -256,7 +256,7 @@ def summarize(rows: list[dict], loss: dict, base_loss: Optional[dict] = None,
         if has_base:
             found["degenerate_base"] = degenerate_predictions(generated, "base_prediction")
         if train_texts is not None:
-            found["train_overlap"] = train_overlap(generated, *train_texts)
+            found["train_overlap"] = train_overlap(generated, train_texts)
         metrics["checks"] = found
         warnings = warnings_for(found.get("train_overlap"), found["degenerate"])
         if has_base:

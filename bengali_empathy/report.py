@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from ._io import atomic_write_text
+from .checks import MIN_OVERLAP_WORDS
 from .errors import UserError
 from .metrics import SCORE_NAMES, TEXT_SCORES
 from .records import RUN_RECORD, read_run_record
@@ -234,7 +235,9 @@ def _checks_section(metrics: dict) -> list[str]:
     if overlap:
         for field in ("prompt", "reference"):
             o = overlap[field]
-            lines.append(f"- evaluated {field}s also in the training split: {o['exact']} exactly, {o['near']} nearly")
+            lines.append(f"- evaluated {field}s also in the training split's text (any turn): {o['exact']} exactly, "
+                         f"{o['near']} nearly; {o.get('short', 0)} shorter ones (under {MIN_OVERLAP_WORDS} words) "
+                         "counted apart")
             lines += [f"  - `{e['id']}` ({e['match']}): {_cell(e[field])[:120]}" for e in o["examples"]]
     elif "train_overlap" not in checks:
         lines.append("- overlap with the training split: not checked (streamed corpus)")

@@ -50,7 +50,7 @@ class EvalRow:
         return {k: getattr(self, k) for k in OUTPUT_FIELDS if getattr(self, k) is not None}
 
 
-TrainingTexts = tuple[list[str], list[str]]  # (final user turns, final replies) of the training split
+TrainingTexts = list[str]  # every turn (user and assistant) of the training split's conversations
 
 
 @dataclass

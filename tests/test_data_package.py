@@ -57,8 +57,9 @@ def test_facts_carry_the_corpus_stats_and_training_texts(tmp_path):
     assert facts.training_texts() is None  # not set up yet
     dm.setup()
     assert set(facts.stats) == {"train", "val", "test"} and facts.stats["train"]["kept"] > 30
-    prompts, replies = facts.training_texts()
-    assert len(prompts) == len(replies) == facts.stats["train"]["kept"]
+    texts = facts.training_texts()  # every turn of every kept training conversation
+    assert len(texts) == 2 * facts.stats["train"]["kept"]
+    prompts, replies = texts[::2], texts[1::2]
     assert all(p.startswith("প্রশ্ন নম্বর") for p in prompts) and all(r.startswith("উত্তর নম্বর") for r in replies)
     streamed = EmpatheticDialogueDataModule(corpus_path=path, streaming=True)
     streamed.setup()

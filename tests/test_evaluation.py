@@ -4,6 +4,7 @@ import pytest
 from bengali_empathy.checks import NearDuplicateIndex, degenerate_predictions, train_overlap, warnings_for
 from bengali_empathy.evaluation import summarize
 from bengali_empathy.metrics import score_texts
+from conftest import SHARED_DATA, requires_shared
 
 A = "আপনার মন খারাপের কথা শুনে আমারও খারাপ লাগছে। আজ নিজের জন্য ছোট কোনো আরামের কাজ করবেন কি?"
 B = "পরীক্ষার ফল ভালো হয়নি বলে মন খারাপ, বাবা-মা কী বলবেন ভেবে ভয় লাগছে।"
@@ -66,12 +67,25 @@ def test_training_overlap_exact_near_and_none():
     assert index.match(near_a) == "near"
     assert index.match(C) == ""
     rows = [_row(0, A, C, "x"), _row(1, near_a, D, "y"), _row(2, D, B, "z")]
-    overlap = train_overlap(rows, train_prompts=[A, B], train_replies=[B])
+    overlap = train_overlap(rows, [A, B, B])  # every turn of the training conversations
     assert overlap["prompt"]["exact"] == 1 and overlap["prompt"]["near"] == 1
     assert overlap["reference"]["exact"] == 1 and overlap["reference"]["near"] == 0
     assert {e["id"] for e in overlap["prompt"]["examples"]} == {"0", "1"}
     warnings = warnings_for(overlap, degenerate_predictions(rows))
-    assert "1 evaluated prompts occur exactly and 1 nearly in the training split" in warnings
+    assert any(w.startswith("1 evaluated prompts occur exactly and 1 nearly in the training split") for w in warnings)
+
+
+def test_training_overlap_looks_across_fields_and_counts_short_turns_apart():
+    short = "অবশ্যই।"
+    # A test reply that was a training row's prompt (per-turn corpora): found, whichever field it was in.
+    rows = [_row(0, C, A, "x"), _row(1, D, short, "y"), _row(2, short, B, "z")]
+    overlap = train_overlap(rows, [A, "ঠিক আছে।", short, D])
+    assert overlap["reference"]["exact"] == 1 and overlap["reference"]["short"] == 1
+    assert overlap["prompt"]["exact"] == 1 and overlap["prompt"]["short"] == 1
+    assert {e["id"] for e in overlap["reference"]["examples"]} == {"0"}  # short matches give no examples
+    warnings = warnings_for(overlap, degenerate_predictions(rows))
+    assert sum("evaluated" in w for w in warnings) == 2
+    assert train_overlap(rows[1:2], [short])["reference"] == {"exact": 0, "near": 0, "short": 1, "examples": []}
 
 
 def test_predictions_that_begin_by_echoing_the_prompt_are_counted():
@@ -79,3 +93,24 @@ def test_predictions_that_begin_by_echoing_the_prompt_are_counted():
     deg = degenerate_predictions(rows)
     assert deg["starts_with_prompt"] == 1
     assert "1 of 3 predictions begin by echoing the prompt" in warnings_for(None, deg)
+
+
+@requires_shared
+@pytest.mark.parametrize("group_column", ["id", "dialogue_id"])
+def test_per_turn_corpus_split_by_row_leaks_its_test_replies_and_by_dialogue_does_not(tmp_path, group_column):
+    """DailyDialog-bn as one row per turn: split by row id, nearly every test reply is a later training
+    row's prompt; split by dialogue, (almost) none is."""
+    from bengali_empathy.data import EmpatheticDialogueDataModule
+
+    lines = (SHARED_DATA / "dialogues.jsonl").read_text(encoding="utf-8").splitlines()[:600]
+    (tmp_path / "turns.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    dm = EmpatheticDialogueDataModule(corpus_path=str(tmp_path / "turns.jsonl"), group_column=group_column,
+                                      max_seq_length=1024, on_too_long="drop")
+    dm.setup()
+    rows = [r.output() for batch in dm.test_dataloader() for r in batch["eval_rows"]]
+    overlap = train_overlap(rows, dm.facts.training_texts())["reference"]
+    assert len(rows) > 40
+    if group_column == "id":
+        assert overlap["exact"] > 0.5 * len(rows), overlap
+    else:
+        assert overlap["exact"] + overlap["near"] <= 0.02 * len(rows), overlap

@@ -25,7 +25,7 @@ from .files import diagnose, load_file
 from .formats import CorpusFormat, Turns, split_of
 
 # Bump when the encoded columns change, so old Arrow caches are not reused.
-ENCODING_VERSION = 4
+ENCODING_VERSION = 5
 
 OnTooLong = Literal["error", "drop", "truncate", "truncate_history"]
 TrainOn = Literal["all_assistant", "last_assistant"]
@@ -33,7 +33,7 @@ TrainOn = Literal["all_assistant", "last_assistant"]
 PARSED_COLUMNS = ("file", "line", "split", "id", "group", "category", "system", "turns")
 ENCODED_COLUMNS = ("input_ids", "label_spans", "prompt_len", "n_tokens", "raw_tokens", "reply_tokens", "status",
                    "n_turns", "file", "line", "id", "group", "split", "prompt", "reference", "category", "dedup_key",
-                   "reference_in_prompt")
+                   "reference_in_prompt", "texts")
 # A final reply this short ("ঠিক আছে।") may well have been said earlier in a conversation without
 # any leak; a longer one found in the conversation before it would be an echo to copy.
 ECHO_MIN_WORDS = 4
@@ -208,6 +208,7 @@ class RowEncoder:
         users = [t["content"] for t in turns if t["role"] == "user"]
         out["prompt"].append(users[-1] if users else "")
         out["reference"].append(turns[-1]["content"] if turns else "")
+        out["texts"].append([t["content"] for t in turns])  # every turn: what the honesty checks compare against
         out["dedup_key"].append(conversation_key(system, turns) if turns else "")
         out["reference_in_prompt"].append(reference_in_prompt(system, turns) if turns else False)
 

@@ -58,7 +58,7 @@ class CorpusSplits(Protocol):
         from 0 outside a Trainer), or evaluation rows (at most ``limit``)."""
 
     def training_texts(self) -> Optional[TrainingTexts]:
-        """Final user turns and final replies of the kept training rows (``None`` for a stream: an extra pass)."""
+        """Every turn of the kept training rows (``None`` for a stream: that would take an extra pass)."""
 
     def check_echoes(self, splits: list[str]) -> None:
         """Refuse rows of ``splits`` whose reference occurs in their prompt (a stream checks as the rows arrive)."""
@@ -97,6 +97,7 @@ class InMemorySplits:
             part = part.select(kept)
             self.eval_views[split] = self.datasets[split] = part.select_columns(EVAL_COLUMNS)
             if split == "train":
+                self.train_texts = part.select_columns(["texts"])
                 self.train_lengths = cols["n_tokens"][kept].tolist()
                 part = part.select_columns(["input_ids", "label_spans"])
                 if batching.pack:
@@ -126,8 +127,7 @@ class InMemorySplits:
                                   collate_fn=b.collate_fn, num_workers=b.num_workers)
 
     def training_texts(self) -> Optional[TrainingTexts]:
-        view = self.eval_views["train"]
-        return view["prompt"], view["reference"]
+        return [text for turns in self.train_texts["texts"] for text in turns]
 
     def check_echoes(self, splits: list[str]) -> None:
         for split in splits:
