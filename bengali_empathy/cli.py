@@ -178,8 +178,10 @@ def load_chat(model_name: str, adapter: Optional[str], backend: str, load_in_4bi
     if torch.cuda.is_available() and not strategy.quantized:
         model.to("cuda")
     model.eval()
-    return Chat(Generator(model, tokenizer, strategy, Decoding(max_new_tokens=max_new_tokens), batch_size=1),
-                system_prompt)
+    # One message at a time, of any length: a static cache would be rebuilt (and recompiled) per size.
+    generator = Generator(model, tokenizer, strategy, Decoding(max_new_tokens=max_new_tokens), batch_size=1,
+                          engine="eager")
+    return Chat(generator, system_prompt)
 
 
 # --------------------------------------------------------------------------- export

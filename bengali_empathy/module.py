@@ -22,7 +22,7 @@ from .checkpoints import AdapterInfo, check_adapter, lora_state_from_ckpt, save_
 from .data import DEFAULT_SYSTEM_PROMPT, flat_stats
 from .errors import UserError
 from .evaluation import Evaluation, Evaluator
-from .generation import Decoding, GenerationStats, Generator
+from .generation import Decoding, GenerationEngine, GenerationStats, Generator, resolve_engine
 from .lora import DEFAULT_LORA, LoraSettings
 from .memory import CheckpointPlan, MemoryBudget, cap_reserved_memory, check_budget, plan_training_memory
 from .modeling import TINY_MODEL, resolve_model_path
@@ -60,8 +60,9 @@ class EmpathyLM(L.LightningModule):
         learning_rate / weight_decay / warmup_ratio / min_lr_ratio: cosine schedule with linear warmup.
         max_new_tokens: generation length for validation samples, test and predict.
         generation_batch_size: rows per generation batch (prompts sorted by length; halved on out-of-memory).
-            Decoding costs about the same per step at 8 rows as at 128 on a GPU, so it is larger than
-            the loss batches.
+            Larger than the loss batches: a decoding step costs about the same at 8 rows as at 128.
+        generation_engine: ``compiled`` (static KV cache, compiled decoding step, grouped-query attention;
+            ``hf`` backend), ``eager`` (dynamic cache) or ``auto`` (``compiled`` on CUDA with ``hf``).
         temperature: 0 = greedy decoding; above 0, sampling with ``top_p`` / ``top_k`` (0 = off) and
             ``generation_seed``. ``repetition_penalty`` (1 = off) and ``no_repeat_ngram_size`` (0 = off)
             apply to both.
@@ -86,13 +87,11 @@ class EmpathyLM(L.LightningModule):
         adapter_path: Optional[str] = None,
         optimizer: Optimizer = "auto",
         learning_rate: float = 2e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.05, min_lr_ratio: float = 0.1,
-        max_new_tokens: int = 128,
-        generation_batch_size: int = 64,
+        max_new_tokens: int = 128, generation_batch_size: int = 64, generation_engine: GenerationEngine = "auto",
         temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
         repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, generation_seed: int = 0,
         compare_base: bool = False, val_generate_batches: int = 2, log_samples: int = 4,
-        save_adapter_on_fit_end: bool = True,
-        lora_seed: int = 3407,
+        save_adapter_on_fit_end: bool = True, lora_seed: int = 3407,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -104,6 +103,7 @@ class EmpathyLM(L.LightningModule):
         check_budget(memory_budget_gib, self.model_path, load_in_4bit, gradient_checkpointing)
         self.backend: Backend = make_backend(backend, load_in_4bit=load_in_4bit,
                                              gradient_checkpointing=gradient_checkpointing, seed=lora_seed)
+        self.generation_engine = resolve_engine(generation_engine, self.backend.name)
         self.model = self.tokenizer = self.generator = None
         self.strict_loading = False  # only LoRA weights go into checkpoints (see on_save_checkpoint)
         self.decoding = Decoding(max_new_tokens, temperature, top_p, top_k, repetition_penalty,
@@ -132,7 +132,7 @@ class EmpathyLM(L.LightningModule):
         # peft counts a 4-bit weight's packed uint8 storage as the parameters it holds
         self.param_counts = tuple(self.model.get_nb_trainable_parameters())
         self.generator = Generator(self.model, self.tokenizer, self.backend, self.decoding,
-                                   self.hparams.generation_batch_size)
+                                   self.hparams.generation_batch_size, engine=self.generation_engine)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self.backend.loss(self.model, batch)

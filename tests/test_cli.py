@@ -172,6 +172,7 @@ def test_dailydialog_conversations_fit_validate_predict(tmp_path):
     (["--model.learning_rate", "-0.1"], "model.learning_rate must be positive, not -0.1"),
     (["--model.lora_r", "0"], "model.lora_r must be a positive integer, not 0"),
     (["--model.generation_batch_size", "0"], "model.generation_batch_size must be at least 1, not 0"),
+    (["--model.generation_engine", "fast"], "model.generation_engine"),
     (["--model.compare_base", "maybe"], "model.compare_base"),
     (["--data.deduplicate", "true", "--data.streaming", "true"], "data.deduplicate needs the corpus in memory"),
     (["--trainer.max_steps", "-5"], "`max_steps` must be a non-negative integer or -1"),

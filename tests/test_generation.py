@@ -92,3 +92,39 @@ def test_decoding_options_reach_generate():
     assert kw == {"max_new_tokens": 9, "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 40,
                   "repetition_penalty": 1.2, "no_repeat_ngram_size": 3}
     assert Decoding().generate_kwargs() == {"max_new_tokens": 128, "do_sample": False}
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 7])
+def test_compiled_engine_replies_equal_the_eager_engine_token_for_token(tiny_lora, max_new_tokens):
+    """Static cache + grouped-query decoding attention (uncompiled on the CPU) = transformers' dynamic cache."""
+    from bengali_empathy.generation import Decoding, Generator
+
+    backend, model, tok = tiny_lora
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1000, 120000, (n,), generator=g).tolist() for n in (3, 17, 9, 30, 5)]
+    decoding = Decoding(max_new_tokens=max_new_tokens)
+    eager = Generator(model, tok, backend, decoding, batch_size=2, engine="eager")
+    compiled = Generator(model, tok, backend, decoding, batch_size=2, engine="compiled")
+    want, want_stats = eager.generate(prompts, progress=False)
+    got, stats = compiled.generate(prompts, progress=False)  # batches 2, 2 and 1 padded to 2
+    assert got == want and stats.new_tokens == want_stats.new_tokens and stats.rows == len(prompts)
+    assert stats.as_dict()["engine"] == "compiled" and want_stats.as_dict()["engine"] == "eager"
+    assert model.get_base_model().config._attn_implementation == "sdpa"  # restored after generation
+    if max_new_tokens > 2:  # rows that stop early: make the third token the second row emits a stop token
+        out = model.generate(input_ids=torch.tensor([prompts[1]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+        for generator in (eager, compiled):
+            generator.stop_ids = [*generator.stop_ids, int(out[0, -1])]
+        want, want_stats = eager.generate(prompts, progress=False)
+        got, stats = compiled.generate(prompts, progress=False)
+        assert got == want and stats.new_tokens == want_stats.new_tokens
+        assert want_stats.new_tokens < len(prompts) * max_new_tokens  # some row did stop early
+
+
+def test_compiled_engine_is_refused_for_unsloth_and_auto_is_eager_on_cpu():
+    from bengali_empathy.errors import UserError
+    from bengali_empathy.generation import resolve_engine
+
+    assert resolve_engine("auto", "hf") == ("compiled" if torch.cuda.is_available() else "eager")
+    assert resolve_engine("auto", "unsloth") == "eager"
+    with pytest.raises(UserError, match="generation_engine 'compiled' needs model.backend 'hf'"):
+        resolve_engine("compiled", "unsloth")
