@@ -62,7 +62,7 @@ class EmpathyLM(L.LightningModule):
         generation_batch_size: rows per generation batch (prompts sorted by length; halved on out-of-memory).
             Larger than the loss batches: a decoding step costs about the same at 8 rows as at 128.
         generation_engine: ``compiled`` (static KV cache, compiled decoding step, grouped-query attention;
-            ``hf`` backend), ``eager`` (dynamic cache) or ``auto`` (``compiled`` on CUDA with ``hf``).
+            ``hf`` backend), ``eager`` (dynamic cache) or ``auto`` (``eager`` for now; see :mod:`.generation`).
         temperature: 0 = greedy decoding; above 0, sampling with ``top_p`` / ``top_k`` (0 = off) and
             ``generation_seed``. ``repetition_penalty`` (1 = off) and ``no_repeat_ngram_size`` (0 = off)
             apply to both.

@@ -120,11 +120,11 @@ def test_compiled_engine_replies_equal_the_eager_engine_token_for_token(tiny_lor
         assert want_stats.new_tokens < len(prompts) * max_new_tokens  # some row did stop early
 
 
-def test_compiled_engine_is_refused_for_unsloth_and_auto_is_eager_on_cpu():
+def test_compiled_engine_is_refused_for_unsloth_and_auto_is_eager():
     from bengali_empathy.errors import UserError
     from bengali_empathy.generation import resolve_engine
 
-    assert resolve_engine("auto", "hf") == ("compiled" if torch.cuda.is_available() else "eager")
+    assert resolve_engine("auto", "hf") == "eager"  # until the compiled path is checked on a GPU
     assert resolve_engine("auto", "unsloth") == "eager"
     with pytest.raises(UserError, match="generation_engine 'compiled' needs model.backend 'hf'"):
         resolve_engine("compiled", "unsloth")
