@@ -105,10 +105,10 @@ def train_overlap(rows: Sequence[dict], train_texts: Iterable[str]) -> dict:
             kind = index.match(r[field])
             if kind:
                 short = len(normalize_bn(r[field] or "").split()) < MIN_OVERLAP_WORDS
-                found["short" if short else kind].append((kind, r))
+                found["short" if short else kind].append(r)
         out[field] = {kind: len(found[kind]) for kind in found}
         out[field]["examples"] = [{"id": r["id"], "match": kind, field: r[field]}
-                                  for group in ("exact", "near") for kind, r in found[group][:EXAMPLES]]
+                                  for kind in ("exact", "near") for r in found[kind][:EXAMPLES]]
     return out
 
 

@@ -168,7 +168,8 @@ def load_tokenizer(path: str | os.PathLike | None = None):
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"tokenizer directory not found: {path}")
-    files = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in path.iterdir() if p.is_file()))
+    stats = {p.name: p.stat() for p in path.iterdir() if p.is_file()}
+    files = tuple(sorted((name, s.st_mtime_ns, s.st_size) for name, s in stats.items()))
     return copy.deepcopy(_parsed_tokenizer(str(path.resolve()), files))
 
 
