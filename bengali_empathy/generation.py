@@ -32,8 +32,9 @@ import torch
 
 from .errors import UserError
 
-GenerationEngine = Literal["auto", "compiled", "eager"]
-CACHE_BUCKET = 256  # static KV cache lengths are multiples of this
+GenerationEngine = Literal["auto", "compiled", "static", "eager"]
+CACHE_BUCKET = 256  # the compiled engine's KV cache lengths are multiples of this
+PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (padding included)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class GenerationStats:
     batch_size: int = 0
     peak_gpu_memory_gib: Optional[float] = None
     engine: str = "eager"
+    prefill_seconds: float = 0.0  # of ``seconds``, the sliced prefill of the static and compiled engines
 
     @property
     def tokens_per_sec(self) -> float:
@@ -78,6 +80,7 @@ class GenerationStats:
     def as_dict(self) -> dict:
         return {"rows": self.rows, "new_tokens": self.new_tokens, "seconds": round(self.seconds, 3),
                 "tokens_per_sec": round(self.tokens_per_sec, 1), "batch_size": self.batch_size, "engine": self.engine,
+                **({"prefill_seconds": round(self.prefill_seconds, 3)} if self.engine != "eager" else {}),
                 **({"peak_gpu_memory_gib": round(self.peak_gpu_memory_gib, 2)}
                    if self.peak_gpu_memory_gib is not None else {})}
 
@@ -86,8 +89,8 @@ def resolve_engine(engine: GenerationEngine, backend_name: str) -> str:
     """``compiled`` or ``eager`` for ``engine`` on this machine with this backend."""
     if engine == "auto":
         return "eager"
-    if engine == "compiled" and backend_name != "hf":
-        raise UserError(f"model.generation_engine 'compiled' needs model.backend 'hf' ({backend_name} generates "
+    if engine in ("compiled", "static") and backend_name != "hf":
+        raise UserError(f"model.generation_engine '{engine}' needs model.backend 'hf' ({backend_name} generates "
                         "with its own kernels); use 'auto' or 'eager'")
     return engine
 
@@ -110,6 +113,56 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+def _left_padded(prompts: Sequence[Sequence[int]], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask of ``prompts`` left-padded to ``width``."""
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        if p:
+            ids[r, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            mask[r, width - len(p):] = 1
+    return ids, mask
+
+
+def prefill(model, cache, prompts: Sequence[Sequence[int]], width: int, pad: int,
+            token_budget: int = PREFILL_TOKENS) -> None:
+    """Fill the static ``cache`` with the keys and values of every prompt but its last token, as if the
+    batch were left-padded to ``width``; ``generate`` then starts from the last prompt token.
+
+    ``prompts`` are sorted longest first. They run in slices of rows of at most ``token_budget``
+    tokens, each slice padded to its own longest prompt: a long batch's prefill fits (batch 256 of
+    600-token prompts is ~150k tokens at once otherwise) and a short row's padding is not computed.
+    A slice's keys go right-aligned into the cache, where the batch's left padding puts them; the
+    padded slots stay masked. Positions are counted as ``generate`` counts them (from the mask).
+    """
+    from transformers import DynamicCache
+
+    cache.reset()
+    device = next(model.parameters()).device
+    prefix = width - 1
+    start = 0
+    while start < len(prompts) and prefix > 0:
+        longest = len(prompts[start]) - 1
+        part = prompts[start:start + max(1, token_budget // max(longest, 1))]
+        if longest > 0:
+            ids, mask = _left_padded([p[:-1] for p in part], longest, pad)
+            positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
+            sliced = DynamicCache()
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                  past_key_values=sliced, use_cache=True, logits_to_keep=1)
+            for layer, done in zip(cache.layers, sliced.layers):
+                if not layer.is_initialized:
+                    shape = (len(prompts), done.keys.shape[1], 0, done.keys.shape[3])
+                    layer.lazy_initialization(done.keys.new_empty(shape), done.values.new_empty(shape))
+                layer.keys[start:start + len(part), :, prefix - longest:prefix] = done.keys
+                layer.values[start:start + len(part), :, prefix - longest:prefix] = done.values
+            del sliced
+        start += len(part)
+    for layer in cache.layers:
+        if layer.is_initialized:
+            layer.cumulative_length.fill_(prefix)
+
+
 def generate_replies(
     model,
     tokenizer,
@@ -124,9 +177,9 @@ def generate_replies(
 ) -> tuple[list[str], GenerationStats]:
     """Replies to tokenised ``prompts`` (lists of ids ending in the assistant header), in input order.
 
-    The model must already be in inference mode (and, for the ``compiled`` engine, within
-    :func:`grouped_decode_attention`). ``stats.batch_size`` is the size that fitted (smaller than
-    ``batch_size`` after an out-of-memory retry).
+    The model must already be in inference mode (and, for the ``static`` and ``compiled`` engines,
+    within :func:`grouped_decode_attention`). ``stats.batch_size`` is the size that fitted (smaller
+    than ``batch_size`` after an out-of-memory retry).
     """
     from tqdm.auto import tqdm
 
@@ -136,10 +189,7 @@ def generate_replies(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     replies: list[str] = [""] * len(prompts)
     stats = GenerationStats(rows=len(prompts), batch_size=max(1, batch_size), engine=engine)
-    cache: dict = {}
-    if engine == "compiled" and prompts:
-        longest = max(len(p) for p in prompts) + decoding.max_new_tokens
-        cache = {"cache_implementation": "static", "max_cache_len": -(-longest // CACHE_BUCKET) * CACHE_BUCKET}
+    cache = None
     if decoding.temperature > 0:
         torch.manual_seed(decoding.seed)
     bar = tqdm(total=len(prompts), desc=desc, unit="row", disable=not progress or not prompts,
@@ -148,24 +198,39 @@ def generate_replies(
     while start < len(order):
         chunk = order[start:start + stats.batch_size]
         width = len(prompts[chunk[0]])
-        # A static cache keeps its shape when the last batch is as wide as the others (extra rows repeat one).
-        rows = chunk + chunk[-1:] * (stats.batch_size - len(chunk)) if cache else chunk
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            n = len(prompts[i])
-            ids[r, width - n:] = torch.as_tensor(prompts[i], dtype=torch.long)
-            mask[r, width - n:] = 1
+        rows = chunk
+        extra: dict = {}
+        if engine != "eager":
+            from transformers import StaticCache
+
+            if engine == "compiled":
+                # One cache for the call, each batch as wide (extra rows repeat one): the compiled decoding
+                # step keeps its shapes and the cache its addresses, so it compiles (and records) once.
+                rows = chunk + chunk[-1:] * (stats.batch_size - len(chunk))
+                if cache is None:
+                    longest = len(prompts[order[0]]) + decoding.max_new_tokens
+                    cache = StaticCache(config=model.config, max_cache_len=-(-longest // CACHE_BUCKET) * CACHE_BUCKET)
+            else:
+                cache, extra["disable_compile"] = StaticCache(config=model.config,
+                                                              max_cache_len=width + decoding.max_new_tokens), True
+            extra["past_key_values"] = cache
+        ids, mask = _left_padded([prompts[i] for i in rows], width, pad)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         try:
+            if cache is not None:
+                prefill(model, cache, [prompts[i] for i in rows], width, pad)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                stats.prefill_seconds += time.perf_counter() - t0
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), eos_token_id=list(stop_ids),
-                                 pad_token_id=pad, use_cache=True, **decoding.generate_kwargs(), **cache)
+                                 pad_token_id=pad, use_cache=True, **decoding.generate_kwargs(), **extra)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
             if not _is_oom(exc) or stats.batch_size == 1:
                 raise
             stats.batch_size //= 2
+            cache = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if on_oom is not None:
@@ -229,7 +294,7 @@ class Generator:
             self.batch_size = batch_size
             self.report(f"{desc}: out of GPU memory, batch size now {batch_size} for the rest of this run")
 
-        attention = grouped_decode_attention(self.model) if self.engine == "compiled" else contextlib.nullcontext()
+        attention = grouped_decode_attention(self.model) if self.engine != "eager" else contextlib.nullcontext()
         try:
             with attention:
                 return generate_replies(self.model, self.tokenizer, prompts, decoding or self.decoding,

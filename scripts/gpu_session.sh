@@ -2,7 +2,8 @@
 # Runs on the lent GPU machine: installs carried wheels, runs GPU tests and benchmarks.
 # Usage: bash scripts/gpu_session.sh STEP...
 #   STEP: tests | unsloth | unsloth_plain | norearm | hf | hf_plain | corpus_packed | corpus_unpacked | corpus_grouped
-#         | model8b | predict | compare | fitbudget
+#         | model8b | predict | compare | fitbudget | probe
+# probe: scripts/generation_probe.py on /tmp/llama8b with $PROBE_ARGS (engines, batch sizes, reply lengths).
 # compare: Unsloth's TRL SFTTrainer and this package at each memory budget of $BUDGETS, one table.
 # fitbudget: `fit` of the 8B config on $CORPUS (random 8B from model8b) for 30 steps at each budget of
 # $FIT_BUDGETS: the plan line, tokens/s and the peak against the budget.
@@ -59,6 +60,8 @@ for step in "$@"; do
                echo "rc=$? bs=$bs"; grep -E "^(wrote|generated|tuned|warning|error)|out of GPU memory" "$OUT/predict_bs$bs.log"
                nvidia-smi --query-gpu=memory.used --format=csv,noheader
              done ;;
+    probe) timeout ${PROBE_TIMEOUT:-480} python3 scripts/generation_probe.py /tmp/llama8b --corpus "$CORPUS" \
+             --json "$OUT/probe.jsonl" ${PROBE_ARGS:-} 2>"$OUT/probe.err"; echo "rc=$?"; tail -3 "$OUT/probe.err" ;;
   esac
 done
 echo "=== done $(date +%T)"

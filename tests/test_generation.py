@@ -94,21 +94,39 @@ def test_decoding_options_reach_generate():
     assert Decoding().generate_kwargs() == {"max_new_tokens": 128, "do_sample": False}
 
 
-@pytest.mark.parametrize("max_new_tokens", [1, 7])
-def test_compiled_engine_replies_equal_the_eager_engine_token_for_token(tiny_lora, max_new_tokens):
-    """Static cache + grouped-query decoding attention (uncompiled on the CPU) = transformers' dynamic cache."""
+@pytest.mark.parametrize("engine,max_new_tokens,prefill_tokens", [("compiled", 1, 16384), ("compiled", 7, 16384),
+                                                                  ("static", 7, 40), ("static", 4, 1)])
+def test_fast_engines_replies_equal_the_eager_engine_token_for_token(tiny_lora, engine, max_new_tokens,
+                                                                     prefill_tokens, monkeypatch):
+    """Sliced prefill into a static cache + grouped-query decoding attention (uncompiled on the CPU) =
+    transformers' dynamic cache, whatever the slices (one row per prefill forward at a budget of 1 token)."""
+    from bengali_empathy import generation
     from bengali_empathy.generation import Decoding, Generator
 
+    monkeypatch.setattr(generation, "PREFILL_TOKENS", prefill_tokens)
+    monkeypatch.setattr(generation.prefill, "__defaults__", (prefill_tokens,))
     backend, model, tok = tiny_lora
     g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(1000, 120000, (n,), generator=g).tolist() for n in (3, 17, 9, 30, 5)]
+    prompts = [torch.randint(1000, 120000, (n,), generator=g).tolist() for n in (3, 17, 9, 30, 5, 1)]
     decoding = Decoding(max_new_tokens=max_new_tokens)
-    eager = Generator(model, tok, backend, decoding, batch_size=2, engine="eager")
-    compiled = Generator(model, tok, backend, decoding, batch_size=2, engine="compiled")
+    eager = Generator(model, tok, backend, decoding, batch_size=4, engine="eager")
+    compiled = Generator(model, tok, backend, decoding, batch_size=4, engine=engine)
     want, want_stats = eager.generate(prompts, progress=False)
-    got, stats = compiled.generate(prompts, progress=False)  # batches 2, 2 and 1 padded to 2
+    widths = []  # tokens of each forward pass through the fast engine
+    hook = model.get_base_model().model.embed_tokens.register_forward_hook(
+        lambda module, args, out: widths.append(args[0].shape))
+    try:
+        got, stats = compiled.generate(prompts, progress=False)  # batches 4 and 2 (padded to 4 when compiled)
+    finally:
+        hook.remove()
     assert got == want and stats.new_tokens == want_stats.new_tokens and stats.rows == len(prompts)
-    assert stats.as_dict()["engine"] == "compiled" and want_stats.as_dict()["engine"] == "eager"
+    assert stats.as_dict()["engine"] == engine and want_stats.as_dict()["engine"] == "eager"
+    # The prompts were prefilled in slices (each of at most prefill_tokens, or one row), generate
+    # only ever ran one token per row.
+    prefills = [w for w in widths if w[1] > 1]
+    assert all(rows * width <= prefill_tokens or rows == 1 for rows, width in prefills)
+    assert sum(rows for rows, _ in prefills) >= sum(len(p) > 1 for p in prompts)
+    assert len(widths) > len(prefills)  # and decoding, one token per row
     assert model.get_base_model().config._attn_implementation == "sdpa"  # restored after generation
     if max_new_tokens > 2:  # rows that stop early: make the third token the second row emits a stop token
         out = model.generate(input_ids=torch.tensor([prompts[1]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
