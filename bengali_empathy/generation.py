@@ -124,19 +124,21 @@ def _left_padded(prompts: Sequence[Sequence[int]], width: int, pad: int) -> tupl
     return ids, mask
 
 
+@torch.no_grad()  # the LoRA weights require gradients: no autograd graph of a whole batch's prefill
 def prefill(model, cache, prompts: Sequence[Sequence[int]], width: int, pad: int,
-            token_budget: int = PREFILL_TOKENS) -> None:
+            token_budget: Optional[int] = None) -> None:
     """Fill the static ``cache`` with the keys and values of every prompt but its last token, as if the
     batch were left-padded to ``width``; ``generate`` then starts from the last prompt token.
 
     ``prompts`` are sorted longest first. They run in slices of rows of at most ``token_budget``
-    tokens, each slice padded to its own longest prompt: a long batch's prefill fits (batch 256 of
+    tokens (default ``PREFILL_TOKENS``), each slice padded to its own longest prompt: a long batch's prefill fits (batch 256 of
     600-token prompts is ~150k tokens at once otherwise) and a short row's padding is not computed.
     A slice's keys go right-aligned into the cache, where the batch's left padding puts them; the
     padded slots stay masked. Positions are counted as ``generate`` counts them (from the mask).
     """
     from transformers import DynamicCache
 
+    token_budget = token_budget or PREFILL_TOKENS
     cache.reset()
     device = next(model.parameters()).device
     prefix = width - 1

@@ -104,7 +104,6 @@ def test_fast_engines_replies_equal_the_eager_engine_token_for_token(tiny_lora, 
     from bengali_empathy.generation import Decoding, Generator
 
     monkeypatch.setattr(generation, "PREFILL_TOKENS", prefill_tokens)
-    monkeypatch.setattr(generation.prefill, "__defaults__", (prefill_tokens,))
     backend, model, tok = tiny_lora
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(1000, 120000, (n,), generator=g).tolist() for n in (3, 17, 9, 30, 5, 1)]
@@ -146,3 +145,28 @@ def test_compiled_engine_is_refused_for_unsloth_and_auto_is_eager():
     assert resolve_engine("auto", "unsloth") == "eager"
     with pytest.raises(UserError, match="generation_engine 'compiled' needs model.backend 'hf'"):
         resolve_engine("compiled", "unsloth")
+
+
+def test_sliced_prefill_fills_the_cache_as_one_padded_forward_does_without_gradients(tiny_lora):
+    """Each slice's keys sit where the batch's left padding puts them; nothing keeps an autograd graph
+    (a batch's prefill with one would hold every layer's activations: out of memory on an 8B model)."""
+    from transformers import DynamicCache, StaticCache
+
+    from bengali_empathy.generation import _left_padded, prefill
+
+    _, model, tok = tiny_lora
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(1000, 120000, (n,), generator=g).tolist() for n in (12, 7, 7, 2)]
+    width = len(prompts[0])
+    cache = StaticCache(config=model.config, max_cache_len=width + 3)
+    prefill(model, cache, prompts, width, tok.pad_token_id, token_budget=12)  # slices of 1, 2 and 1 rows
+    ids, mask = _left_padded([p[:-1] for p in prompts], width - 1, tok.pad_token_id)
+    full = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+              past_key_values=full)
+    real = mask.bool()
+    for layer, want in zip(cache.layers, full.layers):
+        assert not layer.keys.requires_grad and int(layer.cumulative_length) == width - 1
+        got = layer.keys[:, :, : width - 1].transpose(1, 2)[real]
+        assert torch.allclose(got, want.keys.transpose(1, 2)[real], atol=1e-5)
