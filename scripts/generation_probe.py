@@ -40,9 +40,10 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--backend", default="hf")
     p.add_argument("--no-4bit", action="store_true", help="16-bit base weights instead of NF4")
-    p.add_argument("--run", nargs="+", default=["eager:128:128", "compiled:128:128"])
+    p.add_argument("--run", nargs="*", default=["eager:128:128", "compiled:128:128"])
     p.add_argument("--peaked", type=float, default=0.0)
     p.add_argument("--peaked-rows", type=int, default=128)
+    p.add_argument("--peaked-engines", nargs="+", default=["static", "compiled"])
     p.add_argument("--json", default=None)
     a = p.parse_args()
     out = open(a.json, "a") if a.json else None
@@ -80,10 +81,10 @@ def main() -> None:
             head.weight.mul_(a.peaked)
         few = prompts[: a.peaked_rows]
         replies = {}
-        for engine in ("eager", "static", "compiled"):
+        for engine in ("eager", *a.peaked_engines):
             gen = Generator(model, lm.tokenizer, lm.backend, Decoding(max_new_tokens=32), 64, engine=engine)
             replies[engine] = gen.generate(few, progress=False)[0]
-        for engine in ("static", "compiled"):
+        for engine in a.peaked_engines:
             same = sum(x == y for x, y in zip(replies[engine], replies["eager"]))
             emit({"peaked": a.peaked, "engine": engine, "rows": len(few), "same_32_tokens": same,
                   "share": round(same / len(few), 3)})
