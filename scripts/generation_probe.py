@@ -43,7 +43,9 @@ def main() -> None:
     p.add_argument("--run", nargs="*", default=["eager:128:128", "compiled:128:128"])
     p.add_argument("--peaked", type=float, default=0.0)
     p.add_argument("--peaked-rows", type=int, default=128)
-    p.add_argument("--peaked-engines", nargs="+", default=["static", "compiled"])
+    p.add_argument("--peaked-engines", nargs="+", default=["eager:64", "static:64", "compiled:64"],
+                   help="ENGINE:BATCH runs compared with the first")
+    p.add_argument("--fp32", action="store_true", help="compute in float32 (bf16 rounding out of the comparison)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     out = open(a.json, "a") if a.json else None
@@ -60,6 +62,8 @@ def main() -> None:
     lm.configure_model()
     cuda = torch.cuda.is_available()
     model = lm.model.to("cuda") if a.no_4bit and cuda else lm.model
+    if a.fp32:
+        model = model.float()
     prompts = corpus_prompts(a.corpus, a.model, a.rows)
     lengths = sorted(len(x) for x in prompts)
     emit({"rows": len(prompts), "prompt_len_p50": lengths[len(lengths) // 2], "prompt_len_max": lengths[-1]})
@@ -81,13 +85,15 @@ def main() -> None:
             head.weight.mul_(a.peaked)
         few = prompts[: a.peaked_rows]
         replies = {}
-        for engine in ("eager", *a.peaked_engines):
-            gen = Generator(model, lm.tokenizer, lm.backend, Decoding(max_new_tokens=32), 64, engine=engine)
-            replies[engine] = gen.generate(few, progress=False)[0]
-        for engine in a.peaked_engines:
-            same = sum(x == y for x, y in zip(replies[engine], replies["eager"]))
-            emit({"peaked": a.peaked, "engine": engine, "rows": len(few), "same_32_tokens": same,
-                  "share": round(same / len(few), 3)})
+        for spec in a.peaked_engines:
+            engine, batch = spec.split(":")
+            gen = Generator(model, lm.tokenizer, lm.backend, Decoding(max_new_tokens=32), int(batch), engine=engine)
+            replies[spec] = gen.generate(few, progress=False)[0]
+        reference = a.peaked_engines[0]
+        for spec in a.peaked_engines[1:]:
+            same = sum(x == y for x, y in zip(replies[spec], replies[reference]))
+            emit({"peaked": a.peaked, "fp32": a.fp32, "run": spec, "against": reference, "rows": len(few),
+                  "same_32_tokens": same, "share": round(same / len(few), 3)})
 
 
 if __name__ == "__main__":
