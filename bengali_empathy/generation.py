@@ -31,8 +31,10 @@ from typing import Callable, Iterator, Literal, Optional, Sequence
 import torch
 
 from .errors import UserError
+from .memory import MemoryBudget, resolve_budget_gib
 
 GenerationEngine = Literal["auto", "compiled", "static", "eager"]
+GenerationWeights = Literal["auto", "merged", "adapter"]
 CACHE_BUCKET = 256  # the compiled engine's KV cache lengths are multiples of this
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (padding included)
 
@@ -72,6 +74,7 @@ class GenerationStats:
     peak_gpu_memory_gib: Optional[float] = None
     engine: str = "eager"
     prefill_seconds: float = 0.0  # of ``seconds``, the sliced prefill of the static and compiled engines
+    weights: str = "adapter"  # or "merged": see :mod:`.merged`
 
     @property
     def tokens_per_sec(self) -> float:
@@ -80,15 +83,17 @@ class GenerationStats:
     def as_dict(self) -> dict:
         return {"rows": self.rows, "new_tokens": self.new_tokens, "seconds": round(self.seconds, 3),
                 "tokens_per_sec": round(self.tokens_per_sec, 1), "batch_size": self.batch_size, "engine": self.engine,
+                "weights": self.weights,
                 **({"prefill_seconds": round(self.prefill_seconds, 3)} if self.engine != "eager" else {}),
                 **({"peak_gpu_memory_gib": round(self.peak_gpu_memory_gib, 2)}
                    if self.peak_gpu_memory_gib is not None else {})}
 
 
 def resolve_engine(engine: GenerationEngine, backend_name: str) -> str:
-    """``compiled`` or ``eager`` for ``engine`` on this machine with this backend."""
+    """The engine ``engine`` names on this machine with this backend (``auto``: ``static`` on CUDA with
+    the ``hf`` backend, else ``eager``)."""
     if engine == "auto":
-        return "eager"
+        return "static" if backend_name == "hf" and torch.cuda.is_available() else "eager"
     if engine in ("compiled", "static") and backend_name != "hf":
         raise UserError(f"model.generation_engine '{engine}' needs model.backend 'hf' ({backend_name} generates "
                         "with its own kernels); use 'auto' or 'eager'")
@@ -107,6 +112,66 @@ def grouped_decode_attention(model) -> Iterator[None]:
         yield
     finally:
         base.set_attn_implementation(before)
+
+
+def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
+    """Bytes of keys and values one token takes in the KV cache of every layer."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype_bytes
+
+
+def prefill_bytes(config, longest: int) -> int:
+    """Activations of one prefill slice of ``PREFILL_TOKENS`` tokens (MLP, and SDPA's attention scores,
+    which the padding mask makes it materialise) with prompts of up to ``longest`` tokens."""
+    return PREFILL_TOKENS * ((3 * config.intermediate_size + 4 * config.hidden_size) * 2
+                             + config.num_attention_heads * longest * 4)
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """Which weights generate (a merged 16-bit copy or the model with its adapter) and at what batch size."""
+
+    merged: bool
+    batch_size: int
+
+    def describe(self, engine: str) -> str:
+        weights = "merged 16-bit copy (LoRA folded into the dequantised base)" if self.merged else "adapter model"
+        return f"{weights}, {engine} engine, batch {self.batch_size}"
+
+
+def plan_generation(config, longest: int, max_new_tokens: int, batch_size: int, free_bytes: Optional[int],
+                    merged_bytes: int, merge: Optional[bool]) -> GenerationPlan:
+    """The plan for prompts of up to ``longest`` tokens given ``free_bytes`` of GPU memory (None: not on a
+    GPU, nothing checked). ``merge``: True = merged copy, False = never, None = merged where it fits
+    with a batch of ``batch_size``. The KV cache of prompt + reply must fit for one row at least."""
+    if free_bytes is None:
+        return GenerationPlan(bool(merge), batch_size)
+    row, fixed = kv_bytes_per_token(config) * (longest + max_new_tokens), prefill_bytes(config, longest)
+    if merge is not False:
+        fits = (free_bytes - merged_bytes - fixed) // row
+        if fits >= batch_size or (merge and fits >= 1):
+            return GenerationPlan(True, min(batch_size, int(fits)))
+        if merge:
+            raise UserError(f"model.generation_weights 'merged' needs {merged_bytes / 2**30:.1f} GiB for the merged "
+                            f"copy beside the {free_bytes / 2**30:.1f} GiB free for generation; use 'auto' or 'adapter'")
+    fits = (free_bytes - fixed) // row
+    if fits < 1:
+        raise UserError(f"model.max_new_tokens {max_new_tokens} after prompts of up to {longest} tokens needs "
+                        f"{row / 2**30:.2f} GiB of KV cache per row and {fixed / 2**30:.1f} GiB for the prefill, "
+                        f"but {free_bytes / 2**30:.1f} GiB are free for generation: lower model.max_new_tokens or "
+                        "data.max_seq_length, or raise model.memory_budget_gib")
+    return GenerationPlan(False, min(batch_size, int(fits)))
+
+
+def free_generation_bytes(device: torch.device, budget_gib: Optional[float]) -> Optional[int]:
+    """GPU memory generation may still take: the budget less what is allocated, else what the card has
+    free plus this process's cached blocks (None off the GPU)."""
+    if device.type != "cuda":
+        return None
+    allocated = torch.cuda.memory_allocated(device)
+    if budget_gib is not None:
+        return int(budget_gib * 2**30) - allocated
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - allocated
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -274,20 +339,41 @@ class Generator:
     """
 
     def __init__(self, model, tokenizer, backend, decoding: Decoding, batch_size: int,
-                 report: Callable[[str], None] = _to_stderr, engine: GenerationEngine = "auto") -> None:
+                 report: Callable[[str], None] = _to_stderr, engine: GenerationEngine = "auto",
+                 weights: GenerationWeights = "adapter", memory_budget: MemoryBudget = None) -> None:
         from .tokenizer import stop_token_ids
 
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.decoding = decoding
         self.batch_size = batch_size
         self.engine = resolve_engine(engine, backend.name)
+        # ``auto`` merges on CUDA with the hf backend only: Unsloth patches transformers' Llama classes,
+        # which a plain copy would then run through.
+        self.merge = {"merged": True, "adapter": False}.get(
+            weights, None if backend.name == "hf" and torch.cuda.is_available() else False)
+        self.memory_budget = memory_budget  # the run's (model.memory_budget_gib): generation keeps to it too
         self.report = report
         self.stop_ids = stop_token_ids(tokenizer)
+        self.last_plan: Optional[GenerationPlan] = None
+
+    def plan(self, prompts: Sequence[Sequence[int]], decoding: Decoding, allow_merged: bool) -> GenerationPlan:
+        """The weights and batch size this call generates with (see :func:`plan_generation`)."""
+        from .merged import merged_bytes
+
+        device = next(self.model.parameters()).device
+        free = free_generation_bytes(device, resolve_budget_gib(self.memory_budget, device))
+        return plan_generation(self.model.config, max(map(len, prompts)), decoding.max_new_tokens, self.batch_size,
+                               free, merged_bytes(self.model),
+                               self.merge if allow_merged else False)
 
     def generate(self, prompts: Sequence[Sequence[int]], desc: str = "generating", progress: bool = True,
-                 decoding: Optional[Decoding] = None) -> tuple[list[str], GenerationStats]:
-        """Replies (in input order) and :class:`GenerationStats` for tokenised generation prompts."""
+                 decoding: Optional[Decoding] = None, allow_merged: bool = True) -> tuple[list[str], GenerationStats]:
+        """Replies (in input order) and :class:`GenerationStats` for tokenised generation prompts.
+        ``allow_merged`` false: never on a merged copy (fit's validations: training holds the memory)."""
+        from .merged import merged_copy
+
         was_training = self.model.training
+        decoding = decoding or self.decoding
         self.backend.for_inference(self.model)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -296,13 +382,21 @@ class Generator:
             self.batch_size = batch_size
             self.report(f"{desc}: out of GPU memory, batch size now {batch_size} for the rest of this run")
 
-        attention = grouped_decode_attention(self.model) if self.engine != "eager" else contextlib.nullcontext()
+        plan = self.plan(prompts, decoding, allow_merged) if prompts else GenerationPlan(False, self.batch_size)
+        if plan != self.last_plan and (plan.merged or plan.batch_size < self.batch_size):
+            self.report(f"{desc}: {plan.describe(self.engine)}")
+        self.last_plan = plan
+        model = merged_copy(self.model) if plan.merged else self.model
+        attention = grouped_decode_attention(model) if self.engine != "eager" else contextlib.nullcontext()
         try:
             with attention:
-                return generate_replies(self.model, self.tokenizer, prompts, decoding or self.decoding,
-                                        self.batch_size, self.stop_ids, desc=desc, progress=progress, on_oom=smaller,
-                                        engine=self.engine)
+                replies, stats = generate_replies(model, self.tokenizer, prompts, decoding, plan.batch_size,
+                                                  self.stop_ids, desc=desc, progress=progress, on_oom=smaller,
+                                                  engine=self.engine)
+            stats.weights = "merged" if plan.merged else "adapter"
+            return replies, stats
         finally:
+            del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if was_training:
