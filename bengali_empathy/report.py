@@ -268,6 +268,22 @@ def _ratings_section(db: Path, eval_dir: Path) -> list[str]:
     return [f"## Human ratings (1-5, mean; experiment {experiment['id']} in `{db}`)", ""] + _table(header, rows)
 
 
+def _judgements_section(db: Path, eval_dir: Path) -> list[str]:
+    from .judgements import win_rate
+    from .registry import find_experiment
+
+    experiment = find_experiment(db, str(eval_dir)) if db.is_file() else None
+    wins = win_rate(db, experiment["id"]) if experiment is not None else None
+    if wins is None:
+        return []
+    low, high = wins.interval
+    return [f"## Blind judgements, tuned vs base (experiment {experiment['id']} in `{db}`)", "",
+            "Win rate: the tuned reply's share of the judgements that are not ties, with a 95% Wilson score "
+            "interval.", ""] + _table(["tuned preferred", "base preferred", "ties", "n", "win rate", "95% interval"],
+                                      [[wins.tuned, wins.base, wins.ties, wins.n, wins.rate,
+                                        f"{low:.4f} – {high:.4f}" if wins.rate is not None else None]])
+
+
 def build_report(run_dir: Path, output: Optional[Path] = None, db: Optional[str] = None) -> Path:
     """Write ``REPORT.md`` and the plots for ``run_dir``; returns the report's path. ``db``: the
     experiment registry with human ratings (default: ``experiments.db`` beside the run)."""
@@ -281,7 +297,8 @@ def build_report(run_dir: Path, output: Optional[Path] = None, db: Optional[str]
                         f"(written by test/predict)")
     db_path = Path(db) if db else run_dir.parent / "experiments.db"
     # The ratings are read first: a bad registry file stops the report before any plot is written.
-    ratings = _ratings_section(db_path, eval_dir) if eval_dir is not None else []
+    ratings = (_ratings_section(db_path, eval_dir) + _judgements_section(db_path, eval_dir)
+               if eval_dir is not None else [])
     output = Path(output) if output else run_dir
     output.mkdir(parents=True, exist_ok=True)
     lines = [f"# Experiment report: {run_dir}", ""]
