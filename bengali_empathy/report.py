@@ -297,8 +297,8 @@ def build_report(run_dir: Path, output: Optional[Path] = None, db: Optional[str]
                         f"(written by test/predict)")
     db_path = Path(db) if db else run_dir.parent / "experiments.db"
     # The ratings are read first: a bad registry file stops the report before any plot is written.
-    ratings = (_ratings_section(db_path, eval_dir) + _judgements_section(db_path, eval_dir)
-               if eval_dir is not None else [])
+    ratings = _ratings_section(db_path, eval_dir) if eval_dir is not None else []
+    judged = _judgements_section(db_path, eval_dir or fit_dir)
     output = Path(output) if output else run_dir
     output.mkdir(parents=True, exist_ok=True)
     lines = [f"# Experiment report: {run_dir}", ""]
@@ -321,11 +321,11 @@ def build_report(run_dir: Path, output: Optional[Path] = None, db: Optional[str]
                   f"(sacreBLEU), ROUGE-L is the mean of sentence F1, NLL and perplexity are token-weighted over "
                   f"reference reply tokens.", ""]
         lines += _metrics_section(metrics) + _category_section(metrics) + _checks_section(metrics)
-        lines += ratings
+        lines += ratings + judged
         lines += _samples_section(rows)
     else:
         lines += ["## Final metrics", "", "No evaluation found: run `test` or `predict` with "
-                  f"`--model.adapter_path {run_dir}/adapter`.", ""]
+                  f"`--model.adapter_path {run_dir}/adapter`.", ""] + judged
     report = output / "REPORT.md"
     atomic_write_text(report, "\n".join(lines))
     return report
