@@ -125,8 +125,9 @@ class App:
         self.replier.prompt([{"role": "user", "content": prompt or ""}], self.replier.decoding.max_new_tokens)
         session = session or {"prompts": [], "rated": 0, "total": 0, "rng": random.Random()}
         session = {**session, "prompts": [(prompt.strip(), None)] + session["prompts"], "total": session["total"] + 1}
-        if session.get("pair") is not None:  # the pair on screen stays; the typed prompt comes next
-            return (session, *self._shown(session, "Your prompt is next, after this pair."))
+        if session.get("pair") is not None:  # the pair on screen stays, as does what was chosen for it
+            progress = self._shown(session, "Your prompt comes after this pair.")[0]
+            return (session, progress, *[gr.skip()] * (5 + 2 * len(ASPECTS)))
         return self._next_pair(session, "Your prompt:")
 
     def submit(self, rater: str, choice: Optional[str], comment: str, session: Optional[dict], *scores):
@@ -176,9 +177,9 @@ class App:
         for e in list_experiments(self.db) if Path(self.db).is_file() else []:
             m, run = e["metrics"], e["metrics"].get("run", {})
             wins = win_rate(self.db, e["id"])
+            scores = [m.get(k, m.get(f"val/{k}")) for k in SCORE_NAMES]  # a fit records its validation's
             rows.append([e["id"], e["timestamp"], run.get("stage"), run.get("steps"), e["model_name"],
-                         *(round(m[k], 4) if isinstance(m.get(k), (int, float)) else None
-                           for k in ("val/loss", *SCORE_NAMES)),
+                         *(round(v, 4) if isinstance(v, (int, float)) else None for v in [m.get("val/loss"), *scores]),
                          wins.describe() if wins else ""])
         return rows
 
@@ -233,7 +234,8 @@ def build(app: App) -> gr.Blocks:
     """The Gradio page of ``app``'s handlers."""
     r = app.replier
     with gr.Blocks(title="bengali_empathy") as page:
-        gr.Markdown(f"## Bengali empathy: talk to and judge `{app.adapter_path}`")
+        gr.Markdown(f"## Bengali empathy\nThe tuned model: adapter `{app.adapter_path}`; its base: the same "
+                    "weights with the adapter disabled.")
         with gr.Accordion("Decoding (chat and side by side)", open=False):
             with gr.Row():
                 mode = gr.Radio(["greedy", "sample"], value="greedy", label="decoding")
@@ -329,7 +331,9 @@ def launch(replier: Replier, adapter_path: str, db: str, run: Optional[int], pai
     page.queue(default_concurrency_limit=1)
     try:
         page.launch(server_name=host, server_port=port, auth=auth or None, share=False, ssr_mode=False,
-                    mcp_server=False, prevent_thread_lock=not block, auth_message="Log in to rate replies.")
+                    mcp_server=False, prevent_thread_lock=not block, auth_message="Log in to rate replies.",
+                    # FastAPI's API description and docs pages would answer without a login
+                    app_kwargs={"openapi_url": None, "docs_url": None, "redoc_url": None})
     except OSError as exc:  # the port is taken, or the address is not this machine's
         raise UserError(f"cannot serve on {host}:{port}: {' '.join(str(exc).split())}") from exc
     return page
