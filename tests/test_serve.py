@@ -344,3 +344,13 @@ def test_browser_blind_rating_commits_each_judgement(browser, server):
     _wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#runs-plots img")) >= 2)
     assert "blind judgements: tuned preferred in" in _by_id(browser, "runs-detail").text
     _screenshot(browser, server, "runs")
+
+
+def test_the_info_line_says_when_earlier_turns_were_left_out():
+    from bengali_empathy.conversation import Reply
+    from bengali_empathy.serve import describe
+
+    reply = Reply("উত্তর", 700, 2, 4, new_tokens=6, seconds=0.25, seed=7, done=True)
+    assert describe(reply, 768) == ("prompt 700 tokens: system prompt + 2 earlier turns + this message; the 4 oldest "
+                                    "turns were left out to fit max_seq_length 768; 6 new tokens in 0.2 s; "
+                                    "sampled with seed 7")
