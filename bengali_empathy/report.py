@@ -268,12 +268,14 @@ def _ratings_section(db: Path, eval_dir: Path) -> list[str]:
     return [f"## Human ratings (1-5, mean; experiment {experiment['id']} in `{db}`)", ""] + _table(header, rows)
 
 
-def _judgements_section(db: Path, eval_dir: Path) -> list[str]:
+def _judgements_section(db: Path, run_dirs: list[Path]) -> list[str]:
+    """The win rate of the first of ``run_dirs`` (the evaluation, then the fit) with blind judgements."""
     from .judgements import win_rate
     from .registry import find_experiment
 
-    experiment = find_experiment(db, str(eval_dir)) if db.is_file() else None
-    wins = win_rate(db, experiment["id"]) if experiment is not None else None
+    experiments = [find_experiment(db, str(d)) for d in run_dirs] if db.is_file() else []
+    judged = [(e, win_rate(db, e["id"])) for e in experiments if e is not None]
+    experiment, wins = next(((e, w) for e, w in judged if w is not None), (None, None))
     if wins is None:
         return []
     low, high = wins.interval
@@ -298,7 +300,7 @@ def build_report(run_dir: Path, output: Optional[Path] = None, db: Optional[str]
     db_path = Path(db) if db else run_dir.parent / "experiments.db"
     # The ratings are read first: a bad registry file stops the report before any plot is written.
     ratings = _ratings_section(db_path, eval_dir) if eval_dir is not None else []
-    judged = _judgements_section(db_path, eval_dir or fit_dir)
+    judged = _judgements_section(db_path, [d for d in (eval_dir, fit_dir) if d is not None])
     output = Path(output) if output else run_dir
     output.mkdir(parents=True, exist_ok=True)
     lines = [f"# Experiment report: {run_dir}", ""]

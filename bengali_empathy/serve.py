@@ -178,9 +178,9 @@ class App:
             m, run = e["metrics"], e["metrics"].get("run", {})
             wins = win_rate(self.db, e["id"])
             scores = [m.get(k, m.get(f"val/{k}")) for k in SCORE_NAMES]  # a fit records its validation's
-            rows.append([e["id"], e["timestamp"], run.get("stage"), run.get("steps"), e["model_name"],
+            rows.append([e["id"], e["timestamp"], run.get("stage"), run.get("steps"), wins.describe() if wins else "",
                          *(round(v, 4) if isinstance(v, (int, float)) else None for v in [m.get("val/loss"), *scores]),
-                         wins.describe() if wins else ""])
+                         e["model_name"]])
         return rows
 
     def run_detail(self, experiment_id):
@@ -305,15 +305,15 @@ def build(app: App) -> gr.Blocks:
         with gr.Tab("Runs", id="runs"):
             from .metrics import SCORE_NAMES
 
-            table = gr.Dataframe(headers=["id", "time (UTC)", "stage", "steps", "model", "val/loss",
-                                          *SCORE_NAMES, "blind win rate"], value=app.runs_table, interactive=False,
-                                 elem_id="runs-table")
+            table = gr.Dataframe(headers=["id", "time (UTC)", "stage", "steps", "blind judgements", "val/loss",
+                                          *SCORE_NAMES, "model"], value=app.runs_table, interactive=False,
+                                 wrap=True, elem_id="runs-table")
             with gr.Row():
                 chosen = gr.Number(label="experiment id", precision=0, elem_id="runs-id")
                 show = gr.Button("Show run", elem_id="runs-show")
                 refresh = gr.Button("Refresh", elem_id="runs-refresh")
             detail = gr.Markdown(elem_id="runs-detail")
-            plots = gr.Gallery(label="plots", columns=2, height=320, elem_id="runs-plots")
+            plots = gr.Gallery(label="plots", columns=2, height=420, elem_id="runs-plots")
             show.click(_shielded(app.run_detail), [chosen], [detail, plots], api_name="run_detail")
             refresh.click(app.runs_table, None, [table], api_name="runs")
         page.load(_logged_in_user, None, [rater], api_name=False)

@@ -45,6 +45,9 @@ def server(default_fit, tmp_path_factory):
     where = tmp_path_factory.mktemp("serve")
     db = where / "experiments.db"
     shutil.copy(default_fit[0] / "lightning_logs" / "experiments.db", db)
+    with sqlite3.connect(db) as con:  # the fit's experiment, and the newest with replies: the prompts to rate
+        fit_id = con.execute("SELECT MIN(id) FROM LLAMAExperiments").fetchone()[0]
+        rated_id = con.execute("SELECT MAX(experiment_id) FROM GeneratedResponses").fetchone()[0]
     adapter = default_fit[1] / "adapter"
     port = _free_port()
     args = ["serve", "--adapter", str(adapter), "--db", str(db), "--max-new-tokens", str(MAX_NEW_TOKENS),
@@ -62,7 +65,7 @@ def server(default_fit, tmp_path_factory):
         assert thread.is_alive() and time.monotonic() < deadline, "serve did not start"
         time.sleep(0.5)
     yield SimpleNamespace(url=url, db=db, adapter=adapter, system_prompt=read_info(str(adapter)).system_prompt,
-                          screenshots=where)
+                          screenshots=where, fit_id=fit_id, rated_id=rated_id)
     gr.close_all(verbose=False)
 
 
@@ -330,7 +333,8 @@ def test_browser_blind_rating_commits_each_judgement(browser, server):
                            "experiment_id FROM PreferenceJudgements WHERE rater = ? ORDER BY id", (USER,)).fetchall()
     assert [(r[0], r[1], r[2]) for r in rows] == shown
     assert [(r[4], r[5], r[6], r[7], r[8], r[9]) for r in rows] == [
-        ("A", 2, None, "মন্তব্য 1", USER, 1), ("B", 3, None, "মন্তব্য 2", USER, 1), ("tie", 4, None, "মন্তব্য 3", USER, 1)]
+        ("A", 2, None, "মন্তব্য 1", USER, server.rated_id), ("B", 3, None, "মন্তব্য 2", USER, server.rated_id),
+        ("tie", 4, None, "মন্তব্য 3", USER, server.rated_id)]
     client = _client(server)
     for prompt, a, b, tuned_side, *_ in rows:  # the side recorded as tuned holds the tuned model's reply
         tuned, base, _ = client.predict(prompt, "greedy", 0.7, 0.9, MAX_NEW_TOKENS, api_name="/compare")
@@ -339,10 +343,10 @@ def test_browser_blind_rating_commits_each_judgement(browser, server):
     _by_id(browser, "runs-refresh").click()
     _wait(browser, lambda: "tuned preferred in" in _by_id(browser, "runs-table").text)
     _by_id(browser, "runs-id", "input").clear()
-    _by_id(browser, "runs-id", "input").send_keys("1")
+    _by_id(browser, "runs-id", "input").send_keys(str(server.fit_id))
     _by_id(browser, "runs-show").click()
     _wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#runs-plots img")) >= 2)
-    assert "blind judgements: tuned preferred in" in _by_id(browser, "runs-detail").text
+    assert f"experiment {server.fit_id}: fit" in _by_id(browser, "runs-detail").text
     _screenshot(browser, server, "runs")
 
 
