@@ -97,6 +97,16 @@ def test_bad_serve_options_are_one_line_errors(default_fit, tmp_path):
         assert r.returncode == 2 and len(errors) == 1 and message in errors[0], r.stderr[-2000:]
 
 
+def test_serve_without_gradio_names_the_extra(default_fit, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # what `import gradio` finds where it is not installed
+    monkeypatch.delitem(sys.modules, "bengali_empathy.serve")
+    r = run_cli(["serve", "--adapter", str(default_fit[1] / "adapter")], cwd=tmp_path)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and errors == ["error: serve needs Gradio: pip install -e '.[serve]'"], r.stderr[-2000:]
+
+
 def test_every_route_wants_the_login(server):
     import httpx
 
