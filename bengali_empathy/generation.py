@@ -18,14 +18,14 @@ backend only: Unsloth generates with its own kernels). ``auto`` is ``eager`` for
 replies are not yet checked against the eager ones on a GPU.
 
 :class:`Generator` is that for a loaded model (mode switches, cache and batch size kept across
-calls); :class:`Chat` puts one message into the chat template and answers it.
+calls); conversations (chat, the web page) are :mod:`.conversation`'s.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Literal, Optional, Sequence
 
 import torch
@@ -402,21 +402,3 @@ class Generator:
             if was_training:
                 self.backend.for_training(self.model)
 
-
-class Chat:
-    """Single-turn replies: a user message under a system prompt (default: the Bengali one), generated."""
-
-    def __init__(self, generator: Generator, system_prompt: Optional[str] = None) -> None:
-        from .data import DEFAULT_SYSTEM_PROMPT, ChatEncoder
-
-        self.generator = generator
-        self.encoder = ChatEncoder(generator.tokenizer)  # built once: it checks the whole vocabulary
-        self.system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
-
-    def reply(self, message: str, max_new_tokens: Optional[int] = None) -> str:
-        """The model's reply to ``message``."""
-        ids = self.encoder.prompt_ids(self.system_prompt, [{"role": "user", "content": message}])
-        decoding = self.generator.decoding
-        if max_new_tokens:
-            decoding = replace(decoding, max_new_tokens=max_new_tokens)
-        return self.generator.generate([ids], progress=False, decoding=decoding)[0][0]
