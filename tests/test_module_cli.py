@@ -140,7 +140,7 @@ def test_generation_keeps_the_batch_size_it_halved_to(monkeypatch, tiny_model_pa
         while batch_size > 2:  # as generate_replies does on out-of-memory
             batch_size //= 2
             on_oom(batch_size)
-        return [""] * len(prompts), None
+        return [""] * len(prompts), generation.GenerationStats()
 
     monkeypatch.setattr(generation, "generate_replies", small_card)
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False,
