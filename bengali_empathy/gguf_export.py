@@ -14,6 +14,7 @@ temporary name and renamed at the end; the disk space it needs is estimated befo
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -58,7 +59,8 @@ def export_gguf(adapter: str | os.PathLike, output: str | os.PathLike, quant: Qu
     system_prompt = info.system_prompt if info and info.system_prompt is not None else _default_system_prompt()
     max_seq_length = info.max_seq_length if info and info.max_seq_length else None
     if max_seq_length is None:
-        raise UserError(f"{adapter} does not record its max_seq_length (bengali_empathy.json): it was not written by fit")
+        raise UserError(f"{adapter} does not record its max_seq_length (bengali_empathy.json): "
+                        "export --format gguf needs an adapter written by fit")
     base_path = base_model_path(adapter, base)
     need = estimate_bytes(base_path, quant)
     free = shutil.disk_usage(_existing_parent(output)).free
@@ -110,7 +112,9 @@ def adapter_chat(adapter: Path):
         raise UserError(f"{adapter} has no tokenizer (tokenizer.json): a GGUF must carry the vocabulary the adapter "
                         "was trained with")
     info = read_info(adapter)
-    saved = [p for p in ("chat_template.jinja", "chat_template.json") if (adapter / p).is_file()]
+    config = adapter / "tokenizer_config.json"
+    saved = (any((adapter / p).is_file() for p in ("chat_template.jinja", "chat_template.json"))
+             or (config.is_file() and "chat_template" in json.loads(config.read_text(encoding="utf-8"))))
     template = info.chat_template if info else None
     if template is None and not saved:
         raise UserError(f"{adapter} has no chat template (chat_template.jinja or bengali_empathy.json): "
@@ -240,8 +244,6 @@ def write_f16_gguf(gguf, model, tokenizer_dir: Path, chat_template: str, path: P
 
 def _add_vocab(gguf, writer, directory: Path, chat_template: str, n_vocab: int) -> None:
     """Llama 3's byte-level BPE as llama.cpp reads it: tokens (added ones as control tokens), merges, special ids."""
-    import json
-
     from .tokenizer import EOM, EOT
 
     with _quiet("gguf"):  # it warns of Meta's own pair template (BOS $A BOS $B)

@@ -26,7 +26,8 @@ def ollama_template(tokenizer) -> str:
     bos = tokenizer.bos_token or ""
     turns = {r: f"{START_HEADER}{r}{END_HEADER}\n\n" for r in ("user", "assistant")}
     head, sep, rest = text.partition(_MARKS["system"] + EOT)
-    expected = turns["user"] + _MARKS["user"] + EOT + turns["assistant"] + _MARKS["assistant"] + EOT + turns["assistant"]
+    expected = (turns["user"] + _MARKS["user"] + EOT + turns["assistant"] + _MARKS["assistant"] + EOT
+                + turns["assistant"])
     if not sep or not head.startswith(bos) or rest != expected or "{{" in head:
         raise UserError("the adapter's chat template is not the Llama-3 format: no Ollama template can be written")
     return (f"{head[len(bos):]}{{{{ .System }}}}{EOT}\n"

@@ -5,8 +5,8 @@ Usage: python scripts/gguf_8b_probe.py BASE WORKDIR OUT_JSONL
 
 Makes a LoRA adapter for BASE (r=16 on q/k/v/o with random, nonzero A and B, saved as fit saves one), then runs
 `python -m bengali_empathy export` for bf16 hf, f16 GGUF and q4_k_m GGUF one after another, each in its own process,
-and writes one JSON line: per step the wall time, the peak resident memory of that process (its rusage) and the size
-written. Each output is deleted before the next step (64 GB disk: the base, the merged bf16 copy and the f16 file
+and writes one JSON line per step (as soon as it ends): its wall time, the peak resident memory of its process (the
+child's rusage) and the size written. Each output is deleted before the next step (64 GB disk: the base, the merged bf16 copy and the f16 file
 beside the q4_k_m one would not fit together).
 """
 from __future__ import annotations
@@ -30,8 +30,7 @@ def make_adapter(base: Path, directory: Path) -> None:
     from bengali_empathy.lora import LoraSettings
     from bengali_empathy.tokenizer import load_tokenizer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16, device_map=device)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)  # on CPU: peft only adds LoRA
     lora = LoraSettings()
     torch.manual_seed(0)
     # init_lora_weights=False: A and B random, so the merge changes every targeted weight.
@@ -65,11 +64,11 @@ def main(base: str, workdir: str, out_jsonl: str) -> None:
     base_path, work = Path(base), Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     adapter = work / "adapter"
-    record = {"base": str(base_path.resolve()), "cpus": os.cpu_count()}
     start = time.perf_counter()
     if not adapter.exists():
         make_adapter(base_path, adapter)
-    record["adapter_s"] = round(time.perf_counter() - start, 1)
+    common = {"base": str(base_path.resolve()), "cpus": os.cpu_count(),
+              "adapter_s": round(time.perf_counter() - start, 1)}
     steps = {"hf_bf16": ["--format", "hf"], "gguf_f16": ["--format", "gguf", "--quant", "f16"],
              "gguf_q4_k_m": ["--format", "gguf", "--quant", "q4_k_m"]}
     for name, extra in steps.items():
@@ -78,13 +77,12 @@ def main(base: str, workdir: str, out_jsonl: str) -> None:
         step = timed(["export", "--adapter", str(adapter), "--output", str(output), *extra])
         step["bytes"] = size(output) if output.exists() else None
         step["disk_free_gib_after"] = round(shutil.disk_usage(work).free / 2**30, 1)
-        record[name] = step
-        print(name, json.dumps(step), flush=True)
+        line = json.dumps({"step": name, **step, **common})
+        with open(out_jsonl, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+        print(line, flush=True)
         shutil.rmtree(output, ignore_errors=True)
     shutil.rmtree(adapter, ignore_errors=True)
-    with open(out_jsonl, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-    print(json.dumps(record))
 
 
 if __name__ == "__main__":
