@@ -193,6 +193,8 @@ def export_main(argv: list[str]) -> int:
 
     from jsonargparse import ArgumentParser
 
+    from .gguf_export import Quant
+
     p = ArgumentParser(prog="python -m bengali_empathy export", exit_on_error=False,
                        description="Merge a LoRA adapter into its base model and save 16-bit Hugging Face weights, "
                                    "or (--format gguf) one GGUF file for llama.cpp with an Ollama Modelfile.")
@@ -206,7 +208,7 @@ def export_main(argv: list[str]) -> int:
                    help="dtype the base is loaded and merged in (and, for hf, saved in)")
     p.add_argument("--format", type=Literal["hf", "gguf"], default="hf",
                    help="hf: safetensors for transformers / vLLM; gguf: llama.cpp / Ollama")
-    p.add_argument("--quant", type=Optional[Literal["f16", "q8_0", "q4_k_m"]], default=None,
+    p.add_argument("--quant", type=Optional[Quant], default=None,
                    help="GGUF weights (default q4_k_m); k-quants by llama.cpp's quantizer")
     a = p.parse_args(argv)
     if a.format == "hf":

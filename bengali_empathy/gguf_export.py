@@ -33,7 +33,7 @@ LLAMA_FTYPE = {"f16": 1, "q8_0": 7, "q4_k_m": 15}  # llama.h's enum llama_ftype
 # Q6_K (210 bytes per 256 weights, its largest); a matrix whose rows do not fit the blocks falls back to F16.
 _BYTES_PER_WEIGHT = {"f16": 2.0, "q8_0": 34 / 32, "q4_k_m": 210 / 256}
 _BLOCK = {"f16": 1, "q8_0": 32, "q4_k_m": 256}
-_VOCAB_BYTES = 8 << 20  # tokens, types and merges of Llama 3's 128,256-token vocabulary: ~5 MB
+_VOCAB_BYTES = 12 << 20  # Llama 3's tokens, types and merges and the template: 7.8 MB in the tiny model's file
 PROBE_CHAT = [{"role": "user", "content": "আজ মনটা খুব ভারী লাগছে, কাউকে বলতে পারছি না।"},
               {"role": "assistant", "content": "আমি শুনছি। কী হয়েছে, বলবেন?"},
               {"role": "user", "content": "চাকরিটা চলে গেল। Okay 123"}]
