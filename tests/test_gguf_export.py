@@ -96,6 +96,7 @@ def test_llama_cpp_loads_each_export_and_prompts_as_training(exports, merged, qu
     assert llm.metadata["tokenizer.ggml.pre"] == "llama-bpe" and llm.metadata["general.architecture"] == "llama"
     assert llm.metadata["bengali_empathy.system_prompt"] == info.system_prompt
     assert llm.metadata["bengali_empathy.max_seq_length"] == "768"
+    assert llm.metadata["tokenizer.chat_template"] == info.chat_template
     assert (llm.token_bos(), llm.token_eos(), int(llm.metadata["tokenizer.ggml.eot_token_id"]),
             int(llm.metadata["tokenizer.ggml.padding_token_id"])) == (128000, 128009, 128009, 128004)
     for messages, trained in _prompts(tokenizer, info.system_prompt):
