@@ -187,9 +187,9 @@ def test_transformers_reads_the_f16_file_back(exports, merged):
 
 
 def test_a_wrong_template_or_eos_fails_the_checks(exports, merged, tmp_path):
-    """llama.cpp's stock Llama 3 template (without the knowledge-cutoff lines this model was trained with) gives
-    other tokens than training; the check export runs before keeping a file refuses a base model's eos
-    (<|end_of_text|>) in place of <|eot_id|>, the stop token Ollama and llama.cpp's chat handler stop at."""
+    """llama-cpp-python's stock Llama 3 template (without the knowledge-cutoff lines this model was trained
+    with) gives other tokens than training; the check export runs before keeping a file refuses a base model's
+    eos (<|end_of_text|>) in place of <|eot_id|>, the stop token llama-cpp-python's chat handler stops at."""
     from llama_cpp.llama_chat_format import LLAMA3_INSTRUCT_CHAT_TEMPLATE, Jinja2ChatFormatter
 
     from bengali_empathy.data import ChatEncoder
