@@ -170,3 +170,31 @@ def test_sliced_prefill_fills_the_cache_as_one_padded_forward_does_without_gradi
         assert not layer.keys.requires_grad and int(layer.cumulative_length) == width - 1
         got = layer.keys[:, :, : width - 1].transpose(1, 2)[real]
         assert torch.allclose(got, want.keys.transpose(1, 2)[real], atol=1e-5)
+
+
+def test_generation_plan_merges_where_it_fits_and_lowers_the_batch_to_the_kv_cache(tiny_lora):
+    """Llama-3.1-8B's shapes: 128 KiB of KV cache a token; the checks are before any generation."""
+    from transformers import LlamaConfig
+
+    from bengali_empathy.errors import UserError
+    from bengali_empathy.generation import GenerationPlan, kv_bytes_per_token, plan_generation, prefill_bytes
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8)
+    assert kv_bytes_per_token(config) == 128 * 1024
+    gib, merged = 2**30, 15 * 2**30
+    row = kv_bytes_per_token(config) * (1000 + 2048)  # 0.37 GiB: a 2,048-token reply after a long prompt
+    fixed = prefill_bytes(config, 1000)
+    assert plan_generation(config, 1000, 2048, 64, None, merged, None) == GenerationPlan(False, 64)  # CPU
+    assert plan_generation(config, 1000, 2048, 64, None, merged, True) == GenerationPlan(True, 64)
+    assert plan_generation(config, 1000, 2048, 64, 80 * gib, merged, None) == GenerationPlan(True, 64)
+    # 40 GiB free: the copy and 64 rows do not fit together; the adapter model with 64 rows does
+    assert plan_generation(config, 1000, 2048, 64, 40 * gib, merged, None) == GenerationPlan(False, 64)
+    small = plan_generation(config, 1000, 2048, 64, 12 * gib, merged, None)
+    assert small == GenerationPlan(False, (12 * gib - fixed) // row) and 1 <= small.batch_size < 64
+    assert plan_generation(config, 1000, 2048, 64, 20 * gib, merged, True).batch_size == (20 * gib - merged - fixed) // row
+    with pytest.raises(UserError, match=r"model.max_new_tokens 2048 after prompts of up to 1000 tokens needs "
+                                        r"0.37 GiB of KV cache per row .* but 0.5 GiB are free for generation"):
+        plan_generation(config, 1000, 2048, 64, gib // 2, merged, None)
+    with pytest.raises(UserError, match=r"model.generation_weights 'merged' needs 15.0 GiB"):
+        plan_generation(config, 1000, 2048, 64, 12 * gib, merged, True)
