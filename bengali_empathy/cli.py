@@ -179,7 +179,7 @@ def load_chat(model_name: str, adapter: Optional[str], backend: str, load_in_4bi
     from .backends import make_backend
     from .conversation import Replier
     from .data import DEFAULT_SYSTEM_PROMPT
-    from .generation import Decoding
+    from .generation import Decoding, resolve_engine
     from .lora import DEFAULT_LORA, LoraSettings
     from .modeling import resolve_model_path
     from .module import MAX_SEQ_LENGTH
@@ -192,7 +192,8 @@ def load_chat(model_name: str, adapter: Optional[str], backend: str, load_in_4bi
         model.to("cuda")
     model.eval()
     system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
-    return Replier(model, tokenizer, strategy, system, length, Decoding(max_new_tokens=max_new_tokens))
+    return Replier(model, tokenizer, strategy, system, length, Decoding(max_new_tokens=max_new_tokens),
+                   engine=resolve_engine("auto", strategy.name))
 
 
 def serve_main(argv: list[str]) -> int:

@@ -122,9 +122,12 @@ class Replier:
         system_prompt: the adapter's (or the Bengali default)
         max_seq_length: the adapter's; a prompt plus ``max_new_tokens`` stays within it
         decoding: the default :class:`~.generation.Decoding`
+        engine: ``static`` decodes from a prefilled static cache with the grouped-query attention (as
+            evaluation's ``static`` engine does), ``eager`` with transformers' dynamic cache
     """
 
-    def __init__(self, model, tokenizer, backend, system_prompt: str, max_seq_length: int, decoding: Decoding) -> None:
+    def __init__(self, model, tokenizer, backend, system_prompt: str, max_seq_length: int, decoding: Decoding,
+                 engine: str = "eager") -> None:
         from .data import ChatEncoder
         from .tokenizer import stop_token_ids
 
@@ -132,6 +135,7 @@ class Replier:
         self.encoder = ChatEncoder(tokenizer)  # built once: it checks the whole vocabulary
         self.stop_ids = stop_token_ids(tokenizer)
         self.system_prompt, self.max_seq_length, self.decoding = system_prompt, max_seq_length, decoding
+        self.engine = engine
         self._lock = threading.Lock()
 
     def prompt(self, turns: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
@@ -193,6 +197,10 @@ class Replier:
                   stop: threading.Event) -> None:
         import contextlib
 
+        from transformers import StaticCache
+
+        from .generation import grouped_decode_attention, prefill
+
         try:
             self.backend.for_inference(self.model)
             if decoding.temperature > 0:
@@ -200,11 +208,18 @@ class Replier:
             device = next(self.model.parameters()).device
             prompt = torch.tensor([ids], dtype=torch.long, device=device)
             adapter = self.backend.adapter_disabled(self.model) if base else contextlib.nullcontext()
-            with adapter, torch.inference_mode():
+            fast = self.engine != "eager"
+            attention = grouped_decode_attention(self.model) if fast else contextlib.nullcontext()
+            with adapter, attention, torch.inference_mode():
+                extra: dict = {}
+                if fast:
+                    cache = StaticCache(config=self.model.config, max_cache_len=len(ids) + decoding.max_new_tokens)
+                    prefill(self.model, cache, [ids], len(ids), self.tokenizer.pad_token_id)
+                    extra = {"past_key_values": cache, "disable_compile": True}
                 self.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), streamer=streamer,
                                     eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
                                     stopping_criteria=StoppingCriteriaList([_Stop(stop)]),
-                                    **decoding.generate_kwargs())
+                                    **decoding.generate_kwargs(), **extra)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the reading thread
             streamer.fail(exc)
 

@@ -129,3 +129,15 @@ def test_terminal_chat_is_one_conversation(default_fit, tmp_path):
     assert after_a[1] != b_alone[0]  # the second reply saw the first exchange
     assert reset == [after_a[0], b_alone[0]]  # a new conversation; the refused message left no trace
     assert len(errors) == 1 and "the message is too long" in errors[0]
+
+
+def test_static_engine_streams_the_eager_engines_reply(tiny_lora):
+    """Chat on the GPU decodes like evaluation's static engine; on the CPU in fp32 it is the eager reply."""
+    backend, model, tok = tiny_lora
+    turns = _turns("আমি একা।", "আমি আছি।", "আজ খুব ভয় লাগছে, কী করব?")
+    replies = {}
+    for engine in ("eager", "static"):
+        replier = Replier(model, tok, backend, DEFAULT_SYSTEM_PROMPT, 768, Decoding(max_new_tokens=12), engine=engine)
+        replies[engine] = [r.text for r in replier.stream(turns)]
+    assert replies["static"][-1] == replies["eager"][-1] and len(replies["eager"][-1]) > 5
+    assert model.get_base_model().config._attn_implementation == "sdpa"  # restored after the reply
