@@ -16,6 +16,12 @@ def tokenizer_path_for(model_name_or_path: str) -> Optional[str]:
     return None if model_name_or_path == TINY_MODEL else model_name_or_path
 
 
+def rows_per_batch(batch_size: int, objective: str) -> int:
+    """Rows of a training batch (what the memory probe measures): a DPO batch holds a chosen and a rejected row
+    per pair."""
+    return batch_size * (2 if objective == "dpo" else 1)
+
+
 def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.cli import LightningCLI
@@ -31,7 +37,9 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
             parser.link_arguments("model.model_name_or_path", "data.tokenizer_path", compute_fn=tokenizer_path_for)
             # What the model needs from the data and is known at parse time (the rest: EmpathyLM.connect).
             parser.link_arguments("data.max_seq_length", "model.max_seq_length")
-            parser.link_arguments("data.batch_size", "model.train_batch_size")
+            parser.link_arguments(("data.batch_size", "model.objective"), "model.train_batch_size",
+                                  compute_fn=rows_per_batch)
+            parser.link_arguments("model.objective", "data.objective")
             parser.link_arguments("data.system_prompt", "model.system_prompt")
 
         def instantiate_trainer(self, **kwargs):
