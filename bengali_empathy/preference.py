@@ -29,7 +29,9 @@ from .data.formats import Objective
 from .errors import UserError
 
 REFERENCE_ADAPTER = "reference"
-PREFERENCE_OBJECTIVES = ("dpo", "kto")
+REWARD_NAMES = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+# What a preference run logs beside its loss (TensorBoard, run.json, the registry, the report).
+REWARD_TAGS = tuple(f"{stage}/{name}" for stage in ("train", "val") for name in REWARD_NAMES)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

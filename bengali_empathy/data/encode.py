@@ -114,9 +114,10 @@ def raise_reference_in_prompt(where: str) -> None:
 
 
 def both_fit(chosen: Encoded, rejected: Encoded) -> tuple[Encoded, Encoded]:
-    """A pair's two encodings under one status: dropped if either is, truncated if either is."""
+    """A pair's two encodings under one status: dropped if either is (or if truncation left the two replies
+    the same: nothing to prefer), truncated if either is."""
     raw = max(chosen.raw_tokens, rejected.raw_tokens)
-    if "too_long" in (chosen.status, rejected.status):
+    if "too_long" in (chosen.status, rejected.status) or chosen.ids == rejected.ids:
         return Encoded("too_long", raw_tokens=raw, n_turns=chosen.n_turns), Encoded("too_long")
     status = "truncated" if "truncated" in (chosen.status, rejected.status) else "ok"
     return replace(chosen, status=status, raw_tokens=raw), rejected
