@@ -256,7 +256,7 @@ class HFPeftBackend(Backend):
         if adapter_path:  # settings already checked against the adapter's (checkpoints.check_adapter)
             model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=True)
         else:
-            model = get_peft_model(model, lora.to_peft())
+            model = get_peft_model(model, lora.to_peft(bool(getattr(model.config, "tie_word_embeddings", False))))
         check_modules_trained(model, lora.modules_to_save)
         tokenizer = load_tokenizer(model_path)
         return model, tokenizer

@@ -57,13 +57,15 @@ class LoraSettings:
                    target_modules=sorted([targets] if isinstance(targets, str) else targets),
                    modules_to_save=sorted(cfg.get("modules_to_save") or []))
 
-    def to_peft(self):
-        """The peft ``LoraConfig`` (causal LM, no bias)."""
+    def to_peft(self, tied_embeddings: bool = False):
+        """The peft ``LoraConfig`` (causal LM, no bias). For a model whose LM head is its input embedding
+        (``tie_word_embeddings``), the trained copies of ``embed_tokens`` and ``lm_head`` stay one tensor."""
         from peft import LoraConfig
 
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                           target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
-                          modules_to_save=list(self.modules_to_save) or None)
+                          modules_to_save=list(self.modules_to_save) or None,
+                          **({"ensure_weight_tying": True} if tied_embeddings else {}))
 
     def as_record(self) -> dict:
         """Plain values for run.json, the adapter's metadata and the registry's ``lora_config``."""
