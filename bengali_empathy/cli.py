@@ -298,6 +298,7 @@ def _key_scores(metrics: dict) -> str:
 def runs_main(argv: list[str]) -> int:
     """List recorded experiments, or show one with its sample replies and human ratings."""
     import json
+    from typing import Literal
 
     from jsonargparse import ArgumentParser
 
@@ -305,14 +306,29 @@ def runs_main(argv: list[str]) -> int:
 
     p = ArgumentParser(prog="python -m bengali_empathy runs", exit_on_error=False,
                        description="Experiments recorded in the SQLite registry: `runs` lists them, "
-                                   "`runs show ID` prints one with its sample replies.")
-    p.add_argument("action", type=Optional[str], nargs="?", default=None, help="show")
+                                   "`runs show ID` prints one with its sample replies, `runs export-preferences ID "
+                                   "--output prefs.jsonl` turns its human judgements into DPO or KTO rows.")
+    p.add_argument("action", type=Optional[str], nargs="?", default=None, help="show | export-preferences")
     p.add_argument("id", type=Optional[str], nargs="?", default=None, help="experiment id or log directory")
     p.add_argument("--db", type=str, default=DEFAULT_DB, help="the registry file")
     p.add_argument("--samples", type=int, default=5, help="sample replies shown by `show`")
+    p.add_argument("--output", type=Optional[str], default=None, help="export-preferences: the JSONL file to write")
+    p.add_argument("--objective", type=Literal["dpo", "kto"], default="dpo",
+                   help="export-preferences: dpo pairs from blind judgements, or kto rows from 1-5 ratings")
+    p.add_argument("--desirable-at", type=float, default=4.0, help="kto: mean rating from which a reply is desirable")
+    p.add_argument("--undesirable-at", type=float, default=2.0, help="kto: mean rating up to which it is undesirable")
     cfg = p.parse_args(argv)
     if cfg.samples < 0:
         raise UserError(f"--samples must be at least 0, not {cfg.samples}")
+    if cfg.action == "export-preferences":
+        from .preference_export import export_preferences
+
+        if cfg.id is None or cfg.output is None:
+            raise UserError("usage: runs export-preferences ID_OR_DIR --output prefs.jsonl [--objective dpo|kto]")
+        exported = export_preferences(cfg.db, cfg.id, Path(cfg.output), cfg.objective, cfg.desirable_at,
+                                      cfg.undesirable_at)
+        print(f"{len(exported.rows)} {cfg.objective} rows written to {cfg.output}: {exported.summary()}")
+        return 0
     if cfg.action is None:
         with connect(cfg.db, create=False) as con:
             rows = con.execute("SELECT id, timestamp, model_name, metrics FROM LLAMAExperiments ORDER BY id").fetchall()
@@ -324,7 +340,7 @@ def runs_main(argv: list[str]) -> int:
                   f"{run.get('corpus', '')} / {_key_scores(metrics)}")
         return 0
     if cfg.action != "show" or cfg.id is None:
-        raise UserError("usage: runs [show ID] [--db FILE]")
+        raise UserError("usage: runs [show ID | export-preferences ID --output FILE] [--db FILE]")
     exp = experiment_for(cfg.db, cfg.id)
     metrics = json.loads(exp["metrics"] or "{}")
     run = metrics.pop("run", {})
