@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .backends import Backend
 from .data.formats import Objective
 from .errors import UserError
+from .evaluation import Evaluation
 
 REFERENCE_ADAPTER = "reference"
 REWARD_NAMES = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
@@ -86,13 +87,13 @@ class PreferenceObjective:
 
     It takes the place of the :class:`~.evaluation.Evaluator` (same ``step`` / ``finish`` / ``last`` /
     ``losses``): a preference pass logs its loss and rewards batch by batch (Lightning averages them over
-    the pass and across ranks) and generates nothing, so there is no pass to finish or to write out.
+    the pass and across ranks) and generates nothing; ``validate`` and ``test`` end with an
+    :class:`~.evaluation.Evaluation` of the pass's means (``metrics.json``, the registry row) and no rows.
 
     Args mirror the module's options: ``objective`` (``dpo`` or ``kto``), ``beta`` (``model.dpo_beta``,
     the KL weight of either objective) and the KTO weights.
     """
 
-    last = None  # no Evaluation: no replies, no metrics.json of a pass
     training_texts: Callable[[], None] = staticmethod(lambda: None)
 
     def __init__(self, objective: Objective, beta: float, desirable_weight: float = 1.0,
@@ -101,6 +102,8 @@ class PreferenceObjective:
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
         self.reference_adapter: Optional[str] = None
         self.losses = torch.nn.ModuleDict()  # the Evaluator's metric states; a preference pass keeps none
+        self.last: Optional[Evaluation] = None
+        self._sums: dict[str, list[float]] = {}  # name -> [row-weighted sum, rows] of the pass so far
 
     def attach_reference(self, model, adapter_path: Optional[str]) -> None:
         """Starting from an adapter: load it again, frozen, as the reference (see the module docstring)."""
@@ -151,11 +154,27 @@ class PreferenceObjective:
         train = stage == "train"
         host.log(f"{stage}/loss", loss, on_step=train, on_epoch=True, prog_bar=True, batch_size=rows,
                  sync_dist=not train)
-        for name, value in metrics.items():  # training: per step; evaluation: over the pass
-            if not torch.isnan(value):
+        for name, value in {"loss": loss.detach(), **metrics}.items():  # training: per step; evaluation: the pass
+            if torch.isnan(value):
+                continue
+            if name != "loss":
                 host.log(f"{stage}/{name}", value, on_step=train, on_epoch=not train, batch_size=rows,
                          prog_bar=name == "reward_accuracy", sync_dist=not train)
+            if not train:
+                total = self._sums.setdefault(name, [0.0, 0])
+                total[0], total[1] = total[0] + float(value) * rows, total[1] + rows
         return loss
 
     def finish(self, host, stage: str, fitting: bool, world_size: int) -> None:
-        """Nothing to finish: every batch's rewards were logged as it passed."""
+        """The pass's row-weighted means as an :class:`~.evaluation.Evaluation` (every rank's rows together)."""
+        names = ("loss", *REWARD_NAMES)  # the same order on every rank, a name without rows included
+        sums = torch.tensor([self._sums.get(n, [0.0, 0]) for n in names], dtype=torch.float64)
+        self._sums = {}
+        if world_size > 1:
+            import torch.distributed as dist
+
+            sums = sums.to(host.device)
+            dist.all_reduce(sums)
+        means = {n: s / k for n, (s, k) in zip(names, sums.tolist()) if k}
+        self.last = Evaluation(stage, metrics={**means, "n": int(sums[0, 1]), "objective": self.objective,
+                                               "beta": self.beta})

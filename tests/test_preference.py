@@ -211,6 +211,24 @@ def test_bad_preference_options_are_one_line(tmp_path, args, message):
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(message), r.stderr[-1500:]
 
 
+def test_validate_and_test_write_the_rewards(dpo_fit):
+    cwd, run_dir = dpo_fit
+    r = run_cli(["test", "--config", ROOT / "configs" / "dpo.yaml", "--model.adapter_path", run_dir / "adapter",
+                 "--data.system_prompt", "সহমর্মী হোন।", "--data.max_seq_length", "128", "--data.on_too_long",
+                 "truncate"], cwd=cwd)
+    assert r.returncode == 0, r.stderr[-2000:]
+    test_dir = cwd / "lightning_logs" / "version_1"
+    metrics = json.loads((test_dir / "metrics.json").read_text(encoding="utf-8"))
+    s = _scalars(test_dir)
+    assert metrics["reward_accuracy"] == pytest.approx(s["test/reward_accuracy"][-1])
+    assert metrics["loss"] == pytest.approx(s["test/loss"][-1]) and metrics["n"] == 4  # the 4 test pairs
+    import sqlite3
+
+    with sqlite3.connect(cwd / "lightning_logs" / "experiments.db") as con:
+        row = json.loads(con.execute("SELECT metrics FROM LLAMAExperiments ORDER BY id DESC").fetchone()[0])
+    assert row["reward_margin"] == pytest.approx(metrics["reward_margin"])
+
+
 def test_predict_refuses_a_preference_objective(dpo_fit):
     cwd, run_dir = dpo_fit
     r = run_cli(["predict", "--config", ROOT / "configs" / "dpo.yaml", "--model.adapter_path", run_dir / "adapter",
