@@ -242,6 +242,7 @@ def data_stats_main(argv: list[str]) -> int:
     data = cfg.data.as_dict() if hasattr(cfg.data, "as_dict") else dict(cfg.data)
     if data.get("tokenizer_path") is None:
         data["tokenizer_path"] = tokenizer_path_for((cfg.model or {}).get("model_name_or_path", TINY_MODEL))
+    data["objective"] = (cfg.model or {}).get("objective", "sft")  # linked in fit: the rows' layout follows it
     counted_not_raised = data.get("on_too_long") == "error"
     if counted_not_raised:  # count every too-long row instead of stopping at the first
         data["on_too_long"] = "drop"

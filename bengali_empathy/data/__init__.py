@@ -2,7 +2,8 @@
 
 Lower modules first (each imports only from those above it):
 
-* :mod:`.formats` -- rows -> :class:`Conversation` (the three layouts, one transform each) and the
+* :mod:`.pairs` -- the history and replies of preference rows (DPO pairs, KTO labels);
+* :mod:`.formats` -- rows -> :class:`Conversation` (the layouts, one transform each; raw text) and the
   stable hash split;
 * :mod:`.files` -- which files a corpus path names, how each is read, what a reader failure means;
 * :mod:`.chat_format` -- :class:`ChatEncoder`, the Llama-3.1 chat format as token ids;
