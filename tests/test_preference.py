@@ -81,38 +81,37 @@ def test_kto_loss_equals_a_hand_computation():
 
 
 def _batch(tokenizer):
-    """A collated DPO batch of two pairs."""
+    """A collated DPO batch of two pairs (short system prompt)."""
     from bengali_empathy.data import Collator
 
     from conftest import TWO_PAIRS, encode_pairs
 
-    chosen = encode_pairs(tokenizer, TWO_PAIRS)
-    rejected = encode_pairs(tokenizer, [(p, TWO_PAIRS[1 - i][1]) for i, (p, _) in enumerate(TWO_PAIRS)])
+    chosen = encode_pairs(tokenizer, TWO_PAIRS, system="সহমর্মী হোন।")
+    rejected = encode_pairs(tokenizer, [(p, TWO_PAIRS[1 - i][1]) for i, (p, _) in enumerate(TWO_PAIRS)],
+                            system="সহমর্মী হোন।")
     for c, r in zip(chosen, rejected):
         c.update(rejected_ids=r["input_ids"], rejected_spans=r["label_spans"], desirable=None)
     return Collator(tokenizer.pad_token_id)(chosen)
 
 
 @pytest.mark.parametrize("start", ["base", "adapter"])
-def test_reference_stays_fixed_while_the_policy_trains(tmp_path, tiny_model_path, tokenizer, start):
+def test_reference_stays_fixed_while_the_policy_trains(tmp_path, tiny_lora, tokenizer, start):
     """From the base, the reference is the adapter switched off; from an adapter, a frozen second copy of it.
     Either way it equals the policy at the start and does not move while the policy trains."""
-    from bengali_empathy.backends import HFPeftBackend
-    from bengali_empathy.lora import LoraSettings
+    import copy
+
     from bengali_empathy.preference import PreferenceObjective
 
-    backend = HFPeftBackend(load_in_4bit=False, gradient_checkpointing=False)
-    lora = LoraSettings(modules_to_save=("lm_head",))
+    backend, shared, _ = tiny_lora
+    model = copy.deepcopy(shared)  # trained here: the session's model stays as it is
     adapter = None
-    if start == "adapter":  # an "SFT" adapter: LoRA B moved off zero, saved as fit saves it
-        model, _ = backend.load(tiny_model_path, 256, lora, None)
+    if start == "adapter":  # the run starts from an "SFT" adapter (LoRA B off zero), loaded as fit loads it
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.05)
         adapter = tmp_path / "sft"
         model.save_pretrained(str(adapter))
-    model, _ = backend.load(tiny_model_path, 256, lora, str(adapter) if adapter else None)
     objective = PreferenceObjective("dpo", BETA)
     objective.attach_reference(model, str(adapter) if adapter else None)
     batch = _batch(tokenizer)
@@ -124,7 +123,7 @@ def test_reference_stays_fixed_while_the_policy_trains(tmp_path, tiny_model_path
         assert not torch.allclose(reference0, base)  # the reference is the adapter, not the base
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
     assert not any("reference" in n for n, p in model.named_parameters() if p.requires_grad)
-    for _ in range(3):
+    for _ in range(2):
         loss, _ = objective.loss(backend, model, batch)
         loss.backward()
         opt.step()
