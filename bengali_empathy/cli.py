@@ -1,5 +1,5 @@
 """Command line: LightningCLI for fit/validate/test/predict, plus chat, export, benchmark, data-stats,
-report, runs and rate."""
+report, runs, rate and serve."""
 from __future__ import annotations
 
 import sys
@@ -125,96 +125,170 @@ def _remove_if_only_setup(path: Path) -> None:
 # --------------------------------------------------------------------------- chat
 
 
-def chat_main(argv: list[str]) -> int:
-    """Reply to messages with a model and adapter, using the adapter's recorded training settings."""
-    from jsonargparse import ArgumentParser
-
+def _add_model_arguments(p) -> None:
+    """The options of a command that loads a model and adapter to talk to (chat, serve)."""
     from .backends import BackendName
-    from .modeling import TINY_MODEL
 
-    p = ArgumentParser(prog="python -m bengali_empathy chat", exit_on_error=False,
-                       description="Reply to Bengali messages with a (fine-tuned) model. With --adapter, the base "
-                                   "model, LoRA settings, system prompt and max_seq_length it was trained with "
-                                   "are read from the adapter.")
     p.add_argument("--model", type=Optional[str], default=None,
                    help="local checkpoint directory or tiny-random-llama (default: the adapter's base model)")
     p.add_argument("--adapter", type=Optional[str], default=None,
                    help="LoRA adapter directory (e.g. lightning_logs/version_0/adapter)")
     p.add_argument("--backend", type=BackendName, default="auto")
-    p.add_argument("--message", "-m", type=str, default=None, action="append",
-                   help="message to answer (repeatable); else one message per line of standard input")
     p.add_argument("--system-prompt", type=Optional[str], default=None,
                    help="system prompt (default: the adapter's, else the Bengali default)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--no-4bit", action="store_true", help="load the base model unquantised")
-    a = p.parse_args(argv)
+
+
+def _replier_for(a):
+    """The :class:`~.conversation.Replier` that the parsed model options name."""
+    from .checkpoints import check_base_model, read_info
+    from .modeling import TINY_MODEL
+
     if a.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, not {a.max_new_tokens}")
-    from .checkpoints import check_base_model, read_info
-
     info = read_info(a.adapter) if a.adapter else None
     model_name = a.model or (info.model_name_or_path if info else TINY_MODEL)
     if info is not None:
         check_base_model(a.adapter, info, model_name)
     system = a.system_prompt if a.system_prompt is not None else (info.system_prompt if info else None)
-    chat = load_chat(model_name, a.adapter, a.backend, not a.no_4bit, a.max_new_tokens, system,
+    return load_chat(model_name, a.adapter, a.backend, not a.no_4bit, a.max_new_tokens, system,
                      info.max_seq_length if info is not None else None)
-    messages = a.message or (line.strip() for line in sys.stdin)
+
+
+def chat_main(argv: list[str]) -> int:
+    """A conversation with a model and adapter, using the adapter's recorded training settings."""
+    from jsonargparse import ArgumentParser
+
+    from .conversation import RESET, chat_loop
+
+    p = ArgumentParser(prog="python -m bengali_empathy chat", exit_on_error=False,
+                       description="Talk to a (fine-tuned) model in Bengali: every message is answered with the "
+                                   f"conversation so far ('{RESET}' starts a new one), the reply streamed. With "
+                                   "--adapter, the base model, LoRA settings, system prompt and max_seq_length "
+                                   "it was trained with are read from the adapter.")
+    _add_model_arguments(p)
+    p.add_argument("--message", "-m", type=str, default=None, action="append",
+                   help="message (repeatable, one conversation); else one message per line of standard input")
+    a = p.parse_args(argv)
+    replier = _replier_for(a)
+    messages = a.message or sys.stdin
     if not a.message and sys.stdin.isatty():
-        print("Type a message (Ctrl-D to quit).", file=sys.stderr)
-    for msg in messages:
-        if not msg:
-            continue
-        print(chat.reply(msg), flush=True)
+        print(f"Type a message ({RESET} for a new conversation, Ctrl-D to quit).", file=sys.stderr)
+    chat_loop(replier, messages, sys.stdout, lambda line: print(line, file=sys.stderr, flush=True))
     return 0
 
 
 def load_chat(model_name: str, adapter: Optional[str], backend: str, load_in_4bit: bool, max_new_tokens: int,
               system_prompt: Optional[str], max_seq_length: Optional[int]):
-    """A :class:`~.generation.Chat` on the base model with the adapter's LoRA settings and weights."""
+    """A :class:`~.conversation.Replier` on the base model with the adapter's LoRA settings and weights."""
     import torch
 
     from .backends import make_backend
-    from .generation import Chat, Decoding, Generator
+    from .conversation import Replier
+    from .data import DEFAULT_SYSTEM_PROMPT
+    from .generation import Decoding
     from .lora import DEFAULT_LORA, LoraSettings
     from .modeling import resolve_model_path
     from .module import MAX_SEQ_LENGTH
 
     lora = LoraSettings.from_adapter(adapter) if adapter else DEFAULT_LORA
     strategy = make_backend(backend, load_in_4bit=load_in_4bit, gradient_checkpointing=False)
-    model, tokenizer = strategy.load(resolve_model_path(model_name), max_seq_length or MAX_SEQ_LENGTH, lora, adapter)
+    length = max_seq_length or MAX_SEQ_LENGTH
+    model, tokenizer = strategy.load(resolve_model_path(model_name), length, lora, adapter)
     if torch.cuda.is_available() and not strategy.quantized:
         model.to("cuda")
     model.eval()
-    # One message at a time, of any length: a static cache would be rebuilt (and recompiled) per size.
-    generator = Generator(model, tokenizer, strategy, Decoding(max_new_tokens=max_new_tokens), batch_size=1,
-                          engine="eager")
-    return Chat(generator, system_prompt)
+    system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+    return Replier(model, tokenizer, strategy, system, length, Decoding(max_new_tokens=max_new_tokens))
+
+
+def serve_main(argv: list[str]) -> int:
+    """The web page: chat, side by side, blind rating and runs, on one loaded model."""
+    from jsonargparse import ArgumentParser
+
+    from .registry import DEFAULT_DB
+
+    p = ArgumentParser(prog="python -m bengali_empathy serve", exit_on_error=False,
+                       description="A local web page (Gradio) to talk to the tuned model, compare it with its base "
+                                   "and rate the two blind; judgements go to the registry.")
+    _add_model_arguments(p)
+    p.add_argument("--host", type=str, default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--auth", type=str, default=None, action="append",
+                   help="USER:PASS that may log in (repeatable); without it, anyone who reaches the port can")
+    p.add_argument("--db", type=str, default=DEFAULT_DB, help="the registry: runs, and where judgements go")
+    p.add_argument("--run", type=Optional[str], default=None,
+                   help="experiment id or log directory whose replies give the prompts to rate "
+                        "(default: the newest run with replies)")
+    p.add_argument("--pairs", type=int, default=20, help="blind pairs per rating session")
+    a = p.parse_args(argv)
+    if not a.adapter:
+        raise UserError("serve needs --adapter DIR: the tuned model to talk to and compare with its base")
+    if not 1 <= a.port <= 65535:
+        raise UserError(f"--port must be from 1 to 65535, not {a.port}")
+    if a.pairs < 1:
+        raise UserError(f"--pairs must be at least 1, not {a.pairs}")
+    auth = [tuple(x.split(":", 1)) for x in (a.auth or [])]
+    if any(len(x) != 2 or not all(x) for x in auth):
+        raise UserError("--auth must be USER:PASS (both non-empty)")
+    from .registry import experiment_for
+
+    try:  # before the model loads
+        from .serve import launch, newest_run_with_replies
+    except ImportError as exc:
+        if exc.name != "gradio":
+            raise
+        raise UserError("serve needs Gradio: pip install -e '.[serve]'") from exc
+    run = experiment_for(a.db, a.run)["id"] if a.run else newest_run_with_replies(a.db)
+    replier = _replier_for(a)
+    launch(replier, str(Path(a.adapter).resolve()), a.db, run, a.pairs, a.host, a.port, auth)
+    return 0
 
 
 # --------------------------------------------------------------------------- export
 
 
 def export_main(argv: list[str]) -> int:
-    """Merge an adapter (or a fit checkpoint's LoRA weights) into its base model."""
+    """Merge an adapter (or a fit checkpoint's LoRA weights) into its base model: 16-bit HF weights, or a GGUF."""
     from typing import Literal
 
     from jsonargparse import ArgumentParser
 
+    from .gguf_export import Quant
+
     p = ArgumentParser(prog="python -m bengali_empathy export", exit_on_error=False,
-                       description="Merge a LoRA adapter into its base model and save 16-bit weights.")
+                       description="Merge a LoRA adapter into its base model and save 16-bit Hugging Face weights, "
+                                   "or (--format gguf) one GGUF file for llama.cpp with an Ollama Modelfile.")
     p.add_argument("--adapter", type=str, required=True, help="LoRA adapter directory")
     p.add_argument("--output", type=str, required=True, help="directory for the merged checkpoint (must not exist)")
     p.add_argument("--ckpt", type=Optional[str], default=None,
                    help="a fit .ckpt whose LoRA weights replace the adapter's (e.g. the best val/loss checkpoint)")
     p.add_argument("--model", type=Optional[str], default=None,
                    help="base checkpoint (default: the one recorded in the adapter)")
-    p.add_argument("--dtype", type=Literal["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--dtype", type=Literal["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="dtype the base is loaded and merged in (and, for hf, saved in)")
+    p.add_argument("--format", type=Literal["hf", "gguf"], default="hf",
+                   help="hf: safetensors for transformers / vLLM; gguf: llama.cpp / Ollama")
+    p.add_argument("--quant", type=Optional[Quant], default=None,
+                   help="GGUF weights (default q4_k_m); k-quants by llama.cpp's quantizer")
     a = p.parse_args(argv)
-    from .export import merge_adapter
+    if a.format == "hf":
+        if a.quant is not None:
+            raise UserError("--quant applies to --format gguf only")
+        from .export import merge_adapter
 
-    out = merge_adapter(a.adapter, a.output, base=a.model, dtype=a.dtype, ckpt=a.ckpt)
-    print(f"merged model written to {out}")
+        out = merge_adapter(a.adapter, a.output, base=a.model, dtype=a.dtype, ckpt=a.ckpt)
+        print(f"merged model written to {out}")
+        return 0
+    from .gguf_export import export_gguf
+
+    done = export_gguf(a.adapter, a.output, a.quant or "q4_k_m", base=a.model, dtype=a.dtype, ckpt=a.ckpt)
+    types = ", ".join(f"{k} {v}" for k, v in done["tensor_types"].items())
+    fallback = (f"; {done['fallback']} tensors fell back to another type (rows not divisible by the quant's block)"
+                if done["fallback"] else "")
+    print(f"GGUF written to {done['gguf']} ({done['bytes'] / 2**20:.1f} MiB; tensors {types}{fallback}), "
+          f"Ollama Modelfile to {done['modelfile']}")
     return 0
 
 
@@ -303,6 +377,7 @@ def runs_main(argv: list[str]) -> int:
 
     from jsonargparse import ArgumentParser
 
+    from .judgements import win_rate
     from .registry import DEFAULT_DB, connect, experiment_for, rating_summary, responses_of
 
     p = ArgumentParser(prog="python -m bengali_empathy runs", exit_on_error=False,
@@ -354,6 +429,9 @@ def runs_main(argv: list[str]) -> int:
     for shown, summary in rating_summary(cfg.db, exp["id"]).items():
         print(f"  human ratings ({shown}, n={summary['n']}): "
               + ", ".join(f"{k} {v:.2f}" for k, v in summary.items() if k != "n"))
+    wins = win_rate(cfg.db, exp["id"])
+    if wins is not None:
+        print(f"  blind judgements: {wins.describe()}")
     for r in responses_of(cfg.db, exp["id"])[: cfg.samples]:
         print(f"\n  prompt:     {r['input_text']}\n  reference:  {r['reference_text']}\n  reply:      {r['response_text']}")
         if r["base_response_text"] is not None:
@@ -402,7 +480,8 @@ def benchmark_main(argv: list[str]) -> int:
 
 # Commands beside LightningCLI's fit / validate / test / predict.
 EXTRA_COMMANDS = {"chat": chat_main, "export": export_main, "benchmark": benchmark_main,
-                  "data-stats": data_stats_main, "report": report_main, "runs": runs_main, "rate": rate_main}
+                  "data-stats": data_stats_main, "report": report_main, "runs": runs_main, "rate": rate_main,
+                  "serve": serve_main}
 
 
 def as_user_error(exc: BaseException) -> Optional[UserError]:

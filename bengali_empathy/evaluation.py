@@ -184,6 +184,9 @@ class Evaluator:
         evaluation = Evaluation(stage, rows, metrics)
         if stage != "predict":
             self._log(host, evaluation)
+        elif "generation" in metrics and host.logger is not None:  # Lightning's self.log is closed to predict
+            host.logger.log_metrics({"predict/generated_tokens_per_sec": float(metrics["generation"]["tokens_per_sec"])},
+                                    step=host.global_step)
         for line in metrics.get("warnings", []):
             host.print(f"warning: {line}")
         self.last = evaluation

@@ -18,22 +18,25 @@ backend only: Unsloth generates with its own kernels). ``auto`` is ``eager`` for
 replies are not yet checked against the eager ones on a GPU.
 
 :class:`Generator` is that for a loaded model (mode switches, cache and batch size kept across
-calls); :class:`Chat` puts one message into the chat template and answers it.
+calls); conversations (chat, the web page) are :mod:`.conversation`'s.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Literal, Optional, Sequence
 
 import torch
 
 from .errors import UserError
+from .memory import MemoryBudget, resolve_budget_gib
 
-GenerationEngine = Literal["auto", "compiled", "eager"]
-CACHE_BUCKET = 256  # static KV cache lengths are multiples of this
+GenerationEngine = Literal["auto", "compiled", "static", "eager"]
+GenerationWeights = Literal["auto", "merged", "adapter"]
+CACHE_BUCKET = 256  # the compiled engine's KV cache lengths are multiples of this
+PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (padding included)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ class GenerationStats:
     batch_size: int = 0
     peak_gpu_memory_gib: Optional[float] = None
     engine: str = "eager"
+    prefill_seconds: float = 0.0  # of ``seconds``, the sliced prefill of the static and compiled engines
+    weights: str = "adapter"  # or "merged": see :mod:`.merged`
 
     @property
     def tokens_per_sec(self) -> float:
@@ -78,16 +83,19 @@ class GenerationStats:
     def as_dict(self) -> dict:
         return {"rows": self.rows, "new_tokens": self.new_tokens, "seconds": round(self.seconds, 3),
                 "tokens_per_sec": round(self.tokens_per_sec, 1), "batch_size": self.batch_size, "engine": self.engine,
+                "weights": self.weights,
+                **({"prefill_seconds": round(self.prefill_seconds, 3)} if self.engine != "eager" else {}),
                 **({"peak_gpu_memory_gib": round(self.peak_gpu_memory_gib, 2)}
                    if self.peak_gpu_memory_gib is not None else {})}
 
 
 def resolve_engine(engine: GenerationEngine, backend_name: str) -> str:
-    """``compiled`` or ``eager`` for ``engine`` on this machine with this backend."""
+    """The engine ``engine`` names on this machine with this backend (``auto``: ``static`` on CUDA with
+    the ``hf`` backend, else ``eager``)."""
     if engine == "auto":
-        return "eager"
-    if engine == "compiled" and backend_name != "hf":
-        raise UserError(f"model.generation_engine 'compiled' needs model.backend 'hf' ({backend_name} generates "
+        return "static" if backend_name == "hf" and torch.cuda.is_available() else "eager"
+    if engine in ("compiled", "static") and backend_name != "hf":
+        raise UserError(f"model.generation_engine '{engine}' needs model.backend 'hf' ({backend_name} generates "
                         "with its own kernels); use 'auto' or 'eager'")
     return engine
 
@@ -106,8 +114,120 @@ def grouped_decode_attention(model) -> Iterator[None]:
         base.set_attn_implementation(before)
 
 
+def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
+    """Bytes of keys and values one token takes in the KV cache of every layer."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype_bytes
+
+
+def prefill_bytes(config, longest: int) -> int:
+    """Activations of one prefill slice of ``PREFILL_TOKENS`` tokens (MLP, and SDPA's attention scores,
+    which the padding mask makes it materialise) with prompts of up to ``longest`` tokens."""
+    return PREFILL_TOKENS * ((3 * config.intermediate_size + 4 * config.hidden_size) * 2
+                             + config.num_attention_heads * longest * 4)
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """Which weights generate (a merged 16-bit copy or the model with its adapter) and at what batch size."""
+
+    merged: bool
+    batch_size: int
+
+    def describe(self, engine: str) -> str:
+        weights = "merged 16-bit copy (LoRA folded into the dequantised base)" if self.merged else "adapter model"
+        return f"{weights}, {engine} engine, batch {self.batch_size}"
+
+
+def plan_generation(config, longest: int, max_new_tokens: int, batch_size: int, free_bytes: Optional[int],
+                    merged_bytes: int, merge: Optional[bool]) -> GenerationPlan:
+    """The plan for prompts of up to ``longest`` tokens given ``free_bytes`` of GPU memory (None: not on a
+    GPU, nothing checked). ``merge``: True = merged copy, False = never, None = merged where it fits
+    with a batch of ``batch_size``. The KV cache of prompt + reply must fit for one row at least."""
+    if free_bytes is None:
+        return GenerationPlan(bool(merge), batch_size)
+    row, fixed = kv_bytes_per_token(config) * (longest + max_new_tokens), prefill_bytes(config, longest)
+    if merge is not False:
+        fits = (free_bytes - merged_bytes - fixed) // row
+        if fits >= batch_size or (merge and fits >= 1):
+            return GenerationPlan(True, min(batch_size, int(fits)))
+        if merge:
+            raise UserError(f"model.generation_weights 'merged' needs {merged_bytes / 2**30:.1f} GiB for the merged "
+                            f"copy beside the {free_bytes / 2**30:.1f} GiB free for generation; use 'auto' or 'adapter'")
+    fits = (free_bytes - fixed) // row
+    if fits < 1:
+        raise UserError(f"model.max_new_tokens {max_new_tokens} after prompts of up to {longest} tokens needs "
+                        f"{row / 2**30:.2f} GiB of KV cache per row and {fixed / 2**30:.1f} GiB for the prefill, "
+                        f"but {free_bytes / 2**30:.1f} GiB are free for generation: lower model.max_new_tokens or "
+                        "data.max_seq_length, or raise model.memory_budget_gib")
+    return GenerationPlan(False, min(batch_size, int(fits)))
+
+
+def free_generation_bytes(device: torch.device, budget_gib: Optional[float]) -> Optional[int]:
+    """GPU memory generation may still take: the budget less what is allocated, else what the card has
+    free plus this process's cached blocks (None off the GPU)."""
+    if device.type != "cuda":
+        return None
+    allocated = torch.cuda.memory_allocated(device)
+    if budget_gib is not None:
+        return int(budget_gib * 2**30) - allocated
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - allocated
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask of ``prompts`` left-padded to ``width``."""
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        if p:
+            ids[r, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            mask[r, width - len(p):] = 1
+    return ids, mask
+
+
+@torch.no_grad()  # the LoRA weights require gradients: no autograd graph of a whole batch's prefill
+def prefill(model, cache, prompts: Sequence[Sequence[int]], width: int, pad: int,
+            token_budget: Optional[int] = None) -> None:
+    """Fill the static ``cache`` with the keys and values of every prompt but its last token, as if the
+    batch were left-padded to ``width``; ``generate`` then starts from the last prompt token.
+
+    ``prompts`` are sorted longest first. They run in slices of rows of at most ``token_budget``
+    tokens (default ``PREFILL_TOKENS``), each slice padded to its own longest prompt: a long batch's prefill fits (batch 256 of
+    600-token prompts is ~150k tokens at once otherwise) and a short row's padding is not computed.
+    A slice's keys go right-aligned into the cache, where the batch's left padding puts them; the
+    padded slots stay masked. Positions are counted as ``generate`` counts them (from the mask).
+    """
+    from transformers import DynamicCache
+
+    token_budget = token_budget or PREFILL_TOKENS
+    cache.reset()
+    device = next(model.parameters()).device
+    prefix = width - 1
+    start = 0
+    while start < len(prompts) and prefix > 0:
+        longest = len(prompts[start]) - 1
+        part = prompts[start:start + max(1, token_budget // max(longest, 1))]
+        if longest > 0:
+            ids, mask = _left_padded([p[:-1] for p in part], longest, pad)
+            positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
+            sliced = DynamicCache()
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                  past_key_values=sliced, use_cache=True, logits_to_keep=1)
+            for layer, done in zip(cache.layers, sliced.layers):
+                if not layer.is_initialized:
+                    shape = (len(prompts), done.keys.shape[1], 0, done.keys.shape[3])
+                    layer.lazy_initialization(done.keys.new_empty(shape), done.values.new_empty(shape))
+                layer.keys[start:start + len(part), :, prefix - longest:prefix] = done.keys
+                layer.values[start:start + len(part), :, prefix - longest:prefix] = done.values
+            del sliced
+        start += len(part)
+    for layer in cache.layers:
+        if layer.is_initialized:
+            layer.cumulative_length.fill_(prefix)
 
 
 def generate_replies(
@@ -124,9 +244,9 @@ def generate_replies(
 ) -> tuple[list[str], GenerationStats]:
     """Replies to tokenised ``prompts`` (lists of ids ending in the assistant header), in input order.
 
-    The model must already be in inference mode (and, for the ``compiled`` engine, within
-    :func:`grouped_decode_attention`). ``stats.batch_size`` is the size that fitted (smaller than
-    ``batch_size`` after an out-of-memory retry).
+    The model must already be in inference mode (and, for the ``static`` and ``compiled`` engines,
+    within :func:`grouped_decode_attention`). ``stats.batch_size`` is the size that fitted (smaller
+    than ``batch_size`` after an out-of-memory retry).
     """
     from tqdm.auto import tqdm
 
@@ -136,10 +256,7 @@ def generate_replies(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     replies: list[str] = [""] * len(prompts)
     stats = GenerationStats(rows=len(prompts), batch_size=max(1, batch_size), engine=engine)
-    cache: dict = {}
-    if engine == "compiled" and prompts:
-        longest = max(len(p) for p in prompts) + decoding.max_new_tokens
-        cache = {"cache_implementation": "static", "max_cache_len": -(-longest // CACHE_BUCKET) * CACHE_BUCKET}
+    cache = None
     if decoding.temperature > 0:
         torch.manual_seed(decoding.seed)
     bar = tqdm(total=len(prompts), desc=desc, unit="row", disable=not progress or not prompts,
@@ -148,24 +265,39 @@ def generate_replies(
     while start < len(order):
         chunk = order[start:start + stats.batch_size]
         width = len(prompts[chunk[0]])
-        # A static cache keeps its shape when the last batch is as wide as the others (extra rows repeat one).
-        rows = chunk + chunk[-1:] * (stats.batch_size - len(chunk)) if cache else chunk
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            n = len(prompts[i])
-            ids[r, width - n:] = torch.as_tensor(prompts[i], dtype=torch.long)
-            mask[r, width - n:] = 1
+        rows = chunk
+        extra: dict = {}
+        if engine != "eager":
+            from transformers import StaticCache
+
+            if engine == "compiled":
+                # One cache for the call, each batch as wide (extra rows repeat one): the compiled decoding
+                # step keeps its shapes and the cache its addresses, so it compiles (and records) once.
+                rows = chunk + chunk[-1:] * (stats.batch_size - len(chunk))
+                if cache is None:
+                    longest = len(prompts[order[0]]) + decoding.max_new_tokens
+                    cache = StaticCache(config=model.config, max_cache_len=-(-longest // CACHE_BUCKET) * CACHE_BUCKET)
+            else:
+                cache, extra["disable_compile"] = StaticCache(config=model.config,
+                                                              max_cache_len=width + decoding.max_new_tokens), True
+            extra["past_key_values"] = cache
+        ids, mask = _left_padded([prompts[i] for i in rows], width, pad)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         try:
+            if cache is not None:
+                prefill(model, cache, [prompts[i] for i in rows], width, pad)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                stats.prefill_seconds += time.perf_counter() - t0
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), eos_token_id=list(stop_ids),
-                                 pad_token_id=pad, use_cache=True, **decoding.generate_kwargs(), **cache)
+                                 pad_token_id=pad, use_cache=True, **decoding.generate_kwargs(), **extra)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
             if not _is_oom(exc) or stats.batch_size == 1:
                 raise
             stats.batch_size //= 2
+            cache = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if on_oom is not None:
@@ -207,20 +339,41 @@ class Generator:
     """
 
     def __init__(self, model, tokenizer, backend, decoding: Decoding, batch_size: int,
-                 report: Callable[[str], None] = _to_stderr, engine: GenerationEngine = "auto") -> None:
+                 report: Callable[[str], None] = _to_stderr, engine: GenerationEngine = "auto",
+                 weights: GenerationWeights = "adapter", memory_budget: MemoryBudget = None) -> None:
         from .tokenizer import stop_token_ids
 
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.decoding = decoding
         self.batch_size = batch_size
         self.engine = resolve_engine(engine, backend.name)
+        # ``auto`` merges on CUDA with the hf backend only: Unsloth patches transformers' Llama classes,
+        # which a plain copy would then run through.
+        self.merge = {"merged": True, "adapter": False}.get(
+            weights, None if backend.name == "hf" and torch.cuda.is_available() else False)
+        self.memory_budget = memory_budget  # the run's (model.memory_budget_gib): generation keeps to it too
         self.report = report
         self.stop_ids = stop_token_ids(tokenizer)
+        self.last_plan: Optional[GenerationPlan] = None
+
+    def plan(self, prompts: Sequence[Sequence[int]], decoding: Decoding, allow_merged: bool) -> GenerationPlan:
+        """The weights and batch size this call generates with (see :func:`plan_generation`)."""
+        from .merged import merged_bytes
+
+        device = next(self.model.parameters()).device
+        free = free_generation_bytes(device, resolve_budget_gib(self.memory_budget, device))
+        return plan_generation(self.model.config, max(map(len, prompts)), decoding.max_new_tokens, self.batch_size,
+                               free, merged_bytes(self.model),
+                               self.merge if allow_merged else False)
 
     def generate(self, prompts: Sequence[Sequence[int]], desc: str = "generating", progress: bool = True,
-                 decoding: Optional[Decoding] = None) -> tuple[list[str], GenerationStats]:
-        """Replies (in input order) and :class:`GenerationStats` for tokenised generation prompts."""
+                 decoding: Optional[Decoding] = None, allow_merged: bool = True) -> tuple[list[str], GenerationStats]:
+        """Replies (in input order) and :class:`GenerationStats` for tokenised generation prompts.
+        ``allow_merged`` false: never on a merged copy (fit's validations: training holds the memory)."""
+        from .merged import merged_copy
+
         was_training = self.model.training
+        decoding = decoding or self.decoding
         self.backend.for_inference(self.model)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -229,33 +382,23 @@ class Generator:
             self.batch_size = batch_size
             self.report(f"{desc}: out of GPU memory, batch size now {batch_size} for the rest of this run")
 
-        attention = grouped_decode_attention(self.model) if self.engine == "compiled" else contextlib.nullcontext()
+        plan = self.plan(prompts, decoding, allow_merged) if prompts else GenerationPlan(False, self.batch_size)
+        if plan != self.last_plan and (plan.merged or plan.batch_size < self.batch_size):
+            self.report(f"{desc}: {plan.describe(self.engine)}")
+        self.last_plan = plan
+        model = merged_copy(self.model) if plan.merged else self.model
+        attention = grouped_decode_attention(model) if self.engine != "eager" else contextlib.nullcontext()
         try:
             with attention:
-                return generate_replies(self.model, self.tokenizer, prompts, decoding or self.decoding,
-                                        self.batch_size, self.stop_ids, desc=desc, progress=progress, on_oom=smaller,
-                                        engine=self.engine)
+                replies, stats = generate_replies(model, self.tokenizer, prompts, decoding, plan.batch_size,
+                                                  self.stop_ids, desc=desc, progress=progress, on_oom=smaller,
+                                                  engine=self.engine)
+            stats.weights = "merged" if plan.merged else "adapter"
+            return replies, stats
         finally:
+            del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if was_training:
                 self.backend.for_training(self.model)
 
-
-class Chat:
-    """Single-turn replies: a user message under a system prompt (default: the Bengali one), generated."""
-
-    def __init__(self, generator: Generator, system_prompt: Optional[str] = None) -> None:
-        from .data import DEFAULT_SYSTEM_PROMPT, ChatEncoder
-
-        self.generator = generator
-        self.encoder = ChatEncoder(generator.tokenizer)  # built once: it checks the whole vocabulary
-        self.system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
-
-    def reply(self, message: str, max_new_tokens: Optional[int] = None) -> str:
-        """The model's reply to ``message``."""
-        ids = self.encoder.prompt_ids(self.system_prompt, [{"role": "user", "content": message}])
-        decoding = self.generator.decoding
-        if max_new_tokens:
-            decoding = replace(decoding, max_new_tokens=max_new_tokens)
-        return self.generator.generate([ids], progress=False, decoding=decoding)[0][0]

@@ -74,6 +74,11 @@ class CheckpointPlan:
                 f"at batch {self.batch_size} x {self.seq_len} tokens (all checkpointed {self.minimum_gib:.2f} GiB, "
                 f"about +{self.per_layer_gib:.2f} GiB per layer without recompute)")
 
+    def peak_summary(self, peak_gib: float) -> str:
+        """The fit's measured peak against this plan's budget."""
+        return (f"peak GPU memory {peak_gib:.2f} GiB reserved of the {self.budget_gib:.2f} GiB budget "
+                f"({self.checkpointed_layers} of {self.layers} layers checkpointed)")
+
     def as_dict(self) -> dict:
         """Plain values, for run.json, TensorBoard hparams and the benchmark's JSON."""
         return asdict(self)

@@ -22,7 +22,7 @@ from .checkpoints import AdapterInfo, check_adapter, lora_state_from_ckpt, save_
 from .data import DEFAULT_SYSTEM_PROMPT, flat_stats
 from .errors import UserError
 from .evaluation import Evaluation, Evaluator
-from .generation import Decoding, GenerationEngine, GenerationStats, Generator, resolve_engine
+from .generation import Decoding, GenerationEngine, GenerationStats, GenerationWeights, Generator, resolve_engine
 from .lora import DEFAULT_LORA, LoraSettings, parameter_groups
 from .memory import CheckpointPlan, MemoryBudget, cap_reserved_memory, check_budget, plan_training_memory
 from .modeling import TINY_MODEL, resolve_model_path
@@ -62,8 +62,8 @@ class EmpathyLM(L.LightningModule):
         max_new_tokens: generation length for validation samples, test and predict.
         generation_batch_size: rows per generation batch (prompts sorted by length; halved on out-of-memory).
             Larger than the loss batches: a decoding step costs about the same at 8 rows as at 128.
-        generation_engine: ``compiled`` (static KV cache, compiled decoding step, grouped-query attention;
-            ``hf`` backend), ``eager`` (dynamic cache) or ``auto`` (``eager`` for now; see :mod:`.generation`).
+        generation_engine / generation_weights: how replies are generated and on which weights (the
+            merged 16-bit copy where memory allows, outside fit); see :mod:`.generation`.
         temperature: 0 = greedy decoding; above 0, sampling with ``top_p`` / ``top_k`` (0 = off) and
             ``generation_seed``. ``repetition_penalty`` (1 = off) and ``no_repeat_ngram_size`` (0 = off)
             apply to both.
@@ -91,6 +91,7 @@ class EmpathyLM(L.LightningModule):
         optimizer: Optimizer = "auto",
         learning_rate: float = 2e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.05, min_lr_ratio: float = 0.1,
         max_new_tokens: int = 128, generation_batch_size: int = 64, generation_engine: GenerationEngine = "auto",
+        generation_weights: GenerationWeights = "auto",
         temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
         repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, generation_seed: int = 0,
         compare_base: bool = False, val_generate_batches: int = 2, log_samples: int = 4,
@@ -113,7 +114,7 @@ class EmpathyLM(L.LightningModule):
         self.decoding = Decoding(max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                                  no_repeat_ngram_size, generation_seed)
         self.evaluator = Evaluator(compare_base, val_generate_batches, log_samples) if objective == "sft" else \
-            PreferenceObjective(objective, dpo_beta, kto_desirable_weight, kto_undesirable_weight)
+            PreferenceObjective(objective, dpo_beta, kto_desirable_weight, kto_undesirable_weight, adapter_path)
         self.eval_losses = self.evaluator.losses  # a child module: the loss states follow the model's device
         self.facts: Optional[CorpusFacts] = None
         self.param_counts: tuple[int, int] = (0, 0)
@@ -131,15 +132,14 @@ class EmpathyLM(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        path = self.model_path or resolve_model_path(self.hparams.model_name_or_path)
-        self.model, self.tokenizer = self.backend.load(path, self.hparams.max_seq_length, self.lora,
-                                                       self.hparams.adapter_path)
-        if isinstance(self.evaluator, PreferenceObjective):
-            self.evaluator.attach_reference(self.model, self.hparams.adapter_path)
+        h = self.hparams
+        path = self.model_path or resolve_model_path(h.model_name_or_path)
+        self.model, self.tokenizer = self.backend.load(path, h.max_seq_length, self.lora, h.adapter_path)
         # peft counts a 4-bit weight's packed uint8 storage as the parameters it holds
         self.param_counts = tuple(self.model.get_nb_trainable_parameters())
-        self.generator = Generator(self.model, self.tokenizer, self.backend, self.decoding,
-                                   self.hparams.generation_batch_size, engine=self.generation_engine)
+        self.generator = Generator(self.model, self.tokenizer, self.backend, self.decoding, h.generation_batch_size,
+                                   engine=self.generation_engine, weights=h.generation_weights,
+                                   memory_budget=h.memory_budget_gib)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self.backend.loss(self.model, batch)
@@ -151,7 +151,7 @@ class EmpathyLM(L.LightningModule):
     def generate_texts(self, prompts: list[list[int]], desc: str = "generating", progress: bool = True,
                        decoding: Optional[Decoding] = None) -> tuple[list[str], GenerationStats]:
         """Replies (in input order) and statistics for tokenised generation prompts (see :class:`.Generator`)."""
-        return self.generator.generate(prompts, desc=desc, progress=progress, decoding=decoding)
+        return self.generator.generate(prompts, desc, progress, decoding, allow_merged=not self._fitting())
 
     # ------------------------------------------------------------------ modes
     def on_fit_start(self) -> None:
@@ -272,7 +272,7 @@ class EmpathyLM(L.LightningModule):
         if record is None:
             return
         if self.memory_plan is not None and record["peak_memory_gib"]["gpu_reserved"] is not None:
-            self.print(peak_against_plan(record["peak_memory_gib"]["gpu_reserved"], self.memory_plan))
+            self.print(self.memory_plan.peak_summary(record["peak_memory_gib"]["gpu_reserved"]))
         log_final_hparams(self.logger, record["final"])
 
     def _save_fit_adapters(self, log_dir: Path) -> None:
@@ -314,12 +314,6 @@ def make_optimizer(params: list, name: Optimizer, lr: float, weight_decay: float
 
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay), name
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=on_cuda or None), name
-
-
-def peak_against_plan(peak_reserved_gib: float, plan: CheckpointPlan) -> str:
-    """The fit's peak GPU memory beside the budget and the checkpointing split it planned."""
-    return (f"peak GPU memory {peak_reserved_gib:.2f} GiB reserved of the {plan.budget_gib:.2f} GiB budget "
-            f"({plan.checkpointed_layers} of {plan.layers} layers checkpointed)")
 
 
 def log_final_hparams(logger, final: dict) -> None:

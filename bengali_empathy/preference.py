@@ -91,29 +91,32 @@ class PreferenceObjective:
     :class:`~.evaluation.Evaluation` of the pass's means (``metrics.json``, the registry row) and no rows.
 
     Args mirror the module's options: ``objective`` (``dpo`` or ``kto``), ``beta`` (``model.dpo_beta``,
-    the KL weight of either objective) and the KTO weights.
+    the KL weight of either objective), the KTO weights and the adapter the run starts from.
     """
 
     training_texts: Callable[[], None] = staticmethod(lambda: None)
 
     def __init__(self, objective: Objective, beta: float, desirable_weight: float = 1.0,
-                 undesirable_weight: float = 1.0) -> None:
-        self.objective, self.beta = objective, beta
+                 undesirable_weight: float = 1.0, adapter_path: Optional[str] = None) -> None:
+        self.objective, self.beta, self.adapter_path = objective, beta, adapter_path
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
         self.reference_adapter: Optional[str] = None
         self.losses = torch.nn.ModuleDict()  # the Evaluator's metric states; a preference pass keeps none
         self.last: Optional[Evaluation] = None
         self._sums: dict[str, list[float]] = {}  # name -> [row-weighted sum, rows] of the pass so far
 
-    def attach_reference(self, model, adapter_path: Optional[str]) -> None:
-        """Starting from an adapter: load it again, frozen, as the reference (see the module docstring)."""
-        if adapter_path:
-            model.load_adapter(str(adapter_path), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    def attach_reference(self, model) -> None:
+        """Starting from an adapter: load it again, from its directory, frozen, as the reference (see the module
+        docstring). Done by the first reference pass, once the model is loaded; a resumed run's restored policy
+        weights do not change it."""
+        if self.adapter_path and self.reference_adapter is None:
+            model.load_adapter(str(self.adapter_path), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
             self.reference_adapter = REFERENCE_ADAPTER
 
     @contextmanager
     def reference(self, backend: Backend, model) -> Iterator[None]:
         """The model as the reference, without gradients."""
+        self.attach_reference(model)
         if self.reference_adapter is None:
             with torch.no_grad(), backend.adapter_disabled(model):
                 yield

@@ -9,6 +9,8 @@ Tables (the first two with the names and columns the original task asked for):
   base_response_text)``: the generated replies of the run's (last) evaluation.
 * ``HumanRatings(id, response_id, shown, empathy, relevance, fluency, coherence, helpfulness,
   comment, timestamp)``: 1-5 scores from ``python -m bengali_empathy rate``.
+* ``PreferenceJudgements``: blind pairwise judgements of tuned vs base from the web page
+  (``serve``); :mod:`.judgements` owns, writes and reads that table (its docstring has the schema).
 
 A run's rows (an :class:`~.records.ExperimentRecord`, built by :mod:`.records`) are written in one
 transaction when it ends, so an interrupted run leaves none; a fit's only after its adapter and
@@ -118,6 +120,16 @@ def experiment_for(db: str | Path, ref: str) -> dict:
     if experiment is None:
         raise UserError(f"no experiment {ref!r} in {db}")
     return experiment
+
+
+def list_experiments(db: str | Path) -> list[dict]:
+    """Every experiment, oldest first, with ``lora_config`` and ``metrics`` parsed."""
+    with connect(db, create=False) as con:
+        con.row_factory = sqlite3.Row
+        rows = [dict(r) for r in con.execute("SELECT * FROM LLAMAExperiments ORDER BY id")]
+    for r in rows:
+        r["lora_config"], r["metrics"] = json.loads(r["lora_config"] or "{}"), json.loads(r["metrics"] or "{}")
+    return rows
 
 
 def responses_of(db: str | Path, experiment_id: int) -> list[dict]:

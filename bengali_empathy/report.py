@@ -269,6 +269,24 @@ def _ratings_section(db: Path, eval_dir: Path) -> list[str]:
     return [f"## Human ratings (1-5, mean; experiment {experiment['id']} in `{db}`)", ""] + _table(header, rows)
 
 
+def _judgements_section(db: Path, run_dirs: list[Path]) -> list[str]:
+    """The win rate of the first of ``run_dirs`` (the evaluation, then the fit) with blind judgements."""
+    from .judgements import win_rate
+    from .registry import find_experiment
+
+    experiments = [find_experiment(db, str(d)) for d in run_dirs] if db.is_file() else []
+    judged = [(e, win_rate(db, e["id"])) for e in experiments if e is not None]
+    experiment, wins = next(((e, w) for e, w in judged if w is not None), (None, None))
+    if wins is None:
+        return []
+    low, high = wins.interval
+    return [f"## Blind judgements, tuned vs base (experiment {experiment['id']} in `{db}`)", "",
+            "Win rate: the tuned reply's share of the judgements that are not ties, with a 95% Wilson score "
+            "interval.", ""] + _table(["tuned preferred", "base preferred", "ties", "n", "win rate", "95% interval"],
+                                      [[wins.tuned, wins.base, wins.ties, wins.n, wins.rate,
+                                        f"{low:.4f} – {high:.4f}" if wins.rate is not None else None]])
+
+
 def build_report(run_dir: Path, output: Optional[Path] = None, db: Optional[str] = None) -> Path:
     """Write ``REPORT.md`` and the plots for ``run_dir``; returns the report's path. ``db``: the
     experiment registry with human ratings (default: ``experiments.db`` beside the run)."""
@@ -283,6 +301,7 @@ def build_report(run_dir: Path, output: Optional[Path] = None, db: Optional[str]
     db_path = Path(db) if db else run_dir.parent / "experiments.db"
     # The ratings are read first: a bad registry file stops the report before any plot is written.
     ratings = _ratings_section(db_path, eval_dir) if eval_dir is not None else []
+    judged = _judgements_section(db_path, [d for d in (eval_dir, fit_dir) if d is not None])
     output = Path(output) if output else run_dir
     output.mkdir(parents=True, exist_ok=True)
     lines = [f"# Experiment report: {run_dir}", ""]
@@ -305,11 +324,11 @@ def build_report(run_dir: Path, output: Optional[Path] = None, db: Optional[str]
                   f"(sacreBLEU), ROUGE-L is the mean of sentence F1, NLL and perplexity are token-weighted over "
                   f"reference reply tokens.", ""]
         lines += _metrics_section(metrics) + _category_section(metrics) + _checks_section(metrics)
-        lines += ratings
+        lines += ratings + judged
         lines += _samples_section(rows)
     else:
         lines += ["## Final metrics", "", "No evaluation found: run `test` or `predict` with "
-                  f"`--model.adapter_path {run_dir}/adapter`.", ""]
+                  f"`--model.adapter_path {run_dir}/adapter`.", ""] + judged
     report = output / "REPORT.md"
     atomic_write_text(report, "\n".join(lines))
     return report

@@ -2,12 +2,15 @@
 # Runs on the lent GPU machine: installs carried wheels, runs GPU tests and benchmarks.
 # Usage: bash scripts/gpu_session.sh STEP...
 #   STEP: tests | unsloth | unsloth_plain | norearm | hf | hf_plain | corpus_packed | corpus_unpacked | corpus_grouped
-#         | model8b | predict | compare | fitbudget | dpo8b
+#         | model8b | predict | compare | fitbudget | probe | gguf8b | dpo8b
+# probe: scripts/generation_probe.py on /tmp/llama8b with $PROBE_ARGS (engines, batch sizes, reply lengths).
 # compare: Unsloth's TRL SFTTrainer and this package at each memory budget of $BUDGETS, one table.
 # fitbudget: `fit` of the 8B config on $CORPUS (random 8B from model8b) for 30 steps at each budget of
 # $FIT_BUDGETS: the plan line, tokens/s and the peak against the budget.
 # predict runs `predict` end to end on a random-weight 8B checkpoint (made by model8b in /tmp/llama8b)
 # for each generation batch size in $GEN_BS, on $ROWS training rows of $CORPUS, with $PREDICT_ARGS.
+# gguf8b: export of a random LoRA adapter on /tmp/llama8b (model8b first) as bf16 hf, f16 GGUF and q4_k_m GGUF:
+# wall time, peak host memory and size of each (scripts/gguf_8b_probe.py), one JSON line in $OUT/gguf8b.jsonl.
 # dpo8b: DPO (`fit --model.objective dpo`, policy + reference passes) of the random 8B (model8b first) with
 # Unsloth at the 14 GiB budget for $DPO_STEPS steps of $DPO_BS pairs, on pairs built from $CORPUS by
 # scripts/make_preference_pairs.py; prints the plan, the peak against the budget and tokens/s.
@@ -75,6 +78,8 @@ PY
              [ -f $M8/config.json ] || timeout 400 python3 -c "from bengali_empathy.modeling import \
              write_random_model, LLAMA31_8B_ARCH; write_random_model('$M8', LLAMA31_8B_ARCH, \
              dtype='bfloat16', device='cuda')"; ln -sfn $M8 /tmp/llama8b; ls /tmp/llama8b/ ;;
+    gguf8b) timeout ${GGUF_TIMEOUT:-530} python3 scripts/gguf_8b_probe.py /tmp/llama8b /tmp/gguf8b "$OUT/gguf8b.jsonl" \
+             >"$OUT/gguf8b.log" 2>&1; echo "rc=$?"; tail -4 "$OUT/gguf8b.log"; rm -rf /tmp/gguf8b; df -h /tmp | tail -1 ;;
     predict) for bs in ${GEN_BS:-128}; do
                timeout ${PREDICT_TIMEOUT:-400} python3 -m bengali_empathy predict --config configs/llama31_8b_unsloth.yaml \
                  --model.model_name_or_path /tmp/llama8b --data.corpus_path "$CORPUS" --data.predict_split train \
@@ -83,6 +88,8 @@ PY
                echo "rc=$? bs=$bs"; grep -E "^(wrote|generated|tuned|warning|error)|out of GPU memory" "$OUT/predict_bs$bs.log"
                nvidia-smi --query-gpu=memory.used --format=csv,noheader
              done ;;
+    probe) timeout ${PROBE_TIMEOUT:-480} python3 scripts/generation_probe.py /tmp/llama8b --corpus "$CORPUS" \
+             --json "$OUT/probe.jsonl" ${PROBE_ARGS:-} 2>"$OUT/probe.err"; echo "rc=$?"; tail -3 "$OUT/probe.err" ;;
   esac
 done
 echo "=== done $(date +%T)"

@@ -102,7 +102,7 @@ def test_replacing_a_directory_keeps_no_leftovers(tmp_path):
 def test_chat_uses_the_adapters_system_prompt_and_length(fitted, monkeypatch, capsys):
     from bengali_empathy.backends import HFPeftBackend
     from bengali_empathy.cli import chat_main
-    from bengali_empathy.generation import Chat
+    from bengali_empathy.conversation import Replier, Reply
 
     seen, loaded = [], []
     real_load = HFPeftBackend.load
@@ -111,12 +111,12 @@ def test_chat_uses_the_adapters_system_prompt_and_length(fitted, monkeypatch, ca
         loaded.append((max_seq_length, lora.r))
         return real_load(self, model_path, max_seq_length, lora, adapter_path)
 
-    def fake_reply(self, message, max_new_tokens=None):
-        seen.append((self.system_prompt, *loaded[-1]))
-        return "উত্তর"
+    def fake_stream(self, turns, decoding=None, base=False):
+        seen.append((self.system_prompt, self.max_seq_length, *loaded[-1]))
+        yield Reply("উত্তর", 1, 0, 0, done=True)
 
     monkeypatch.setattr(HFPeftBackend, "load", load)
-    monkeypatch.setattr(Chat, "reply", fake_reply)
+    monkeypatch.setattr(Replier, "stream", fake_stream)
     assert chat_main(["--adapter", str(fitted[0] / "adapter"), "-m", "আমি একা।"]) == 0
-    assert seen == [("তুমি সহমর্মী সহায়ক।", 768, 16)]
+    assert seen == [("তুমি সহমর্মী সহায়ক।", 768, 768, 16)]
     assert capsys.readouterr().out.strip() == "উত্তর"

@@ -60,6 +60,32 @@ def test_predict_on_the_adapter_scores_tuned_and_base(default_fit, tmp_path):
 
 
 @pytest.mark.slow
+def test_predict_on_a_merged_copy_gives_the_adapter_models_replies(default_fit, tmp_path):
+    """predict on the merged copy (LoRA and the trained head folded into the base): Bengali replies as
+    the adapter model's are, and metrics.json, the log and TensorBoard say what ran. (The copy's logits
+    agree with the adapter model's to ~1e-6, tests/test_merged.py; the tiny models' near-ties make the
+    greedy replies differ after a few tokens, the random base's as much as the tuned.)"""
+    adapter = default_fit[1] / "adapter"
+    outputs = {}
+    for weights in ("adapter", "merged"):
+        r = run_cli(["predict", *QUICK, "--model.adapter_path", str(adapter), "--model.compare_base", "true",
+                     "--model.generation_weights", weights, "--model.max_new_tokens", "8",
+                     "--trainer.default_root_dir", weights], cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        pdir = tmp_path / weights / "lightning_logs" / "version_0"
+        outputs[weights] = ([json.loads(x) for x in (pdir / "predictions.jsonl").read_text().splitlines()],
+                            json.loads((pdir / "metrics.json").read_text()), r.stderr)
+    (_, metrics, _), (merged_rows, merged_metrics, log) = outputs["adapter"], outputs["merged"]
+    assert all(sum("\u0980" <= ch <= "\u09ff" for ch in r["prediction"]) >= 3 for r in merged_rows)
+    assert all(r["prediction"] != r["base_prediction"] for r in merged_rows)  # the adapter was merged in
+    assert metrics["generation"]["weights"] == "adapter" and merged_metrics["generation"]["weights"] == "merged"
+    assert merged_metrics["generation"]["base"]["weights"] == "merged"
+    assert "merged 16-bit copy (LoRA folded into the dequantised base), eager engine" in log
+    rate = _events(tmp_path / "merged" / "lightning_logs" / "version_0").Scalars("predict/generated_tokens_per_sec")
+    assert rate[-1].value == pytest.approx(merged_metrics["generation"]["tokens_per_sec"])
+
+
+@pytest.mark.slow
 def test_validate_on_the_adapter(default_fit, tmp_path):
     r = run_cli(["validate", *QUICK, "--model.adapter_path", str(default_fit[1] / "adapter")], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -173,6 +199,7 @@ def test_dailydialog_conversations_fit_validate_predict(tmp_path):
     (["--model.lora_r", "0"], "model.lora_r must be a positive integer, not 0"),
     (["--model.generation_batch_size", "0"], "model.generation_batch_size must be at least 1, not 0"),
     (["--model.generation_engine", "fast"], "model.generation_engine"),
+    (["--model.generation_weights", "fp8"], "model.generation_weights"),
     (["--model.compare_base", "maybe"], "model.compare_base"),
     (["--data.deduplicate", "true", "--data.streaming", "true"], "data.deduplicate needs the corpus in memory"),
     (["--trainer.max_steps", "-5"], "`max_steps` must be a non-negative integer or -1"),

@@ -94,21 +94,38 @@ def test_decoding_options_reach_generate():
     assert Decoding().generate_kwargs() == {"max_new_tokens": 128, "do_sample": False}
 
 
-@pytest.mark.parametrize("max_new_tokens", [1, 7])
-def test_compiled_engine_replies_equal_the_eager_engine_token_for_token(tiny_lora, max_new_tokens):
-    """Static cache + grouped-query decoding attention (uncompiled on the CPU) = transformers' dynamic cache."""
+@pytest.mark.parametrize("engine,max_new_tokens,prefill_tokens", [("compiled", 1, 16384), ("compiled", 7, 16384),
+                                                                  ("static", 7, 40), ("static", 4, 1)])
+def test_fast_engines_replies_equal_the_eager_engine_token_for_token(tiny_lora, engine, max_new_tokens,
+                                                                     prefill_tokens, monkeypatch):
+    """Sliced prefill into a static cache + grouped-query decoding attention (uncompiled on the CPU) =
+    transformers' dynamic cache, whatever the slices (one row per prefill forward at a budget of 1 token)."""
+    from bengali_empathy import generation
     from bengali_empathy.generation import Decoding, Generator
 
+    monkeypatch.setattr(generation, "PREFILL_TOKENS", prefill_tokens)
     backend, model, tok = tiny_lora
     g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(1000, 120000, (n,), generator=g).tolist() for n in (3, 17, 9, 30, 5)]
+    prompts = [torch.randint(1000, 120000, (n,), generator=g).tolist() for n in (3, 17, 9, 30, 5, 1)]
     decoding = Decoding(max_new_tokens=max_new_tokens)
-    eager = Generator(model, tok, backend, decoding, batch_size=2, engine="eager")
-    compiled = Generator(model, tok, backend, decoding, batch_size=2, engine="compiled")
+    eager = Generator(model, tok, backend, decoding, batch_size=4, engine="eager")
+    compiled = Generator(model, tok, backend, decoding, batch_size=4, engine=engine)
     want, want_stats = eager.generate(prompts, progress=False)
-    got, stats = compiled.generate(prompts, progress=False)  # batches 2, 2 and 1 padded to 2
+    widths = []  # tokens of each forward pass through the fast engine
+    hook = model.get_base_model().model.embed_tokens.register_forward_hook(
+        lambda module, args, out: widths.append(args[0].shape))
+    try:
+        got, stats = compiled.generate(prompts, progress=False)  # batches 4 and 2 (padded to 4 when compiled)
+    finally:
+        hook.remove()
     assert got == want and stats.new_tokens == want_stats.new_tokens and stats.rows == len(prompts)
-    assert stats.as_dict()["engine"] == "compiled" and want_stats.as_dict()["engine"] == "eager"
+    assert stats.as_dict()["engine"] == engine and want_stats.as_dict()["engine"] == "eager"
+    # The prompts were prefilled in slices (each of at most prefill_tokens, or one row), generate
+    # only ever ran one token per row.
+    prefills = [w for w in widths if w[1] > 1]
+    assert all(rows * width <= prefill_tokens or rows == 1 for rows, width in prefills)
+    assert sum(rows for rows, _ in prefills) >= sum(len(p) > 1 for p in prompts)
+    assert len(widths) > len(prefills)  # and decoding, one token per row
     assert model.get_base_model().config._attn_implementation == "sdpa"  # restored after generation
     if max_new_tokens > 2:  # rows that stop early: make the third token the second row emits a stop token
         out = model.generate(input_ids=torch.tensor([prompts[1]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
@@ -128,3 +145,28 @@ def test_compiled_engine_is_refused_for_unsloth_and_auto_is_eager():
     assert resolve_engine("auto", "unsloth") == "eager"
     with pytest.raises(UserError, match="generation_engine 'compiled' needs model.backend 'hf'"):
         resolve_engine("compiled", "unsloth")
+
+
+def test_sliced_prefill_fills_the_cache_as_one_padded_forward_does_without_gradients(tiny_lora):
+    """Each slice's keys sit where the batch's left padding puts them; nothing keeps an autograd graph
+    (a batch's prefill with one would hold every layer's activations: out of memory on an 8B model)."""
+    from transformers import DynamicCache, StaticCache
+
+    from bengali_empathy.generation import _left_padded, prefill
+
+    _, model, tok = tiny_lora
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(1000, 120000, (n,), generator=g).tolist() for n in (12, 7, 7, 2)]
+    width = len(prompts[0])
+    cache = StaticCache(config=model.config, max_cache_len=width + 3)
+    prefill(model, cache, prompts, width, tok.pad_token_id, token_budget=12)  # slices of 1, 2 and 1 rows
+    ids, mask = _left_padded([p[:-1] for p in prompts], width - 1, tok.pad_token_id)
+    full = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+              past_key_values=full)
+    real = mask.bool()
+    for layer, want in zip(cache.layers, full.layers):
+        assert not layer.keys.requires_grad and int(layer.cumulative_length) == width - 1
+        got = layer.keys[:, :, : width - 1].transpose(1, 2)[real]
+        assert torch.allclose(got, want.keys.transpose(1, 2)[real], atol=1e-5)

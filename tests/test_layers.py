@@ -5,9 +5,11 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "bengali_empathy"
 
 # Lower to higher. A module may import from its own layer (the data package's modules) and the ones before it.
-LAYERS = [["errors"], ["_io"], ["schema"], ["text"], ["tokenizer"], ["modeling"], ["attention"], ["data"], ["lora"], ["backends"],
-          ["memory"], ["metrics"], ["checks"], ["generation"], ["evaluation"], ["preference"], ["checkpoints"], ["records"],
-          ["module"], ["callbacks"], ["registry"], ["report"], ["rating"], ["preference_export"], ["export"], ["benchmark"], ["cli"],
+LAYERS = [["errors"], ["_io"], ["schema"], ["text"], ["tokenizer"], ["modeling"], ["attention"], ["data"], ["lora"],
+          ["merged"], ["backends"], ["memory"], ["metrics"], ["checks"], ["generation"], ["conversation"],
+          ["evaluation"], ["preference"], ["checkpoints"], ["records"], ["module"], ["callbacks"], ["registry"], ["judgements"],
+          ["report"], ["rating"], ["preference_export"], ["serve"], ["export"], ["modelfile"], ["gguf_export"],
+          ["benchmark"], ["cli"],
           ["__main__", "__init__"]]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

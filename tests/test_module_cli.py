@@ -81,7 +81,6 @@ def test_checkpoint_keeps_only_lora_weights(tiny_model_path):
 
 
 def test_hf_checkpointing_split_survives_eval_and_generate(tiny_model_path):
-    from bengali_empathy.generation import Chat
     from bengali_empathy.backends import checkpointed_layer_count, decoder_layers
 
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False, max_new_tokens=2)
@@ -91,7 +90,7 @@ def test_hf_checkpointing_split_survives_eval_and_generate(tiny_model_path):
     lm.backend.checkpointed_layers = 1  # what a memory plan sets
     lm.backend.for_training(lm.model)
     assert [layer.gradient_checkpointing for layer in decoder_layers(lm.model)] == [True, False]
-    Chat(lm.generator).reply("আমি খুব ক্লান্ত।")
+    lm.generator.generate([lm.tokenizer("আমি খুব ক্লান্ত।")["input_ids"]], progress=False)
     assert lm.model.training and lm.backend.checkpointing_as_planned(lm.model)
     for layer in decoder_layers(lm.model):  # as Unsloth's for_inference leaves them
         layer.gradient_checkpointing = False
@@ -141,7 +140,7 @@ def test_generation_keeps_the_batch_size_it_halved_to(monkeypatch, tiny_model_pa
         while batch_size > 2:  # as generate_replies does on out-of-memory
             batch_size //= 2
             on_oom(batch_size)
-        return [""] * len(prompts), None
+        return [""] * len(prompts), generation.GenerationStats()
 
     monkeypatch.setattr(generation, "generate_replies", small_card)
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False,

@@ -112,8 +112,7 @@ def test_reference_stays_fixed_while_the_policy_trains(tmp_path, tiny_lora, toke
                     p.normal_(0, 0.05)
         adapter = tmp_path / "sft"
         model.save_pretrained(str(adapter))
-    objective = PreferenceObjective("dpo", BETA)
-    objective.attach_reference(model, str(adapter) if adapter else None)
+    objective = PreferenceObjective("dpo", BETA, adapter_path=str(adapter) if adapter else None)
     batch = _batch(tokenizer)
     policy0, reference0 = objective.log_probs(backend, model, batch)
     assert torch.allclose(policy0, reference0)

@@ -20,7 +20,7 @@ import json
 import os
 import unicodedata
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 from ..errors import UserError
 from .chat_format import ChatEncoder
@@ -123,6 +123,20 @@ def both_fit(chosen: Encoded, rejected: Encoded) -> tuple[Encoded, Encoded]:
     return replace(chosen, status=status, raw_tokens=raw), rejected
 
 
+def drop_oldest_exchanges(turns: list[tuple[str, list[int]]],
+                          too_long: Callable[[list[tuple[str, list[int]]]], bool]) -> list[tuple[str, list[int]]]:
+    """The ``truncate_history`` rule: while ``too_long(turns)``, drop the oldest whole exchange (a user
+    turn and the reply after it; a lone turn at the start), never the last user turn or what follows it.
+
+    Training applies it to a conversation up to its final reply; chat to the history before a new message.
+    """
+    last_user = max((k for k, (r, _) in enumerate(turns) if r == "user"), default=0)
+    while last_user > 0 and too_long(turns):
+        drop = 2 if turns[0][0] == "user" and turns[1][0] == "assistant" and last_user >= 2 else 1
+        turns, last_user = turns[drop:], last_user - drop
+    return turns
+
+
 def fit_to_length(chat: ChatEncoder, system_ids: list[int], turns: list[tuple[str, list[int]]],
                   opts: EncodeOptions) -> Encoded:
     """The conversation's ids and reply spans under ``max_seq_length`` and ``on_too_long``.
@@ -139,11 +153,8 @@ def fit_to_length(chat: ChatEncoder, system_ids: list[int], turns: list[tuple[st
             return Encoded("too_long", raw_tokens=raw, n_turns=len(turns))
         status = "truncated"
         if opts.on_too_long == "truncate_history":
-            last_user = max((k for k, (r, _) in enumerate(turns) if r == "user"), default=0)
-            while len(full) > limit and last_user > 0:
-                drop = 2 if turns[0][0] == "user" and turns[1][0] == "assistant" and last_user >= 2 else 1
-                turns, last_user = turns[drop:], last_user - drop
-                full, spans = chat.assemble(system_ids, turns)
+            turns = drop_oldest_exchanges(turns, lambda kept: len(chat.assemble(system_ids, kept)[0]) > limit)
+            full, spans = chat.assemble(system_ids, turns)
         full = full[:limit]
     if spans[-1][0] >= len(full):  # not one token of the final reply fits
         return Encoded("too_long", raw_tokens=raw, n_turns=len(turns))

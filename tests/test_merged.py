@@ -1,0 +1,57 @@
+"""The merged copy computes what the LoRA model computes, with the adapter on and off."""
+import pytest
+import torch
+
+from bengali_empathy.merged import merged_bytes, merged_copy
+
+
+@pytest.fixture(scope="module")
+def lora_with_trained_head(tiny_model_path):
+    """The tiny model with a LoRA whose B is not zero and a head trained in full (modules_to_save)."""
+    from bengali_empathy.backends import HFPeftBackend, LoraSettings
+
+    model, tok = HFPeftBackend(load_in_4bit=False, gradient_checkpointing=False).load(
+        tiny_model_path, 256, LoraSettings(modules_to_save=("lm_head",)), None)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval(), tok
+
+
+def test_merged_copy_has_the_lora_models_logits_with_the_adapter_on_and_off(lora_with_trained_head):
+    model, _ = lora_with_trained_head
+    ids = torch.randint(1000, 120000, (3, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits
+        copy = merged_copy(model, torch.float32)
+        merged = copy(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+            base_copy = merged_copy(model, torch.float32)(input_ids=ids).logits
+    assert type(copy).__name__ == "LlamaForCausalLM" and not hasattr(copy, "peft_config")
+    assert not any(p.requires_grad for p in copy.parameters())
+    assert (tuned - base).abs().max() > 0.1  # the adapter and the head do change the function
+    assert torch.allclose(merged, tuned, atol=1e-4) and torch.equal(merged.argmax(-1), tuned.argmax(-1))
+    assert torch.allclose(base_copy, base, atol=1e-5)
+    assert merged_bytes(model, torch.float32) == 4 * sum(p.numel() for p in copy.parameters())
+
+
+def test_generation_on_the_merged_copy_is_reported_as_such(lora_with_trained_head):
+    from bengali_empathy.backends import HFPeftBackend
+    from bengali_empathy.generation import Decoding, Generator
+
+    model, tok = lora_with_trained_head
+    backend = HFPeftBackend(load_in_4bit=False, gradient_checkpointing=False)
+    prompts = [torch.randint(1000, 120000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9)]
+    lines = []
+    on_copy = Generator(model, tok, backend, Decoding(max_new_tokens=5), 2, report=lines.append, weights="merged")
+    on_adapter = Generator(model, tok, backend, Decoding(max_new_tokens=5), 2, report=lines.append)
+    got, stats = on_copy.generate(prompts, progress=False)
+    want, want_stats = on_adapter.generate(prompts, progress=False)
+    assert got == want  # random LoRA weights: no near-ties in five tokens
+    assert stats.as_dict()["weights"] == "merged" and want_stats.as_dict()["weights"] == "adapter"
+    assert lines == ["generating: merged 16-bit copy (LoRA folded into the dequantised base), eager engine, batch 2"]
+    # fit's validations never merge: training holds the memory
+    assert on_copy.generate(prompts, progress=False, allow_merged=False)[1].weights == "adapter"
