@@ -1,8 +1,9 @@
 """From ratings to preference rows: ``runs export-preferences ID_OR_DIR --output prefs.jsonl``.
 
-* ``--objective dpo``: the blind tuned-vs-base judgements of the web rating page (the table
-  :data:`JUDGEMENTS_TABLE`, when the registry has it) become pairs: chosen = the preferred reply,
-  rejected = the other; ties are skipped.
+* ``--objective dpo``: the blind tuned-vs-base judgements of the web rating page (``serve``; read
+  through :func:`~.judgements.judgements_of`, the table's one reader) become pairs: chosen = the
+  preferred reply, rejected = the other, with the system prompt both were generated under (``system``,
+  for ``data.system_column``); ties are skipped.
 * ``--objective kto``: the 1-5 ratings of ``rate`` (``HumanRatings``) become labelled replies: a reply
   whose ratings average at least ``desirable_at`` over every aspect and rater is desirable, one at most
   ``undesirable_at`` undesirable; those between are skipped.
@@ -21,14 +22,8 @@ from typing import Literal
 
 from ._io import atomic_write_text
 from .errors import UserError
+from .judgements import judgements_of
 from .registry import ASPECTS, connect, experiment_for
-
-# The web rating page's blind judgements: the table and the names of its columns (in one place, to align
-# with the page's schema).
-JUDGEMENTS_TABLE = "PreferenceJudgements"
-JUDGEMENT_COLUMNS = {"experiment": "experiment_id", "prompt": "prompt", "reply_a": "reply_a", "reply_b": "reply_b",
-                     "choice": "choice"}
-CHOICES = {"a": "reply_a", "b": "reply_b"}  # the choice -> the preferred reply; anything else ("tie") is skipped
 
 
 @dataclass
@@ -46,27 +41,18 @@ def group_of(prompt: str) -> str:
     return hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).hexdigest()
 
 
-def table_exists(con: sqlite3.Connection, name: str) -> bool:
-    return con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
-
-
-def judged_pairs(con: sqlite3.Connection, experiment_id: int) -> Exported:
-    """DPO pairs from the experiment's blind judgements (none when the registry has no judgement table)."""
-    if not table_exists(con, JUDGEMENTS_TABLE):
-        return Exported([], {"pairs": 0, "ties skipped": 0, "judgements": 0})
-    c = JUDGEMENT_COLUMNS
-    found = con.execute(f"SELECT id, {c['prompt']}, {c['reply_a']}, {c['reply_b']}, {c['choice']} FROM "
-                        f"{JUDGEMENTS_TABLE} WHERE {c['experiment']} = ? ORDER BY id", (experiment_id,)).fetchall()
-    rows, ties = [], 0
-    for jid, prompt, reply_a, reply_b, choice in found:
-        side = CHOICES.get(str(choice).strip().lower())
-        if side is None:
-            ties += 1
+def judged_pairs(db: str | Path, experiment_id: int) -> Exported:
+    """DPO pairs from the experiment's blind judgements (none when nobody judged its prompts)."""
+    found = judgements_of(db, experiment_id)
+    rows = []
+    for j in found:
+        if j["preferred"] == "tie":
             continue
-        chosen, rejected = (reply_a, reply_b) if side == "reply_a" else (reply_b, reply_a)
-        rows.append({"id": f"judgement-{jid}", "conversation_id": group_of(prompt), "prompt": prompt,
-                     "chosen": chosen, "rejected": rejected})
-    return Exported(rows, {"pairs": len(rows), "ties skipped": ties, "judgements": len(found)})
+        tuned_won = j["preferred"] == "tuned"
+        rows.append({"id": f"judgement-{j['id']}", "conversation_id": group_of(j["prompt"]), "prompt": j["prompt"],
+                     "system": j["system_prompt"], "chosen": j["tuned_reply"] if tuned_won else j["base_reply"],
+                     "rejected": j["base_reply"] if tuned_won else j["tuned_reply"]})
+    return Exported(rows, {"pairs": len(rows), "ties skipped": len(found) - len(rows), "judgements": len(found)})
 
 
 def rated_replies(con: sqlite3.Connection, experiment_id: int, desirable_at: float, undesirable_at: float) -> Exported:
@@ -96,11 +82,13 @@ def export_preferences(db: str | Path, ref: str, output: Path, objective: Litera
         raise UserError(f"--undesirable-at ({undesirable_at}) and --desirable-at ({desirable_at}) must satisfy "
                         "1 <= undesirable-at < desirable-at <= 5")
     experiment = experiment_for(db, ref)
-    with connect(db, create=False) as con:
-        exported = judged_pairs(con, experiment["id"]) if objective == "dpo" else \
-            rated_replies(con, experiment["id"], desirable_at, undesirable_at)
+    if objective == "dpo":
+        exported = judged_pairs(db, experiment["id"])
+    else:
+        with connect(db, create=False) as con:
+            exported = rated_replies(con, experiment["id"], desirable_at, undesirable_at)
     if not exported.rows:
-        source = f"blind judgements ({JUDGEMENTS_TABLE})" if objective == "dpo" else "1-5 ratings (HumanRatings)"
+        source = "blind judgements (PreferenceJudgements)" if objective == "dpo" else "1-5 ratings (HumanRatings)"
         raise UserError(f"experiment {experiment['id']} has no {source} to export as {objective} rows "
                         f"({exported.summary()})")
     atomic_write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in exported.rows))

@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bengali_empathy"
 LAYERS = [["errors"], ["_io"], ["schema"], ["text"], ["tokenizer"], ["modeling"], ["attention"], ["data"], ["lora"],
           ["merged"], ["backends"], ["memory"], ["metrics"], ["checks"], ["generation"], ["conversation"],
           ["evaluation"], ["preference"], ["checkpoints"], ["records"], ["module"], ["callbacks"], ["registry"], ["judgements"],
-          ["report"], ["rating"], ["preference_export"], ["serve"], ["export"], ["modelfile"], ["gguf_export"],
+          ["report"], ["rating"], ["serve"], ["preference_export"], ["export"], ["modelfile"], ["gguf_export"],
           ["benchmark"], ["cli"],
           ["__main__", "__init__"]]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -4,7 +4,7 @@ import sqlite3
 
 from conftest import run_cli
 
-from bengali_empathy.preference_export import JUDGEMENT_COLUMNS, JUDGEMENTS_TABLE
+from bengali_empathy.judgements import BlindPair, Judgement, record_judgement
 from bengali_empathy.registry import connect, record_run
 
 PROMPTS = ["আমি একা।", "আজ ভয় লাগছে।", "ঘুম আসে না।"]
@@ -25,17 +25,11 @@ def registry(tmp_path, judgements: bool):
             con.execute("INSERT INTO HumanRatings (response_id, shown, empathy, relevance, fluency, coherence, "
                         "helpfulness, comment, timestamp) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, 'now')",
                         (rid, shown, *scores))
-        if judgements:
-            c = JUDGEMENT_COLUMNS
-            con.execute(f"CREATE TABLE {JUDGEMENTS_TABLE} (id INTEGER PRIMARY KEY, {c['experiment']} INTEGER, "
-                        f"{c['prompt']} TEXT, {c['reply_a']} TEXT, {c['reply_b']} TEXT, tuned_side TEXT, "
-                        f"{c['choice']} TEXT, score_a INTEGER, score_b INTEGER, rater TEXT, timestamp TEXT)")
-            con.executemany(f"INSERT INTO {JUDGEMENTS_TABLE} ({c['experiment']}, {c['prompt']}, {c['reply_a']}, "
-                            f"{c['reply_b']}, tuned_side, {c['choice']}, rater, timestamp) VALUES (?, ?, ?, ?, ?, ?, "
-                            "'r1', 'now')",
-                            [(eid, PROMPTS[0], "tuned 0", "base 0", "A", "A"), (eid, PROMPTS[1], "base 1", "tuned 1",
-                                                                              "B", "A"),
-                             (eid, PROMPTS[2], "tuned 2", "base 2", "A", "tie"), (eid + 1, "x", "y", "z", "A", "A")])
+    if judgements:  # as serve records them: tuned preferred (shown as A), base preferred (tuned shown as B), a tie
+        for k, (tuned_side, choice) in enumerate([("A", "A"), ("B", "A"), ("A", "tie")]):
+            pair = BlindPair(PROMPTS[k], f"tuned {k}", f"base {k}", tuned_side, experiment_id=eid)
+            record_judgement(db, Judgement(pair, choice, "r1", "adapter", "সহমর্মী হোন।", {}))
+        record_judgement(db, Judgement(BlindPair("x", "y", "z", "A"), "A", "r1", "adapter", "s", {}))  # a typed prompt
     return db, eid
 
 
@@ -45,8 +39,8 @@ def test_blind_judgements_become_pairs(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "2 dpo rows written to prefs.jsonl: 2 pairs, 1 ties skipped, 3 judgements"
     rows = [json.loads(x) for x in (tmp_path / "prefs.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert [(x["prompt"], x["chosen"], x["rejected"]) for x in rows] == [
-        (PROMPTS[0], "tuned 0", "base 0"), (PROMPTS[1], "base 1", "tuned 1")]
+    assert [(x["prompt"], x["chosen"], x["rejected"], x["system"]) for x in rows] == [
+        (PROMPTS[0], "tuned 0", "base 0", "সহমর্মী হোন।"), (PROMPTS[1], "base 1", "tuned 1", "সহমর্মী হোন।")]
 
 
 def test_ratings_become_kto_rows(tmp_path):
@@ -69,8 +63,8 @@ def test_nothing_to_export_is_one_line(tmp_path):
     db, eid = registry(tmp_path, judgements=False)
     r = run_cli(["runs", "export-preferences", str(eid), "--db", db, "--output", "prefs.jsonl"], cwd=tmp_path)
     assert r.returncode == 2 and not (tmp_path / "prefs.jsonl").exists()
-    assert r.stderr.strip() == (f"error: experiment {eid} has no blind judgements ({JUDGEMENTS_TABLE}) to export as "
-                                "dpo rows (0 pairs, 0 ties skipped, 0 judgements)")
+    assert r.stderr.strip() == (f"error: experiment {eid} has no blind judgements (PreferenceJudgements) to export "
+                                "as dpo rows (0 pairs, 0 ties skipped, 0 judgements)")
     r = run_cli(["runs", "export-preferences", str(eid), "--db", db, "--output", "k.jsonl", "--objective", "kto",
                  "--desirable-at", "2", "--undesirable-at", "3"], cwd=tmp_path)
     assert r.stderr.strip() == ("error: --undesirable-at (3.0) and --desirable-at (2.0) must satisfy "
