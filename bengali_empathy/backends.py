@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
 from .errors import UserError
-from .lora import LoraSettings
+from .lora import LoraSettings, check_modules_trained
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,21 @@ class Backend:
         """In training mode with exactly the planned layers checkpointed (every one, without a plan)."""
         return model.training and checkpointed_layer_count(model) == self.planned_checkpointed_layers(model)
 
+    def sequence_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: the summed log-probability of its labelled tokens and their number (the preference
+        objectives' quantity). Decoder, then the LM head on labelled positions only, as :meth:`HFPeftBackend.loss`:
+        a fused loss that returns one mean (Unsloth's) cannot give per-row sums."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        targets = batch["labels"][:, 1:]
+        select = targets != IGNORE_INDEX
+        out = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                 position_ids=batch.get("position_ids"), use_cache=False)
+        logits = base.get_output_embeddings()(out.last_hidden_state[:, :-1][select]).float()
+        token_logps = -F.cross_entropy(logits, targets[select], reduction="none")
+        rows = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)[select]
+        sums = torch.zeros(targets.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+        return sums.index_add(0, rows, token_logps), select.sum(dim=1)
+
 
 def _reply_token_count(batch: dict) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
@@ -241,7 +256,8 @@ class HFPeftBackend(Backend):
         if adapter_path:  # settings already checked against the adapter's (checkpoints.check_adapter)
             model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=True)
         else:
-            model = get_peft_model(model, lora.to_peft())
+            model = get_peft_model(model, lora.to_peft(bool(getattr(model.config, "tie_word_embeddings", False))))
+        check_modules_trained(model, lora.modules_to_save)
         tokenizer = load_tokenizer(model_path)
         return model, tokenizer
 
@@ -292,6 +308,7 @@ class UnslothBackend(Backend):
         )
         if adapter_path:
             load_adapter_weights(model, adapter_path)
+        check_modules_trained(model, lora.modules_to_save)  # users report Unsloth dropping embed_tokens silently
         # Our tokenizer (pad = <|finetune_right_pad_id|>, right padding) for both backends.
         tokenizer = load_tokenizer(model_path)
         return model, tokenizer

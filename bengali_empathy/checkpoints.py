@@ -76,7 +76,9 @@ def save_adapter(model, tokenizer, directory: str | os.PathLike, info: AdapterIn
     """Write a PEFT adapter directory with its ``bengali_empathy.json`` (optionally other LoRA weights)."""
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
-        model.save_pretrained(str(tmp), **({"state_dict": state_dict} if state_dict is not None else {}))
+        # Only the trained adapter: a preference run's frozen reference copy (peft's second adapter) stays out.
+        model.save_pretrained(str(tmp), selected_adapters=[model.active_adapter],
+                              **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(str(tmp))
         (tmp / META_FILE).write_text(json.dumps(asdict(info), ensure_ascii=False, indent=2), encoding="utf-8")
     return directory

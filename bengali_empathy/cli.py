@@ -16,6 +16,12 @@ def tokenizer_path_for(model_name_or_path: str) -> Optional[str]:
     return None if model_name_or_path == TINY_MODEL else model_name_or_path
 
 
+def rows_per_batch(batch_size: int, objective: str) -> int:
+    """Rows of a training batch (what the memory probe measures): a DPO batch holds a chosen and a rejected row
+    per pair."""
+    return batch_size * (2 if objective == "dpo" else 1)
+
+
 def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.cli import LightningCLI
@@ -31,7 +37,9 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
             parser.link_arguments("model.model_name_or_path", "data.tokenizer_path", compute_fn=tokenizer_path_for)
             # What the model needs from the data and is known at parse time (the rest: EmpathyLM.connect).
             parser.link_arguments("data.max_seq_length", "model.max_seq_length")
-            parser.link_arguments("data.batch_size", "model.train_batch_size")
+            parser.link_arguments(("data.batch_size", "model.objective"), "model.train_batch_size",
+                                  compute_fn=rows_per_batch)
+            parser.link_arguments("model.objective", "data.objective")
             parser.link_arguments("data.system_prompt", "model.system_prompt")
 
         def instantiate_trainer(self, **kwargs):
@@ -309,6 +317,7 @@ def data_stats_main(argv: list[str]) -> int:
     data = cfg.data.as_dict() if hasattr(cfg.data, "as_dict") else dict(cfg.data)
     if data.get("tokenizer_path") is None:
         data["tokenizer_path"] = tokenizer_path_for((cfg.model or {}).get("model_name_or_path", TINY_MODEL))
+    data["objective"] = (cfg.model or {}).get("objective", "sft")  # linked in fit: the rows' layout follows it
     counted_not_raised = data.get("on_too_long") == "error"
     if counted_not_raised:  # count every too-long row instead of stopping at the first
         data["on_too_long"] = "drop"
@@ -365,6 +374,7 @@ def _key_scores(metrics: dict) -> str:
 def runs_main(argv: list[str]) -> int:
     """List recorded experiments, or show one with its sample replies and human ratings."""
     import json
+    from typing import Literal
 
     from jsonargparse import ArgumentParser
 
@@ -373,14 +383,29 @@ def runs_main(argv: list[str]) -> int:
 
     p = ArgumentParser(prog="python -m bengali_empathy runs", exit_on_error=False,
                        description="Experiments recorded in the SQLite registry: `runs` lists them, "
-                                   "`runs show ID` prints one with its sample replies.")
-    p.add_argument("action", type=Optional[str], nargs="?", default=None, help="show")
+                                   "`runs show ID` prints one with its sample replies, `runs export-preferences ID "
+                                   "--output prefs.jsonl` turns its human judgements into DPO or KTO rows.")
+    p.add_argument("action", type=Optional[str], nargs="?", default=None, help="show | export-preferences")
     p.add_argument("id", type=Optional[str], nargs="?", default=None, help="experiment id or log directory")
     p.add_argument("--db", type=str, default=DEFAULT_DB, help="the registry file")
     p.add_argument("--samples", type=int, default=5, help="sample replies shown by `show`")
+    p.add_argument("--output", type=Optional[str], default=None, help="export-preferences: the JSONL file to write")
+    p.add_argument("--objective", type=Literal["dpo", "kto"], default="dpo",
+                   help="export-preferences: dpo pairs from blind judgements, or kto rows from 1-5 ratings")
+    p.add_argument("--desirable-at", type=float, default=4.0, help="kto: mean rating from which a reply is desirable")
+    p.add_argument("--undesirable-at", type=float, default=2.0, help="kto: mean rating up to which it is undesirable")
     cfg = p.parse_args(argv)
     if cfg.samples < 0:
         raise UserError(f"--samples must be at least 0, not {cfg.samples}")
+    if cfg.action == "export-preferences":
+        from .preference_export import export_preferences
+
+        if cfg.id is None or cfg.output is None:
+            raise UserError("usage: runs export-preferences ID_OR_DIR --output prefs.jsonl [--objective dpo|kto]")
+        exported = export_preferences(cfg.db, cfg.id, Path(cfg.output), cfg.objective, cfg.desirable_at,
+                                      cfg.undesirable_at)
+        print(f"{len(exported.rows)} {cfg.objective} rows written to {cfg.output}: {exported.summary()}")
+        return 0
     if cfg.action is None:
         with connect(cfg.db, create=False) as con:
             rows = con.execute("SELECT id, timestamp, model_name, metrics FROM LLAMAExperiments ORDER BY id").fetchall()
@@ -392,7 +417,7 @@ def runs_main(argv: list[str]) -> int:
                   f"{run.get('corpus', '')} / {_key_scores(metrics)}")
         return 0
     if cfg.action != "show" or cfg.id is None:
-        raise UserError("usage: runs [show ID] [--db FILE]")
+        raise UserError("usage: runs [show ID | export-preferences ID --output FILE] [--db FILE]")
     exp = experiment_for(cfg.db, cfg.id)
     metrics = json.loads(exp["metrics"] or "{}")
     run = metrics.pop("run", {})

@@ -10,6 +10,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 from .errors import UserError
 
@@ -56,13 +57,15 @@ class LoraSettings:
                    target_modules=sorted([targets] if isinstance(targets, str) else targets),
                    modules_to_save=sorted(cfg.get("modules_to_save") or []))
 
-    def to_peft(self):
-        """The peft ``LoraConfig`` (causal LM, no bias)."""
+    def to_peft(self, tied_embeddings: bool = False):
+        """The peft ``LoraConfig`` (causal LM, no bias). For a model whose LM head is its input embedding
+        (``tie_word_embeddings``), the trained copies of ``embed_tokens`` and ``lm_head`` stay one tensor."""
         from peft import LoraConfig
 
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                           target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
-                          modules_to_save=list(self.modules_to_save) or None)
+                          modules_to_save=list(self.modules_to_save) or None,
+                          **({"ensure_weight_tying": True} if tied_embeddings else {}))
 
     def as_record(self) -> dict:
         """Plain values for run.json, the adapter's metadata and the registry's ``lora_config``."""
@@ -81,3 +84,26 @@ class LoraSettings:
 
 
 DEFAULT_LORA = LoraSettings()
+
+
+def check_modules_trained(model, modules_to_save: tuple[str, ...]) -> None:
+    """Refuse a model in which a module named in ``modules_to_save`` is frozen or missing: peft skips a
+    name that matches no module without a word, and a backend may drop one (Unsloth's embeddings)."""
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and ".modules_to_save." in n}
+    frozen = [m for m in modules_to_save if not any(f".{m}.modules_to_save." in f".{n}" for n in trained)]
+    if frozen:
+        raise UserError(f"model.modules_to_save names {', '.join(frozen)}, but no trainable copy of "
+                        f"{'it' if len(frozen) == 1 else 'them'} is in the loaded model (a module name of the "
+                        "model, e.g. embed_tokens or lm_head, that the backend trains in full)")
+
+
+def parameter_groups(model, learning_rate: float, embedding_learning_rate: Optional[float]) -> list:
+    """The trainable parameters; with ``embedding_learning_rate``, two named optimizer groups: ``lora`` and
+    ``embeddings`` (the ``modules_to_save`` copies, e.g. embed_tokens and lm_head in continued pretraining),
+    which Lightning's LearningRateMonitor logs as ``lr/lora`` and ``lr/embeddings``."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if embedding_learning_rate is None:
+        return [p for _, p in params]
+    full = [p for n, p in params if ".modules_to_save." in n]
+    return [{"params": [p for n, p in params if ".modules_to_save." not in n], "lr": learning_rate, "name": "lora"},
+            {"params": full, "lr": embedding_learning_rate, "name": "embeddings"}]

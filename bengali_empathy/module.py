@@ -23,9 +23,10 @@ from .data import DEFAULT_SYSTEM_PROMPT, flat_stats
 from .errors import UserError
 from .evaluation import Evaluation, Evaluator
 from .generation import Decoding, GenerationEngine, GenerationStats, GenerationWeights, Generator, resolve_engine
-from .lora import DEFAULT_LORA, LoraSettings
+from .lora import DEFAULT_LORA, LoraSettings, parameter_groups
 from .memory import CheckpointPlan, MemoryBudget, cap_reserved_memory, check_budget, plan_training_memory
 from .modeling import TINY_MODEL, resolve_model_path
+from .preference import Objective, PreferenceObjective
 from .records import RunInfo, write_fit_records
 from .schema import CorpusFacts
 
@@ -69,6 +70,8 @@ class EmpathyLM(L.LightningModule):
         compare_base / val_generate_batches / log_samples: see :class:`~.evaluation.Evaluator`
             (``base_prediction`` in predictions.jsonl, ``base`` and ``delta`` in metrics.json).
         save_adapter_on_fit_end: write ``<log_dir>/adapter`` when fit ends.
+        objective / dpo_beta / kto_desirable_weight / kto_undesirable_weight: ``sft``, ``dpo`` or ``kto`` and their
+            settings (:class:`~.preference.PreferenceObjective`); embedding_learning_rate: see :mod:`.lora`.
     """
 
     def __init__(
@@ -92,7 +95,8 @@ class EmpathyLM(L.LightningModule):
         temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
         repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, generation_seed: int = 0,
         compare_base: bool = False, val_generate_batches: int = 2, log_samples: int = 4,
-        save_adapter_on_fit_end: bool = True, lora_seed: int = 3407,
+        save_adapter_on_fit_end: bool = True, lora_seed: int = 3407, objective: Objective = "sft", dpo_beta: float = 0.1,
+        kto_desirable_weight: float = 1.0, kto_undesirable_weight: float = 1.0, embedding_learning_rate: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -109,7 +113,8 @@ class EmpathyLM(L.LightningModule):
         self.strict_loading = False  # only LoRA weights go into checkpoints (see on_save_checkpoint)
         self.decoding = Decoding(max_new_tokens, temperature, top_p, top_k, repetition_penalty,
                                  no_repeat_ngram_size, generation_seed)
-        self.evaluator = Evaluator(compare_base, val_generate_batches, log_samples)
+        self.evaluator = Evaluator(compare_base, val_generate_batches, log_samples) if objective == "sft" else \
+            PreferenceObjective(objective, dpo_beta, kto_desirable_weight, kto_undesirable_weight, adapter_path)
         self.eval_losses = self.evaluator.losses  # a child module: the loss states follow the model's device
         self.facts: Optional[CorpusFacts] = None
         self.param_counts: tuple[int, int] = (0, 0)
@@ -192,6 +197,8 @@ class EmpathyLM(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if isinstance(self.evaluator, PreferenceObjective):  # the objective's own loss and rewards
+            return self.evaluator.step(self, "train", batch, batch_idx, True)
         loss, n = self(batch)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
@@ -227,15 +234,9 @@ class EmpathyLM(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        h = self.hparams
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt, self.optimizer_name = make_optimizer(params, h.optimizer, h.learning_rate, h.weight_decay)
-        from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-        sched = get_cosine_with_min_lr_schedule_with_warmup(opt, int(h.warmup_ratio * total), total,
-                                                            min_lr_rate=h.min_lr_ratio)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
+        optimization, self.optimizer_name = make_optimization(self.model, self.hparams, total)
+        return optimization
 
     # ------------------------------------------------------------------ checkpoints / adapters / records
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -285,10 +286,23 @@ class EmpathyLM(L.LightningModule):
             self.print(f"adapter of the best checkpoint ({Path(best).name}) saved to {out}")
 
 
+def make_optimization(model, h, total_steps: int) -> tuple[dict, str]:
+    """Lightning's optimizer dict (the optimizer, its parameter groups, the warmup + cosine schedule stepped per
+    step) for the module's options ``h``, and the optimizer's resolved name."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    params = parameter_groups(model, h.learning_rate, h.embedding_learning_rate)
+    opt, name = make_optimizer(params, h.optimizer, h.learning_rate, h.weight_decay)
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, int(h.warmup_ratio * total_steps), total_steps,
+                                                        min_lr_rate=h.min_lr_ratio)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}, name
+
+
 def make_optimizer(params: list, name: Optimizer, lr: float, weight_decay: float) -> tuple[torch.optim.Optimizer, str]:
     """The optimizer ``name`` asks for (``auto``: 8-bit AdamW on CUDA with bitsandbytes, else AdamW) and its
     resolved name."""
-    on_cuda = next(iter(params)).is_cuda if params else False
+    first = params[0]["params"][0] if params and isinstance(params[0], dict) else next(iter(params), None)
+    on_cuda = first is not None and first.is_cuda
     if name == "auto":
         from .backends import bitsandbytes_available
 
@@ -335,7 +349,15 @@ def check_options(h) -> None:
         "val_generate_batches": (h.val_generate_batches >= -1, "at least -1 (-1 = all)"),
         "log_samples": (h.log_samples >= 0, "at least 0"),
         "target_modules": (len(h.target_modules) > 0, "a non-empty list"),
+        "dpo_beta": (h.dpo_beta > 0, "positive"),
+        "kto_desirable_weight": (h.kto_desirable_weight > 0, "positive"),
+        "kto_undesirable_weight": (h.kto_undesirable_weight > 0, "positive"),
+        "embedding_learning_rate": (h.embedding_learning_rate is None or h.embedding_learning_rate > 0,
+                                    "positive or null (= learning_rate)"),
     }
     for name, (ok, what) in checks.items():
         if not ok:
             raise UserError(f"model.{name} must be {what}, not {h[name]!r}")
+    if h.embedding_learning_rate is not None and not h.modules_to_save:
+        raise UserError("model.embedding_learning_rate is the learning rate of model.modules_to_save, which is empty: "
+                        "set model.modules_to_save (e.g. [embed_tokens, lm_head])")

@@ -130,7 +130,7 @@ def experiment_record(stage: str, run: RunInfo, trainer, log_dir: Optional[str],
     the last validation's replies beside the logged ``val/`` scores)."""
     scalars = scalar_metrics(trainer)
     metrics = dict(evaluation.metrics) if evaluation is not None and stage != "fit" else \
-        {k: v for k, v in scalars.items() if k.startswith("val/")}
+        {k: v for k, v in scalars.items() if k.startswith("val/") or k.startswith("train/reward_")}
     metrics["run"] = {"stage": stage, "log_dir": str(Path(log_dir).resolve()) if log_dir else None,
                       "corpus": run.corpus.corpus_path, "steps": trainer.global_step,
                       "adapter_path": run.adapter_path, "backend": run.backend}

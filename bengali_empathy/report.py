@@ -18,6 +18,7 @@ from ._io import atomic_write_text
 from .checks import MIN_OVERLAP_WORDS
 from .errors import UserError
 from .metrics import SCORE_NAMES, TEXT_SCORES
+from .preference import REWARD_TAGS
 from .records import RUN_RECORD, read_run_record
 
 SAMPLE_ROWS = 8
@@ -174,7 +175,7 @@ def _run_rows(record: dict, scalars: dict) -> list[list]:
     tps = scalars.get("perf/tokens_per_sec")
     if tps:
         rows.append(["training tokens/s (last logged)", tps[-1][1]])
-    for tag in ("train/loss_epoch", *(f"val/{k}" for k in SCORE_NAMES)):
+    for tag in ("train/loss_epoch", *(f"val/{k}" for k in SCORE_NAMES), *REWARD_TAGS):
         if scalars.get(tag):
             rows.append([f"final {tag}", scalars[tag][-1][1]])
     rows.append(["versions", ", ".join(f"{k} {v}" for k, v in record["versions"].items())])

@@ -2,7 +2,7 @@
 # Runs on the lent GPU machine: installs carried wheels, runs GPU tests and benchmarks.
 # Usage: bash scripts/gpu_session.sh STEP...
 #   STEP: tests | unsloth | unsloth_plain | norearm | hf | hf_plain | corpus_packed | corpus_unpacked | corpus_grouped
-#         | model8b | predict | compare | fitbudget | probe | gguf8b
+#         | model8b | predict | compare | fitbudget | probe | gguf8b | dpo8b
 # probe: scripts/generation_probe.py on /tmp/llama8b with $PROBE_ARGS (engines, batch sizes, reply lengths).
 # compare: Unsloth's TRL SFTTrainer and this package at each memory budget of $BUDGETS, one table.
 # fitbudget: `fit` of the 8B config on $CORPUS (random 8B from model8b) for 30 steps at each budget of
@@ -11,6 +11,9 @@
 # for each generation batch size in $GEN_BS, on $ROWS training rows of $CORPUS, with $PREDICT_ARGS.
 # gguf8b: export of a random LoRA adapter on /tmp/llama8b (model8b first) as bf16 hf, f16 GGUF and q4_k_m GGUF:
 # wall time, peak host memory and size of each (scripts/gguf_8b_probe.py), one JSON line in $OUT/gguf8b.jsonl.
+# dpo8b: DPO (`fit --model.objective dpo`, policy + reference passes) of the random 8B (model8b first) with
+# Unsloth at the 14 GiB budget for $DPO_STEPS steps of $DPO_BS pairs, on pairs built from $CORPUS by
+# scripts/make_preference_pairs.py; prints the plan, the peak against the budget and tokens/s.
 # corpus_* read $CORPUS (default .gpu_data/conversations.jsonl: carry a copy of
 # ../shared/data/dailydialog_bn_sample/conversations.jsonl there, git-ignored).
 set -u
@@ -50,6 +53,27 @@ for step in "$@"; do
                echo "rc=$? budget=$b"; grep -aE "^(memory budget|peak GPU|error)|out of GPU memory|Error" "$OUT/fit_b$b.log" | head -20
                for f in $(find "$OUT/fit_b$b" -name "events.out*" -o -name run.json); do cp "$f" "$OUT/b${b}_$(basename $f)"; done
              done ;;
+    dpo8b) python3 scripts/make_preference_pairs.py "$CORPUS" /tmp/dpo_pairs.jsonl
+           timeout ${DPO_TIMEOUT:-280} python3 -m bengali_empathy fit --config configs/llama31_8b_unsloth.yaml \
+             --model.model_name_or_path /tmp/llama8b --model.objective dpo --model.learning_rate 5e-6 \
+             --model.memory_budget_gib 14 --data.corpus_path /tmp/dpo_pairs.jsonl --data.batch_size ${DPO_BS:-4} \
+             --data.eval_batch_size ${DPO_BS:-4} --trainer.max_steps ${DPO_STEPS:-20} --trainer.max_epochs -1 \
+             --trainer.val_check_interval ${DPO_STEPS:-20} --trainer.limit_val_batches 1 --trainer.log_every_n_steps 5 \
+             --trainer.default_root_dir /tmp/dpo8b >"$OUT/dpo8b.log" 2>&1
+           echo "rc=$?"; grep -aE "^(memory budget|peak GPU|backend=|error)|out of GPU memory|Error" "$OUT/dpo8b.log" | head -20
+           python3 - /tmp/dpo8b <<'PY'
+import json, pathlib, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+run = next(pathlib.Path(sys.argv[1]).rglob("run.json")).parent
+acc = EventAccumulator(str(run)); acc.Reload()
+tags = acc.Tags()["scalars"]
+for tag in ("perf/tokens_per_sec", "gpu/max_mem_reserved_gib", "train/reward_accuracy", "train/reward_margin"):
+    if tag in tags:
+        print(tag, [(e.step, round(e.value, 3)) for e in acc.Scalars(tag)])
+rec = json.loads((run / "run.json").read_text())
+print("peak GiB", rec["peak_memory_gib"], "wall_s", round(rec["wall_seconds"], 1), "plan", rec["model"]["memory_plan"])
+PY
+           for f in $(find /tmp/dpo8b -name "events.out*" -o -name run.json); do cp "$f" "$OUT/dpo8b_$(basename $f)"; done ;;
     model8b) M8=$BENGALI_EMPATHY_CACHE/random-llama-3.1-8b  # where benchmark --arch llama-3.1-8b looks too
              [ -f $M8/config.json ] || timeout 400 python3 -c "from bengali_empathy.modeling import \
              write_random_model, LLAMA31_8B_ARCH; write_random_model('$M8', LLAMA31_8B_ARCH, \

@@ -1,4 +1,6 @@
 """Every shipped config parses, and builds its model, data module and trainer where this machine can."""
+import json
+
 import pytest
 import torch
 import yaml
@@ -9,7 +11,8 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def test_configs_are_shipped():
-    assert {c.name for c in CONFIGS} >= {"default.yaml", "llama31_8b_hf.yaml", "llama31_8b_unsloth.yaml"}
+    assert {c.name for c in CONFIGS} >= {"default.yaml", "llama31_8b_hf.yaml", "llama31_8b_unsloth.yaml", "dpo.yaml",
+                                         "pretrain.yaml"}
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[c.stem for c in CONFIGS])
@@ -43,8 +46,13 @@ def test_shipped_config_instantiates(tmp_path, monkeypatch, cfg):
     monkeypatch.chdir(tmp_path)
     corpus = tmp_path / raw["data"]["corpus_path"] if raw["data"].get("corpus_path") else None
     if corpus is not None and not corpus.is_file():  # the config names the user's corpus, relative to cwd
-        corpus.parent.mkdir(parents=True)
-        corpus.write_text('{"prompt": "আমি একা।", "response": "আমি আছি।"}\n', encoding="utf-8")
+        corpus.parent.mkdir(parents=True, exist_ok=True)
+        row = {"prompt": "আমি একা।", "response": "আমি আছি।"}  # a row of the config's layout
+        if raw["model"].get("objective") == "dpo":
+            row = {"prompt": "আমি একা।", "chosen": "আমি আছি।", "rejected": "জানি না।"}
+        if raw["data"].get("text_column"):
+            row = {raw["data"]["text_column"]: "আমি একা। আমি আছি।"}
+        corpus.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
     args = ["--config", str(cfg)] + [x for k, v in replaced.items() for x in (f"--{k}", v)]
     monkeypatch.setattr("sys.argv", ["bengali_empathy"])  # the arguments are lightning_cli's, not pytest's
     cli = lightning_cli(args, run=False)

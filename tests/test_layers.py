@@ -7,8 +7,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bengali_empathy"
 # Lower to higher. A module may import from its own layer (the data package's modules) and the ones before it.
 LAYERS = [["errors"], ["_io"], ["schema"], ["text"], ["tokenizer"], ["modeling"], ["attention"], ["data"], ["lora"],
           ["merged"], ["backends"], ["memory"], ["metrics"], ["checks"], ["generation"], ["conversation"],
-          ["evaluation"], ["checkpoints"], ["records"], ["module"], ["callbacks"], ["registry"], ["judgements"],
-          ["report"], ["rating"], ["serve"], ["export"], ["modelfile"], ["gguf_export"],
+          ["evaluation"], ["preference"], ["checkpoints"], ["records"], ["module"], ["callbacks"], ["registry"], ["judgements"],
+          ["report"], ["rating"], ["serve"], ["preference_export"], ["export"], ["modelfile"], ["gguf_export"],
           ["benchmark"], ["cli"],
           ["__main__", "__init__"]]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -2,7 +2,8 @@
 
 Lower modules first (each imports only from those above it):
 
-* :mod:`.formats` -- rows -> :class:`Conversation` (the three layouts, one transform each) and the
+* :mod:`.pairs` -- the history and replies of preference rows (DPO pairs, KTO labels);
+* :mod:`.formats` -- rows -> :class:`Conversation` (the layouts, one transform each; raw text) and the
   stable hash split;
 * :mod:`.files` -- which files a corpus path names, how each is read, what a reader failure means;
 * :mod:`.chat_format` -- :class:`ChatEncoder`, the Llama-3.1 chat format as token ids;
@@ -18,7 +19,7 @@ from .chat_format import ChatEncoder
 from .datamodule import EmpatheticDialogueDataModule
 from .encode import ENCODING_VERSION, EncodeOptions, OnTooLong, RowEncoder, TrainOn
 from .files import bundled_corpus_path, corpus_files, diagnose, load_file
-from .formats import DEFAULT_SYSTEM_PROMPT, SPLITS, Conversation, CorpusFormat, Split, split_of
+from .formats import DEFAULT_SYSTEM_PROMPT, SPLITS, Conversation, CorpusFormat, Objective, Split, split_of
 from .splits import CorpusSplits, InMemorySplits, StreamedSplits, StreamSplit
 from .stats import KEPT, flat_stats, format_stats, split_stats
 from .stream_counts import StreamCounts
@@ -27,6 +28,6 @@ __all__ = [
     "IGNORE_INDEX", "Collator", "EpochSampler", "PackedDataset", "pack_examples", "pack_groups", "ChatEncoder",
     "EmpatheticDialogueDataModule", "ENCODING_VERSION", "EncodeOptions", "OnTooLong", "RowEncoder", "TrainOn",
     "bundled_corpus_path", "corpus_files", "diagnose", "load_file", "DEFAULT_SYSTEM_PROMPT", "SPLITS",
-    "Conversation", "CorpusFormat", "Split", "split_of", "CorpusSplits", "InMemorySplits", "StreamedSplits",
+    "Conversation", "CorpusFormat", "Objective", "Split", "split_of", "CorpusSplits", "InMemorySplits", "StreamedSplits",
     "StreamSplit", "KEPT", "flat_stats", "format_stats", "split_stats", "StreamCounts",
 ]

@@ -3,7 +3,9 @@
 :class:`Collator` pads examples into the loss tensors (``input_ids``, ``labels`` with
 :data:`IGNORE_INDEX` outside the replies, ``attention_mask``, ``position_ids``, ``n_tokens``) and,
 for evaluation examples, carries the rows as ``eval_rows``: :class:`~bengali_empathy.schema.EvalRow`
-with the generation prompt unpadded (the generator pads per batch).
+with the generation prompt unpadded (the generator pads per batch). A batch of DPO pairs is the
+chosen rows followed by the rejected rows (``pairs`` = how many pairs), so one forward pass scores
+both; a KTO batch carries its labels as ``desirable``.
 """
 from __future__ import annotations
 
@@ -115,6 +117,17 @@ class Collator:
         return ((n + self.multiple - 1) // self.multiple) * self.multiple
 
     def __call__(self, batch: list[dict]) -> dict:
+        if batch[0].get("rejected_ids"):  # DPO pairs: the rejected replies as rows of their own
+            rejected = [{"input_ids": ex["rejected_ids"], "label_spans": ex["rejected_spans"]} for ex in batch]
+            return {**self._rows(batch + rejected), "pairs": len(batch)}  # scored for rewards, never generated
+        out = self._rows(batch)
+        if batch[0].get("desirable") is not None:
+            out["desirable"] = torch.tensor([bool(ex["desirable"]) for ex in batch])
+        elif "prompt_len" in batch[0]:
+            out["eval_rows"] = [eval_row(ex) for ex in batch]
+        return out
+
+    def _rows(self, batch: list[dict]) -> dict:
         width = self._width(max(len(ex["input_ids"]) for ex in batch))
         packed = "seq_lens" in batch[0]
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
@@ -140,8 +153,6 @@ class Collator:
             # Segment lengths of the batch read row after row (padding included), for
             # kernels that attend within segments of one flattened row (Unsloth).
             out["packed_seq_lengths"] = torch.tensor(segments, dtype=torch.int32)
-        if "prompt_len" in batch[0]:
-            out["eval_rows"] = [eval_row(ex) for ex in batch]
         return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from ..errors import UserError
+from ..tokenizer import END_OF_TEXT
 
 # A conversation to compare the assembly with ``apply_chat_template`` on: the format does not depend on
 # the texts, and a fixed one checks the tokenizer before any corpus row is read.
@@ -37,6 +38,7 @@ class ChatEncoder:
         self.prefix = self._ids(prefix)
         self.system_header = self._ids(head + preamble)
         self.headers = {r: self._ids(f"<|start_header_id|>{r}<|end_header_id|>\n\n") for r in ("user", "assistant")}
+        self.end_of_text = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
 
         from ..tokenizer import llama3_tiktoken
 
@@ -73,7 +75,13 @@ class ChatEncoder:
 
     def assemble(self, system_ids: list[int], turns: list[tuple[str, list[int]]],
                  generation_prompt: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids of a conversation and the ``(start, end)`` span of every assistant reply (its ``<|eot_id|>`` included)."""
+        """Ids of a conversation and the ``(start, end)`` span of every assistant reply (its ``<|eot_id|>`` included).
+
+        A raw-text row (one turn of role ``text``) is ``<|begin_of_text|>`` + the text + ``<|end_of_text|>``,
+        one span over every token after the first: continued pretraining learns the language, not a format."""
+        if turns and turns[0][0] == "text":
+            ids = self.prefix + turns[0][1] + [self.end_of_text]
+            return ids, [(len(self.prefix), len(ids))]
         ids = self.prefix + self.system_header + system_ids + [self.eot]
         spans = []
         for role, t in turns:

@@ -8,13 +8,14 @@ from typing import Optional
 
 import lightning as L
 
+from ..errors import UserError
 from ..schema import CorpusFacts
 from ..tokenizer import load_tokenizer
 from .batching import Collator
 from .chat_format import PROBE_TURNS, ChatEncoder
 from .encode import EncodeOptions, OnTooLong, RowEncoder, TrainOn, check_options, encode_in_memory
 from .files import bundled_corpus_path, corpus_files, first_row
-from .formats import DEFAULT_SYSTEM_PROMPT, CorpusFormat, Split
+from .formats import DEFAULT_SYSTEM_PROMPT, CorpusFormat, Objective, Split
 from .splits import Batching, CorpusSplits, InMemorySplits, StreamedSplits
 from .stats import format_stats
 
@@ -55,6 +56,11 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         max_predict_samples: cap on conversations for ``predict`` (``None`` = all).
         deduplicate: drop conversations identical to an earlier one (same system prompt and turns after NFC
             and white-space normalisation) before the split; counted as ``dropped_duplicate``. In memory only.
+        text_column: raw text, one document per row (continued pretraining): ``<|begin_of_text|>`` + text +
+            ``<|end_of_text|>``, the loss on every token, no chat format (with ``pack``: rows of ``max_seq_length``).
+        objective: what the rows are for (linked from ``model.objective``): ``sft`` dialogues or raw text;
+            ``dpo`` rows of ``prompt`` or ``messages`` (ending in a user turn) with ``chosen`` / ``rejected``;
+            ``kto`` rows with ``completion`` / ``label`` (see :mod:`.pairs`).
     """
 
     def __init__(
@@ -68,16 +74,19 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
         eval_batch_size: Optional[int] = None, pack: bool = False, group_by_length: bool = False,
         streaming: bool = False, shuffle_buffer: int = 1000, num_workers: int = 0, num_proc: Optional[int] = None,
         predict_split: Split = "test", max_predict_samples: Optional[int] = None, deduplicate: bool = False,
-        seed: int = 42,
+        seed: int = 42, text_column: Optional[str] = None, objective: Objective = "sft",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         check_options(batch_size, max_seq_length, val_fraction, test_fraction, deduplicate, streaming)
+        if pack and objective != "sft":
+            raise UserError(f"data.pack packs dialogues and raw text; objective {objective} compares whole replies: "
+                            "set data.pack to false (data.group_by_length cuts the padding instead)")
         self.corpus_path = str(corpus_path) if corpus_path else str(bundled_corpus_path())
         # Bad columns or templates fail here, before any output is written.
         self.formats = {f: CorpusFormat(list(first_row(f)), str(f), prompt_column, response_column, messages_column,
                                         prompt_template, response_template, system_column, id_column, group_column,
-                                        category_column) for f in corpus_files(self.corpus_path)}
+                                        category_column, text_column, objective) for f in corpus_files(self.corpus_path)}
         self.splits: Optional[CorpusSplits] = None
         self.facts = CorpusFacts(self.corpus_path,
                                  training_texts=lambda: self.splits.training_texts() if self.splits else None,

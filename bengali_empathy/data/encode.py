@@ -9,6 +9,9 @@ row is parsed once and a streamed split can still be filtered before anything is
   every dropped or truncated row is kept as a status (so it is counted, never silent).
 
 In memory both stages run in one map (:meth:`RowEncoder.__call__`); a stream filters between them.
+A DPO row is encoded twice, with the chosen and with the rejected reply after the same history
+(``input_ids`` and ``rejected_ids``), under one status: too long if either is; a KTO row once, with
+its label (``desirable``). Both train on the final reply only.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import hashlib
 import json
 import os
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Literal, Optional
 
 from ..errors import UserError
@@ -25,15 +28,17 @@ from .files import diagnose, load_file
 from .formats import CorpusFormat, Turns, split_of
 
 # Bump when the encoded columns change, so old Arrow caches are not reused.
-ENCODING_VERSION = 5
+ENCODING_VERSION = 6
 
 OnTooLong = Literal["error", "drop", "truncate", "truncate_history"]
 TrainOn = Literal["all_assistant", "last_assistant"]
 
-PARSED_COLUMNS = ("file", "line", "split", "id", "group", "category", "system", "turns")
+PARSED_COLUMNS = ("file", "line", "split", "id", "group", "category", "system", "turns", "rejected", "desirable")
+# The preference columns: empty / None on a dialogue row.
+PREFERENCE_COLUMNS = ("rejected_ids", "rejected_spans", "desirable")
 ENCODED_COLUMNS = ("input_ids", "label_spans", "prompt_len", "n_tokens", "raw_tokens", "reply_tokens", "status",
                    "n_turns", "file", "line", "id", "group", "split", "prompt", "reference", "category", "dedup_key",
-                   "reference_in_prompt", "texts")
+                   "reference_in_prompt", "texts", *PREFERENCE_COLUMNS)
 # A final reply this short ("ঠিক আছে।") may well have been said earlier in a conversation without
 # any leak; a longer one found in the conversation before it would be an echo to copy.
 ECHO_MIN_WORDS = 4
@@ -108,6 +113,16 @@ def raise_reference_in_prompt(where: str) -> None:
                     "given to generation: its scores would measure an echo (remove or fix the row)")
 
 
+def both_fit(chosen: Encoded, rejected: Encoded) -> tuple[Encoded, Encoded]:
+    """A pair's two encodings under one status: dropped if either is (or if truncation left the two replies
+    the same: nothing to prefer), truncated if either is."""
+    raw = max(chosen.raw_tokens, rejected.raw_tokens)
+    if "too_long" in (chosen.status, rejected.status) or chosen.ids == rejected.ids:
+        return Encoded("too_long", raw_tokens=raw, n_turns=chosen.n_turns), Encoded("too_long")
+    status = "truncated" if "truncated" in (chosen.status, rejected.status) else "ok"
+    return replace(chosen, status=status, raw_tokens=raw), rejected
+
+
 def drop_oldest_exchanges(turns: list[tuple[str, list[int]]],
                           too_long: Callable[[list[tuple[str, list[int]]]], bool]) -> list[tuple[str, list[int]]]:
     """The ``truncate_history`` rule: while ``too_long(turns)``, drop the oldest whole exchange (a user
@@ -160,6 +175,7 @@ class RowEncoder:
 
     def __init__(self, fmt: CorpusFormat, chat: ChatEncoder, opts: EncodeOptions, file: str) -> None:
         self.fmt, self.chat, self.opts, self.file = fmt, chat, opts, file
+        self.final_reply_opts = replace(opts, train_on="last_assistant")  # what a preference row trains on
         chat.remember(opts.system_prompt)
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:
@@ -183,29 +199,41 @@ class RowEncoder:
             out["category"].append(c.category if c else None)
             out["system"].append(c.system if c else None)
             out["turns"].append(c.turns if c else [])
+            out["rejected"].append(c.rejected if c else None)
+            out["desirable"].append(c.desirable if c else None)
         return out
 
     def encode(self, batch: dict) -> dict:
         """Parsed columns -> :data:`ENCODED_COLUMNS` (one tokenizer call for the whole batch)."""
         systems = [self.opts.system_prompt if s is None else s for s in batch["system"]]
         texts = []
-        for system, turns in zip(systems, batch["turns"]):
+        for system, turns, rejected in zip(systems, batch["turns"], batch["rejected"]):
             if turns:
-                texts += [system] + [t["content"] for t in turns]
+                texts += [system] + [t["content"] for t in turns] + ([rejected] if rejected is not None else [])
         ids = iter(self.chat.tokenize(texts))
         out: dict = {k: [] for k in ENCODED_COLUMNS}
         for j, turns in enumerate(batch["turns"]):
+            other = Encoded("empty")
             if turns:
                 system_ids = next(ids)
-                enc = fit_to_length(self.chat, system_ids, [(t["role"], next(ids)) for t in turns], self.opts)
+                preference = batch["rejected"][j] is not None or batch["desirable"][j] is not None
+                opts = self.final_reply_opts if preference else self.opts
+                turn_ids = [(t["role"], next(ids)) for t in turns]
+                enc = fit_to_length(self.chat, system_ids, turn_ids, opts)
+                if batch["rejected"][j] is not None:
+                    other = fit_to_length(self.chat, system_ids, turn_ids[:-1] + [("assistant", next(ids))], opts)
+                    enc, other = both_fit(enc, other)
             else:
                 enc = Encoded("empty")
-            self._append(out, enc, batch, j)
+            self._append(out, enc, other, batch, j)
         return out
 
     @staticmethod
-    def _append(out: dict, enc: Encoded, batch: dict, j: int) -> None:
+    def _append(out: dict, enc: Encoded, rejected: Encoded, batch: dict, j: int) -> None:
         system, turns = batch["system"][j] or "", batch["turns"][j]
+        out["rejected_ids"].append(rejected.ids)
+        out["rejected_spans"].append([x for s in rejected.spans for x in s])
+        out["desirable"].append(batch["desirable"][j])
         out["input_ids"].append(enc.ids)
         out["label_spans"].append([x for s in enc.spans for x in s])
         out["prompt_len"].append(enc.prompt_len)
@@ -220,7 +248,10 @@ class RowEncoder:
         out["prompt"].append(users[-1] if users else "")
         out["reference"].append(turns[-1]["content"] if turns else "")
         out["texts"].append([t["content"] for t in turns])  # every turn: what the honesty checks compare against
-        out["dedup_key"].append(conversation_key(system, turns) if turns else "")
+        # A preference row's key includes the reply beside the trained one: two pairs may share a chosen reply.
+        beside = [{"role": "rejected", "content": batch["rejected"][j]}] if batch["rejected"][j] is not None else \
+            [{"role": "label", "content": str(batch["desirable"][j])}] if batch["desirable"][j] is not None else []
+        out["dedup_key"].append(conversation_key(system, turns + beside) if turns else "")
         out["reference_in_prompt"].append(reference_in_prompt(system, turns) if turns else False)
 
 

@@ -7,7 +7,12 @@ of three transforms (as torchtune's message transforms, one callable per layout)
   ``conversations`` with from/value and human/gpt), auto-detected or named;
 * :class:`TemplatesToTurns` -- prompt / response columns (one exchange per row), or column
   templates (``"{Question-Title}\\n{Questions}"``) that build the user and assistant turns from
-  several columns (prompt / response columns are the templates ``"{prompt}"`` / ``"{response}"``).
+  several columns (prompt / response columns are the templates ``"{prompt}"`` / ``"{response}"``);
+* :class:`TextToTurns` -- raw text (``text_column``, continued pretraining): one turn of role ``text``,
+  which the chat format leaves without headers and trains on every token.
+
+With ``objective`` ``dpo`` or ``kto`` a row is a preference row instead (:mod:`.pairs`): a history (the
+prompt column, or a messages column ending in a user turn) and the replies to compare or label.
 
 :class:`CorpusFormat` picks the layout from a file's columns and adds what every layout shares
 (system column, id, group, category). A new corpus layout is one more transform.
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from ..errors import UserError
+from .pairs import LabelledReply, PairedReplies, PromptToTurns
 
 # "You are an empathetic, caring assistant. Understand the user's feelings
 # attentively and reply in Bengali in warm, respectful, supportive language."
@@ -35,6 +41,8 @@ DEFAULT_SYSTEM_PROMPT = (
 
 SPLITS = ("train", "val", "test")
 Split = Literal["train", "val", "test"]
+# What a run trains for: the replies themselves (sft), or preferences between them (see ..preference).
+Objective = Literal["sft", "dpo", "kto"]
 MESSAGE_COLUMNS = ("messages", "conversations")
 GROUP_COLUMNS = ("conversation_id", "dialogue_id", "conv_id")
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
@@ -51,6 +59,8 @@ class Conversation:
     system: Optional[str]
     turns: Turns
     category: Optional[str] = None
+    rejected: Optional[str] = None  # DPO: the reply not preferred to the final turn
+    desirable: Optional[bool] = None  # KTO: whether the final turn is a reply to learn from
 
 
 def template_fields(template: str) -> list[str]:
@@ -59,9 +69,12 @@ def template_fields(template: str) -> list[str]:
 
 @dataclass(frozen=True)
 class MessagesToTurns:
-    """A column of ``{role, content}`` (or ShareGPT ``{from, value}``) turns -> (system, turns)."""
+    """A column of ``{role, content}`` (or ShareGPT ``{from, value}``) turns -> (system, turns).
+
+    ``ends_with`` is ``user`` for the history of a preference row (the replies follow it)."""
 
     column: str
+    ends_with: Literal["assistant", "user"] = "assistant"
 
     @property
     def fields(self) -> list[str]:
@@ -97,6 +110,10 @@ class MessagesToTurns:
                 raise UserError(f"{where}: turns {k - 1} and {k} are both {role} turns; "
                                 "turns must alternate between user and assistant")
             turns.append({"role": role, "content": content.strip()})
+        if self.ends_with == "user":
+            if turns[-1]["role"] != "user":
+                raise UserError(f"{where}: the history of a preference row must end with a user turn")
+            return system, turns
         if not any(t["role"] == "assistant" for t in turns):
             raise UserError(f"{where}: the conversation has no assistant turn")
         if turns[-1]["role"] != "assistant":
@@ -127,6 +144,22 @@ class TemplatesToTurns:
         return None, [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
+@dataclass(frozen=True)
+class TextToTurns:
+    """A raw-text column (continued pretraining) -> (None, [one ``text`` turn]); empty text is a counted drop."""
+
+    column: str
+
+    @property
+    def fields(self) -> list[str]:
+        return [self.column]
+
+    def __call__(self, row: dict, where: str) -> tuple[Optional[str], Turns]:
+        if row.get(self.column) is None:
+            raise UserError(f"{where}: no value for {self.column!r} (the key is missing or null)")
+        return None, [{"role": "text", "content": str(row[self.column]).strip()}]
+
+
 class CorpusFormat:
     """Reads one row into a :class:`Conversation` (the "rows -> messages" transform of a file).
 
@@ -138,12 +171,24 @@ class CorpusFormat:
                  response_column: str = "response", messages_column: Optional[str] = None,
                  prompt_template: Optional[str] = None, response_template: Optional[str] = None,
                  system_column: Optional[str] = None, id_column: Optional[str] = "id",
-                 group_column: Optional[str] = None, category_column: Optional[str] = None) -> None:
+                 group_column: Optional[str] = None, category_column: Optional[str] = None,
+                 text_column: Optional[str] = None, objective: Objective = "sft") -> None:
         self.columns = list(columns)
         cols = set(columns)
         if messages_column is None and prompt_template is None and prompt_column not in cols:
             messages_column = next((c for c in MESSAGE_COLUMNS if c in cols), None)
-        if messages_column is not None:
+        self.replies = None
+        if objective != "sft":
+            if text_column is not None:
+                raise UserError(f"data.text_column is raw text for objective sft, not {objective}")
+            self.layout = "pairs" if objective == "dpo" else "labelled"
+            self.to_turns = (MessagesToTurns(messages_column, ends_with="user") if messages_column is not None
+                             else PromptToTurns(prompt_column))
+            self.replies = PairedReplies() if objective == "dpo" else LabelledReply()
+        elif text_column is not None:
+            self.layout = "text"
+            self.to_turns = TextToTurns(text_column)
+        elif messages_column is not None:
             self.layout = "messages"
             self.to_turns = MessagesToTurns(messages_column)
         else:
@@ -152,11 +197,15 @@ class CorpusFormat:
                                              response_template or "{" + response_column + "}")
             if any(not name for name in self.to_turns.fields):
                 raise UserError("data.prompt_template/response_template: name every field, e.g. '{Questions}'")
-        needed = self.to_turns.fields + [c for c in (system_column, group_column, category_column) if c is not None]
+        needed = self.to_turns.fields + (self.replies.fields if self.replies else []) \
+            + [c for c in (system_column, group_column, category_column) if c is not None]
         missing = [c for c in dict.fromkeys(needed) if c not in cols]
         if missing:
-            hint = ("set data.messages_column, or data.prompt_column / data.response_column, "
-                    "or data.prompt_template / data.response_template")
+            hint = {"pairs": "DPO rows: prompt or messages, chosen, rejected",
+                    "labelled": "KTO rows: prompt or messages, completion, label",
+                    "text": "set data.text_column to the raw-text column"}.get(self.layout, (
+                        "set data.messages_column, or data.prompt_column / data.response_column, "
+                        "or data.prompt_template / data.response_template"))
             raise UserError(f"{where}: missing column(s) {', '.join(repr(c) for c in missing)}; "
                             f"found {', '.join(repr(c) for c in columns)} ({hint})")
         self.system_column = system_column
@@ -166,12 +215,19 @@ class CorpusFormat:
 
     def cache_key(self) -> str:
         """What the encoded rows depend on (part of the Arrow cache's fingerprint)."""
-        return repr((self.to_turns, self.system_column, self.id_column, self.group_column, self.category_column))
+        return repr((self.to_turns, self.replies, self.system_column, self.id_column, self.group_column,
+                     self.category_column))
 
     def conversation(self, row: dict, where: str) -> Optional[Conversation]:
         """The row as a conversation; ``None`` for a prompt/response row with an empty side (counted)."""
         system, turns = self.to_turns(row, where)
-        if self.layout != "messages" and (not turns[0]["content"] or not turns[1]["content"]):
+        extra: dict = {}
+        if self.replies is not None:
+            turns, extra = self.replies(row, turns, where)
+        elif self.layout == "text":
+            if not turns[0]["content"]:
+                return None
+        elif self.layout != "messages" and (not turns[0]["content"] or not turns[1]["content"]):
             return None
         if self.system_column is not None:
             value = row.get(self.system_column)
@@ -184,7 +240,7 @@ class CorpusFormat:
         group = str(group) if group not in (None, "") else rid
         category = row.get(self.category_column) if self.category_column else None
         return Conversation(id=rid, group=group, system=system, turns=turns,
-                            category=None if category in (None, "") else str(category))
+                            category=None if category in (None, "") else str(category), **extra)
 
 
 def split_of(key: str, val_fraction: float, test_fraction: float, seed: int) -> str:

@@ -21,14 +21,14 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from ..errors import UserError
 from ..schema import TrainingTexts
 from .batching import EpochSampler, PackedDataset, pack_examples, pack_groups
-from .encode import RowEncoder, raise_reference_in_prompt, too_long_error, where
+from .encode import PREFERENCE_COLUMNS, RowEncoder, raise_reference_in_prompt, too_long_error, where
 from .files import diagnose_any, load_file
 from .formats import SPLITS
 from .stats import KEPT, split_stats
 
 # What an evaluation example carries (a training example needs only the first two).
 EVAL_COLUMNS = ["input_ids", "label_spans", "prompt_len", "file", "line", "id", "prompt", "reference", "category",
-                "reference_in_prompt"]
+                "reference_in_prompt", *PREFERENCE_COLUMNS]
 STAT_INPUTS = ["status", "raw_tokens", "n_tokens", "group", "n_turns", "reply_tokens"]
 
 
@@ -99,7 +99,7 @@ class InMemorySplits:
             if split == "train":
                 self.train_texts = part.select_columns(["texts"])
                 self.train_lengths = cols["n_tokens"][kept].tolist()
-                part = part.select_columns(["input_ids", "label_spans"])
+                part = part.select_columns(["input_ids", "label_spans", *PREFERENCE_COLUMNS])
                 if batching.pack:
                     order = np.random.default_rng(batching.seed).permutation(len(kept))
                     groups = pack_groups(zip(order.tolist(), cols["n_tokens"][kept][order].tolist()),
