@@ -186,6 +186,14 @@ def test_dpo_adapter_loads_like_any_other(dpo_fit):
     r = run_cli(["chat", "--adapter", run_dir / "adapter", "-m", "আমি একা।", "--max-new-tokens", "4"], cwd=cwd)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip()
+    r = run_cli(["predict", "--config", ROOT / "configs" / "default.yaml", "--model.adapter_path", run_dir / "adapter",
+                 "--data.max_predict_samples", "2", "--model.max_new_tokens", "2",
+                 "--trainer.default_root_dir", cwd / "predict"], cwd=cwd)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (cwd / "predict" / "lightning_logs" / "version_0" / "predictions.jsonl").is_file()
+    r = run_cli(["export", "--adapter", run_dir / "adapter", "--output", cwd / "merged"], cwd=cwd)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (cwd / "merged" / "config.json").is_file()
 
 
 def test_report_shows_the_rewards(dpo_fit):
