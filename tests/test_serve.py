@@ -193,8 +193,8 @@ needs_chromium = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                            "chromium-driver)")
 
 
-@pytest.fixture(scope="module")
-def browser(server):
+def _new_browser(server):
+    """A headless Chromium of its own (its own cookies: a session of its own) on the page."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the test extra)")
     from selenium.webdriver.chrome.service import Service
 
@@ -205,6 +205,12 @@ def browser(server):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.get(server.url + "/")
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    driver = _new_browser(server)
     yield driver
     driver.quit()
 
@@ -307,6 +313,32 @@ def test_browser_chat_is_a_conversation_shown_as_text(browser, server, tokenizer
     assert not browser.find_elements(By.CSS_SELECTOR, "#chatbot img[src='x'], #chatbot b")  # ... not as markup
     assert browser.execute_script("return window.__injected") is None
     _screenshot(browser, server, "chat")
+
+
+@needs_chromium
+def test_two_browsers_keep_separate_conversations(browser, server):
+    """A second person's conversation starts empty, and the first person's goes on from where it was."""
+    from selenium.webdriver.common.by import By
+
+    def send(driver, text):
+        if not driver.find_elements(By.ID, "chat-send"):
+            _login(driver, PASSWORD)
+            _wait(driver, lambda: driver.find_elements(By.ID, "chat-send"))
+        before = len(driver.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=bot]"))
+        _type(driver, "chat-message", text)
+        _by_id(driver, "chat-send").click()
+        _wait(driver, lambda: f"{2 * before} earlier turns" in _value(driver, "chat-info")
+              and "new tokens" in _value(driver, "chat-info"))
+        return before
+
+    first = send(browser, "আজ মন ভালো নেই।")
+    second = _new_browser(server)
+    try:
+        assert send(second, "ঘুম আসে না।") == 0  # nothing of the first person's conversation
+        assert send(browser, "কী করব বুঝতে পারছি না।") == first + 1  # the first one's goes on
+        assert send(second, "আবার বলছি।") == 1
+    finally:
+        second.quit()
 
 
 @needs_chromium
