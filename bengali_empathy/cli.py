@@ -365,10 +365,12 @@ def report_main(argv: list[str]) -> int:
 
 
 def _key_scores(metrics: dict) -> str:
+    """A run's scores: an evaluation's at the top level, a fit's final validation under ``val/``."""
     from .metrics import SCORE_NAMES
 
-    keys = ("val/loss", *SCORE_NAMES)
-    return ", ".join(f"{k}={metrics[k]:.4f}" for k in keys if isinstance(metrics.get(k), (int, float)))
+    keys = [next((k for k in (name, f"val/{name}") if isinstance(metrics.get(k), (int, float))), None)
+            for name in SCORE_NAMES]
+    return ", ".join(f"{k}={metrics[k]:.4f}" for k in keys if k)
 
 
 def runs_main(argv: list[str]) -> int:
