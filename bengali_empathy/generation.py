@@ -7,15 +7,19 @@ batch that does not fit shows up at once), left-padded per batch, every row
 stops at ``<|eot_id|>``, and the replies come back in input order. A batch that
 runs out of GPU memory is retried at half the size.
 
-Two engines run the decoding (``model.generation_engine``): ``eager`` is transformers' ``generate``
-with its dynamic KV cache and SDPA attention; ``compiled`` gives ``generate`` a static KV cache of
-one size for the whole call (the longest prompt plus ``max_new_tokens``, rounded up to
-``CACHE_BUCKET``), pads a short last batch to the batch size so no batch has a new shape
-(transformers compiles the decoding step of a static cache on CUDA, once per shape), and decodes
-with the grouped-query attention of :mod:`.attention`, which reads each K/V head once (``hf``
-backend only: Unsloth generates with its own kernels). ``auto`` is ``eager`` for now: on the H200
-``compiled`` decoded a later batch ~5x faster, but its first batch holds the compile, and its bf16
-replies are not yet checked against the eager ones on a GPU.
+Three engines run the decoding (``model.generation_engine``): ``eager`` is transformers' ``generate``
+with its dynamic KV cache and SDPA attention. ``static`` prefills all but the last token of every
+prompt (:func:`prefill`, in slices of rows of at most ``PREFILL_TOKENS``) into a static KV cache of
+the batch's longest prompt plus ``max_new_tokens``, and ``generate`` decodes from there with the
+grouped-query attention of :mod:`.attention`, which reads each K/V head once. ``compiled`` is
+``static`` with one cache for the whole call (rounded up to ``CACHE_BUCKET``, a short last batch
+padded to the batch size, so no batch has a new shape) and transformers' compiled decoding step.
+Both need the ``hf`` backend (Unsloth generates with its own kernels); ``auto`` is ``static`` on
+CUDA with it, else ``eager``.
+
+Where the memory allows, validate/test/predict generate on a merged 16-bit copy of the model
+(:mod:`.merged`, ``model.generation_weights``); :func:`plan_generation` decides, and checks that the
+KV cache of one row and the prefill fit before anything runs.
 
 :class:`Generator` is that for a loaded model (mode switches, cache and batch size kept across
 calls); conversations (chat, the web page) are :mod:`.conversation`'s.
