@@ -137,14 +137,18 @@ def test_fast_engines_replies_equal_the_eager_engine_token_for_token(tiny_lora, 
         assert want_stats.new_tokens < len(prompts) * max_new_tokens  # some row did stop early
 
 
-def test_compiled_engine_is_refused_for_unsloth_and_auto_is_eager():
+def test_fast_engines_are_refused_for_unsloth_and_auto_is_static_on_cuda_with_hf(monkeypatch):
     from bengali_empathy.errors import UserError
     from bengali_empathy.generation import resolve_engine
 
-    assert resolve_engine("auto", "hf") == "eager"  # until the compiled path is checked on a GPU
-    assert resolve_engine("auto", "unsloth") == "eager"
-    with pytest.raises(UserError, match="generation_engine 'compiled' needs model.backend 'hf'"):
-        resolve_engine("compiled", "unsloth")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_engine("auto", "hf") == "eager"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_engine("auto", "hf") == "static"
+    assert resolve_engine("auto", "unsloth") == "eager"  # Unsloth decodes with its own kernels
+    for engine in ("compiled", "static"):
+        with pytest.raises(UserError, match=f"generation_engine '{engine}' needs model.backend 'hf'"):
+            resolve_engine(engine, "unsloth")
 
 
 def test_sliced_prefill_fills_the_cache_as_one_padded_forward_does_without_gradients(tiny_lora):
