@@ -123,3 +123,17 @@ def test_malformed_json_line_and_non_utf8_name_the_line(tmp_path):
     p.write_bytes("prompt,response\nক,খ\ncaf\xe9,ok\n".encode("utf-8").replace(b"\xc3\xa9", b"\xe9"))
     with pytest.raises(UserError, match=r"latin1.csv:3: not UTF-8"):
         EmpatheticDialogueDataModule(corpus_path=str(p)).setup()
+
+
+@pytest.mark.parametrize("body, message", [
+    ("ভয় লাগছে, কী করব,ভয় স্বাভাবিক।\nএকা,আছি\n", "unquoted.csv:2: the first row has more fields than the header"),
+    ("একা,আছি\nভয় লাগছে, কী করব,ভয় স্বাভাবিক।\n", "Expected 2 fields in line 3, saw 3"),  # pandas says it
+])
+def test_csv_row_with_an_unquoted_delimiter_is_one_error_not_shifted_columns(tmp_path, body, message):
+    """pandas reads a first row with one field too many with the first column as the index (every
+    prompt would be the next column's text): that must not pass silently."""
+    p = tmp_path / "unquoted.csv"
+    p.write_text("prompt,response\n" + body, encoding="utf-8")
+    with pytest.raises(UserError, match=r"unquoted.csv") as err:
+        EmpatheticDialogueDataModule(corpus_path=str(p)).setup()
+    assert message in str(err.value)

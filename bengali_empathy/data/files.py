@@ -91,6 +91,15 @@ def diagnose_any(files: list[Path], exc: Exception) -> UserError:
     return diagnose(files[0], exc)
 
 
+def _check_columns(f: Path, columns) -> None:
+    """A CSV whose first row has one field more than its header is read by pandas with the first
+    column as the index: every row would be shifted by one column. That is one error line instead."""
+    if any(str(c).startswith("__index_level_") for c in columns):
+        sep = "\\t" if f.suffix.lower() == ".tsv" else ","
+        raise UserError(f"{f}:2: the first row has more fields than the header: quote fields that contain "
+                        f"'{sep}' (e.g. \"ভয় লাগছে, কী করব?\")")
+
+
 def load_file(f: Path, streaming: bool):
     """One corpus file as an HF ``Dataset`` (Arrow cache, memory-mapped) or ``IterableDataset``."""
     import datasets
@@ -102,6 +111,8 @@ def load_file(f: Path, streaming: bool):
         ds = datasets.load_dataset(builder, data_files=[str(f)], split="train", streaming=streaming, **kwargs)
         if not streaming and len(ds) == 0:
             raise UserError(f"corpus is empty: {f}")
+        if not streaming:
+            _check_columns(f, ds.column_names)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - every reader failure becomes one line naming the file
@@ -112,7 +123,9 @@ def load_file(f: Path, streaming: bool):
 def first_row(f: Path) -> dict:
     """The first row of a corpus file (read lazily: its columns choose the layout before anything is tokenised)."""
     try:
-        return next(iter(load_file(f, streaming=True)))
+        row = next(iter(load_file(f, streaming=True)))
+        _check_columns(f, row)
+        return row
     except StopIteration:
         raise UserError(f"corpus is empty: {f}") from None
     except UserError:
