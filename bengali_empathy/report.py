@@ -45,8 +45,13 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _adapter_of(run_dir: Path) -> Optional[Path]:
+    """The adapter a run started from. A relative path was relative to the directory the run ran in,
+    which is (by Lightning's default root) the one holding its ``lightning_logs``."""
     adapter = (_read_yaml(run_dir / "config.yaml").get("model") or {}).get("adapter_path")
-    return Path(adapter).resolve() if adapter else None
+    if not adapter:
+        return None
+    candidates = [Path(adapter)] if Path(adapter).is_absolute() else [run_dir.parent.parent / adapter, Path(adapter)]
+    return next((c.resolve() for c in candidates if c.exists()), candidates[0].resolve())
 
 
 def find_evaluation(run_dir: Path) -> Optional[Path]:
