@@ -197,9 +197,7 @@ class Replier:
                   stop: threading.Event) -> None:
         import contextlib
 
-        from transformers import StaticCache
-
-        from .generation import grouped_decode_attention, prefill
+        from .generation import grouped_decode_attention, static_generate_kwargs
 
         try:
             self.backend.for_inference(self.model)
@@ -211,11 +209,8 @@ class Replier:
             fast = self.engine != "eager"
             attention = grouped_decode_attention(self.model) if fast else contextlib.nullcontext()
             with adapter, attention, torch.inference_mode():
-                extra: dict = {}
-                if fast:
-                    cache = StaticCache(config=self.model.config, max_cache_len=len(ids) + decoding.max_new_tokens)
-                    prefill(self.model, cache, [ids], len(ids), self.tokenizer.pad_token_id)
-                    extra = {"past_key_values": cache, "disable_compile": True}
+                extra = static_generate_kwargs(self.model, [ids], len(ids), decoding.max_new_tokens,
+                                               self.tokenizer.pad_token_id) if fast else {}
                 self.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), streamer=streamer,
                                     eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
                                     stopping_criteria=StoppingCriteriaList([_Stop(stop)]),

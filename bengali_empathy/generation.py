@@ -234,6 +234,17 @@ def prefill(model, cache, prompts: Sequence[Sequence[int]], width: int, pad: int
             layer.cumulative_length.fill_(prefix)
 
 
+def static_generate_kwargs(model, prompts: Sequence[Sequence[int]], width: int, max_new_tokens: int,
+                           pad: int) -> dict:
+    """``generate``'s arguments for the ``static`` engine on one batch: a static KV cache of the batch's
+    width plus ``max_new_tokens``, prefilled (:func:`prefill`), and the decoding step left uncompiled."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
+    prefill(model, cache, prompts, width, pad)
+    return {"past_key_values": cache, "disable_compile": True}
+
+
 def generate_replies(
     model,
     tokenizer,
@@ -270,28 +281,28 @@ def generate_replies(
         chunk = order[start:start + stats.batch_size]
         width = len(prompts[chunk[0]])
         rows = chunk
-        extra: dict = {}
-        if engine != "eager":
+        if engine == "compiled":
             from transformers import StaticCache
 
-            if engine == "compiled":
-                # One cache for the call, each batch as wide (extra rows repeat one): the compiled decoding
-                # step keeps its shapes and the cache its addresses, so it compiles (and records) once.
-                rows = chunk + chunk[-1:] * (stats.batch_size - len(chunk))
-                if cache is None:
-                    longest = len(prompts[order[0]]) + decoding.max_new_tokens
-                    cache = StaticCache(config=model.config, max_cache_len=-(-longest // CACHE_BUCKET) * CACHE_BUCKET)
-            else:
-                cache, extra["disable_compile"] = StaticCache(config=model.config,
-                                                              max_cache_len=width + decoding.max_new_tokens), True
-            extra["past_key_values"] = cache
-        ids, mask = _left_padded([prompts[i] for i in rows], width, pad)
+            # One cache for the call, each batch as wide (extra rows repeat one): the compiled decoding
+            # step keeps its shapes and the cache its addresses, so it compiles (and records) once.
+            rows = chunk + chunk[-1:] * (stats.batch_size - len(chunk))
+            if cache is None:
+                longest = len(prompts[order[0]]) + decoding.max_new_tokens
+                cache = StaticCache(config=model.config, max_cache_len=-(-longest // CACHE_BUCKET) * CACHE_BUCKET)
+        batch = [prompts[i] for i in rows]
+        ids, mask = _left_padded(batch, width, pad)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         try:
-            if cache is not None:
-                prefill(model, cache, [prompts[i] for i in rows], width, pad)
+            extra: dict = {}
+            if engine == "static":
+                extra = static_generate_kwargs(model, batch, width, decoding.max_new_tokens, pad)
+            elif engine == "compiled":
+                prefill(model, cache, batch, width, pad)
+                extra = {"past_key_values": cache}
+            if engine != "eager":
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 stats.prefill_seconds += time.perf_counter() - t0
@@ -359,6 +370,7 @@ class Generator:
         self.report = report
         self.stop_ids = stop_token_ids(tokenizer)
         self.last_plan: Optional[GenerationPlan] = None
+        self._merged_bytes: Optional[int] = None
 
     def plan(self, prompts: Sequence[Sequence[int]], decoding: Decoding, allow_merged: bool) -> GenerationPlan:
         """The weights and batch size this call generates with (see :func:`plan_generation`)."""
@@ -366,9 +378,11 @@ class Generator:
 
         device = next(self.model.parameters()).device
         free = free_generation_bytes(device, resolve_budget_gib(self.memory_budget, device))
+        merge = self.merge if allow_merged else False
+        if merge is not False and self._merged_bytes is None:  # a model of the config without storage, once
+            self._merged_bytes = merged_bytes(self.model)
         return plan_generation(self.model.config, max(map(len, prompts)), decoding.max_new_tokens, self.batch_size,
-                               free, merged_bytes(self.model),
-                               self.merge if allow_merged else False)
+                               free, self._merged_bytes or 0, merge)
 
     def generate(self, prompts: Sequence[Sequence[int]], desc: str = "generating", progress: bool = True,
                  decoding: Optional[Decoding] = None, allow_merged: bool = True) -> tuple[list[str], GenerationStats]:
