@@ -367,10 +367,10 @@ def report_main(argv: list[str]) -> int:
 def _key_scores(metrics: dict) -> str:
     """A run's scores: an evaluation's at the top level, a fit's final validation under ``val/``."""
     from .metrics import SCORE_NAMES
+    from .registry import recorded_score
 
-    keys = [next((k for k in (name, f"val/{name}") if isinstance(metrics.get(k), (int, float))), None)
-            for name in SCORE_NAMES]
-    return ", ".join(f"{k}={metrics[k]:.4f}" for k in keys if k)
+    found = (recorded_score(metrics, name) for name in SCORE_NAMES)
+    return ", ".join(f"{k}={v:.4f}" for k, v in filter(None, found))
 
 
 def runs_main(argv: list[str]) -> int:
@@ -381,7 +381,7 @@ def runs_main(argv: list[str]) -> int:
     from jsonargparse import ArgumentParser
 
     from .judgements import win_rate
-    from .registry import DEFAULT_DB, connect, experiment_for, rating_summary, responses_of
+    from .registry import DEFAULT_DB, experiment_for, list_experiments, rating_summary, responses_of
 
     p = ArgumentParser(prog="python -m bengali_empathy runs", exit_on_error=False,
                        description="Experiments recorded in the SQLite registry: `runs` lists them, "
@@ -409,14 +409,12 @@ def runs_main(argv: list[str]) -> int:
         print(f"{len(exported.rows)} {cfg.objective} rows written to {cfg.output}: {exported.summary()}")
         return 0
     if cfg.action is None:
-        with connect(cfg.db, create=False) as con:
-            rows = con.execute("SELECT id, timestamp, model_name, metrics FROM LLAMAExperiments ORDER BY id").fetchall()
+        experiments = list_experiments(cfg.db)
         print(f"{'id':>4}  {'time (UTC)':<25}  {'stage':<8}  {'steps':>6}  model / corpus / scores")
-        for eid, stamp, model, metrics_text in rows:
-            metrics = json.loads(metrics_text or "{}")
-            run = metrics.get("run", {})
-            print(f"{eid:>4}  {stamp:<25}  {run.get('stage', ''):<8}  {run.get('steps', ''):>6}  {model} / "
-                  f"{run.get('corpus', '')} / {_key_scores(metrics)}")
+        for e in experiments:
+            run = e["metrics"].get("run", {})
+            print(f"{e['id']:>4}  {e['timestamp']:<25}  {run.get('stage', ''):<8}  {run.get('steps', ''):>6}  "
+                  f"{e['model_name']} / {run.get('corpus', '')} / {_key_scores(e['metrics'])}")
         return 0
     if cfg.action != "show" or cfg.id is None:
         raise UserError("usage: runs [show ID | export-preferences ID --output FILE] [--db FILE]")

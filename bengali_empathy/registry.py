@@ -132,6 +132,15 @@ def list_experiments(db: str | Path) -> list[dict]:
     return rows
 
 
+def recorded_score(metrics: dict, name: str) -> Optional[tuple[str, float]]:
+    """The key and value under which a run's ``metrics`` hold score ``name``: an evaluation's at the top
+    level, a fit's final validation under ``val/``; None where there is neither."""
+    for key in (name, f"val/{name}"):
+        if isinstance(metrics.get(key), (int, float)):
+            return key, metrics[key]
+    return None
+
+
 def responses_of(db: str | Path, experiment_id: int) -> list[dict]:
     with connect(db, create=False) as con:
         con.row_factory = sqlite3.Row

@@ -33,7 +33,7 @@ from .conversation import Replier, Reply
 from .errors import UserError
 from .generation import Decoding
 from .judgements import Judgement, blind_pair, record_judgement, sampled_prompts, win_rate
-from .registry import ASPECTS, find_experiment, list_experiments, responses_of
+from .registry import ASPECTS, find_experiment, list_experiments, recorded_score, responses_of
 
 MODEL = "model"  # the one concurrency slot every generating event shares
 
@@ -177,7 +177,7 @@ class App:
         for e in list_experiments(self.db) if Path(self.db).is_file() else []:
             m, run = e["metrics"], e["metrics"].get("run", {})
             wins = win_rate(self.db, e["id"])
-            scores = [m.get(k, m.get(f"val/{k}")) for k in SCORE_NAMES]  # a fit records its validation's
+            scores = [(recorded_score(m, k) or (None, None))[1] for k in SCORE_NAMES]
             rows.append([e["id"], e["timestamp"], run.get("stage"), run.get("steps"), wins.describe() if wins else "",
                          *(round(v, 4) if isinstance(v, (int, float)) else None for v in [m.get("val/loss"), *scores]),
                          e["model_name"]])
