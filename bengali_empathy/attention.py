@@ -37,7 +37,10 @@ def gqa_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     mask = attention_mask
     if mask is not None and mask.dim() == 4:
-        mask = mask[:, :, :, : key.shape[2]]  # (batch, 1, 1, kv_len): the same for every head of a group
+        # (batch, 1, 1, kv_len): the same for every head of a group. A mask shorter than the cache
+        # attends to the cache's first slots only (the compiled decoder's slots not yet written).
+        kv_len = min(mask.shape[-1], key.shape[2])
+        key, value, mask = key[:, :, :kv_len], value[:, :, :kv_len], mask[..., :kv_len]
     out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
 

@@ -11,11 +11,10 @@ Three engines run the decoding (``model.generation_engine``): ``eager`` is trans
 with its dynamic KV cache and SDPA attention. ``static`` prefills all but the last token of every
 prompt (:func:`prefill`, in slices of rows of at most ``PREFILL_TOKENS``) into a static KV cache of
 the batch's longest prompt plus ``max_new_tokens``, and ``generate`` decodes from there with the
-grouped-query attention of :mod:`.attention`, which reads each K/V head once. ``compiled`` is
-``static`` with one cache for the whole call (rounded up to ``CACHE_BUCKET``, a short last batch
-padded to the batch size, so no batch has a new shape) and transformers' compiled decoding step.
-Both need the ``hf`` backend (Unsloth generates with its own kernels); ``auto`` is ``static`` on
-CUDA with it, else ``eager``.
+grouped-query attention of :mod:`.attention`, which reads each K/V head once. ``compiled`` prefills
+the same way and decodes with :mod:`.decoder`: each step one replay of a recorded CUDA graph instead
+of ``generate``'s Python loop. Both need the ``hf`` backend (Unsloth generates with its own kernels);
+``auto`` is ``compiled`` on CUDA with it, else ``eager``.
 
 Where the memory allows, validate/test/predict generate on a merged 16-bit copy of the model
 (:mod:`.merged`, ``model.generation_weights``); :func:`plan_generation` decides, and checks that the
@@ -27,6 +26,7 @@ calls); conversations (chat, the web page) are :mod:`.conversation`'s.
 from __future__ import annotations
 
 import contextlib
+import gc
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -39,7 +39,6 @@ from .memory import MemoryBudget, resolve_budget_gib
 
 GenerationEngine = Literal["auto", "compiled", "static", "eager"]
 GenerationWeights = Literal["auto", "merged", "adapter"]
-CACHE_BUCKET = 256  # the compiled engine's KV cache lengths are multiples of this
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (padding included)
 
 
@@ -78,7 +77,10 @@ class GenerationStats:
     peak_gpu_memory_gib: Optional[float] = None
     engine: str = "eager"
     prefill_seconds: float = 0.0  # of ``seconds``, the sliced prefill of the static and compiled engines
+    capture_seconds: float = 0.0  # of ``seconds``, recording the compiled engine's CUDA graphs
+    decode_steps: int = 0  # the compiled engine's decoding steps (of every batch)
     weights: str = "adapter"  # or "merged": see :mod:`.merged`
+    merge_seconds: float = 0.0  # of ``seconds``, building the merged copy
 
     @property
     def tokens_per_sec(self) -> float:
@@ -88,16 +90,19 @@ class GenerationStats:
         return {"rows": self.rows, "new_tokens": self.new_tokens, "seconds": round(self.seconds, 3),
                 "tokens_per_sec": round(self.tokens_per_sec, 1), "batch_size": self.batch_size, "engine": self.engine,
                 "weights": self.weights,
+                **({"merge_seconds": round(self.merge_seconds, 3)} if self.weights == "merged" else {}),
                 **({"prefill_seconds": round(self.prefill_seconds, 3)} if self.engine != "eager" else {}),
+                **({"capture_seconds": round(self.capture_seconds, 3), "decode_steps": self.decode_steps}
+                   if self.engine == "compiled" else {}),
                 **({"peak_gpu_memory_gib": round(self.peak_gpu_memory_gib, 2)}
                    if self.peak_gpu_memory_gib is not None else {})}
 
 
 def resolve_engine(engine: GenerationEngine, backend_name: str) -> str:
-    """The engine ``engine`` names on this machine with this backend (``auto``: ``static`` on CUDA with
+    """The engine ``engine`` names on this machine with this backend (``auto``: ``compiled`` on CUDA with
     the ``hf`` backend, else ``eager``)."""
     if engine == "auto":
-        return "static" if backend_name == "hf" and torch.cuda.is_available() else "eager"
+        return "compiled" if backend_name == "hf" and torch.cuda.is_available() else "eager"
     if engine in ("compiled", "static") and backend_name != "hf":
         raise UserError(f"model.generation_engine '{engine}' needs model.backend 'hf' ({backend_name} generates "
                         "with its own kernels); use 'auto' or 'eager'")
@@ -124,47 +129,78 @@ def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype_bytes
 
 
-def prefill_bytes(config, longest: int) -> int:
-    """Activations of one prefill slice of ``PREFILL_TOKENS`` tokens (MLP, and SDPA's attention scores,
-    which the padding mask makes it materialise) with prompts of up to ``longest`` tokens."""
-    return PREFILL_TOKENS * ((3 * config.intermediate_size + 4 * config.hidden_size) * 2
-                             + config.num_attention_heads * longest * 4)
+def prefill_bytes(config, longest: int, tokens: int = PREFILL_TOKENS) -> int:
+    """Activations of one prefill slice of ``tokens`` tokens (MLP, and SDPA's attention scores, which the
+    padding mask makes it materialise) with prompts of up to ``longest`` tokens."""
+    return tokens * ((3 * config.intermediate_size + 4 * config.hidden_size) * 2
+                     + config.num_attention_heads * longest * 4)
+
+
+MERGED_MIN_ROWS = 32  # the merged copy is worth this small a batch: on an H200 it decodes a row ~4x faster than 4-bit
 
 
 @dataclass(frozen=True)
 class GenerationPlan:
-    """Which weights generate (a merged 16-bit copy or the model with its adapter) and at what batch size."""
+    """Which weights generate (a merged 16-bit copy or the model with its adapter), how many rows a batch
+    holds at most, how many KV-cache slots (tokens) a batch may fill (rows x its cache length; None:
+    not limited) and how many prompt tokens a prefill slice takes."""
 
     merged: bool
     batch_size: int
+    kv_slots: Optional[int] = None
+    prefill_tokens: Optional[int] = None  # None: PREFILL_TOKENS
 
     def describe(self, engine: str) -> str:
         weights = "merged 16-bit copy (LoRA folded into the dequantised base)" if self.merged else "adapter model"
-        return f"{weights}, {engine} engine, batch {self.batch_size}"
+        room = f", a KV cache of {self.kv_slots:,} tokens a batch" if self.kv_slots is not None else ""
+        return f"{weights}, {engine} engine, batches of up to {self.batch_size} rows{room}"
 
 
 def plan_generation(config, longest: int, max_new_tokens: int, batch_size: int, free_bytes: Optional[int],
                     merged_bytes: int, merge: Optional[bool]) -> GenerationPlan:
     """The plan for prompts of up to ``longest`` tokens given ``free_bytes`` of GPU memory (None: not on a
-    GPU, nothing checked). ``merge``: True = merged copy, False = never, None = merged where it fits
-    with a batch of ``batch_size``. The KV cache of prompt + reply must fit for one row at least."""
+    GPU, nothing checked). ``merge``: True = merged copy, False = never, None = merged where the copy
+    leaves room for ``MERGED_MIN_ROWS`` rows (or ``batch_size``, if fewer) of the longest prompt. A
+    prefill slice takes at most a quarter of the memory left (16,384 tokens down to 2,048). The KV cache
+    of prompt + reply must fit for one row of the longest prompt at least."""
     if free_bytes is None:
         return GenerationPlan(bool(merge), batch_size)
-    row, fixed = kv_bytes_per_token(config) * (longest + max_new_tokens), prefill_bytes(config, longest)
+    from .decoder import cache_slots
+
+    per_token, row_slots = kv_bytes_per_token(config), cache_slots(longest, max_new_tokens)
+
+    def layout(free: int) -> tuple[int, int, int]:  # prefill slice tokens, their bytes, KV slots left
+        tokens = PREFILL_TOKENS
+        while tokens > PREFILL_TOKENS // 8 and prefill_bytes(config, longest, tokens) > free // 4:
+            tokens //= 2
+        fixed = prefill_bytes(config, longest, tokens)
+        return tokens, fixed, max(0, (free - fixed) // per_token)
+
     if merge is not False:
-        fits = (free_bytes - merged_bytes - fixed) // row
-        if fits >= batch_size or (merge and fits >= 1):
-            return GenerationPlan(True, min(batch_size, int(fits)))
+        tokens, _, slots = layout(free_bytes - merged_bytes)
+        if slots >= min(batch_size, MERGED_MIN_ROWS) * row_slots or (merge and slots >= row_slots):
+            return GenerationPlan(True, batch_size, int(slots), tokens)
         if merge:
             raise UserError(f"model.generation_weights 'merged' needs {merged_bytes / 2**30:.1f} GiB for the merged "
                             f"copy beside the {free_bytes / 2**30:.1f} GiB free for generation; use 'auto' or 'adapter'")
-    fits = (free_bytes - fixed) // row
-    if fits < 1:
+    tokens, fixed, slots = layout(free_bytes)
+    if slots < row_slots:
         raise UserError(f"model.max_new_tokens {max_new_tokens} after prompts of up to {longest} tokens needs "
-                        f"{row / 2**30:.2f} GiB of KV cache per row and {fixed / 2**30:.1f} GiB for the prefill, "
-                        f"but {free_bytes / 2**30:.1f} GiB are free for generation: lower model.max_new_tokens or "
-                        "data.max_seq_length, or raise model.memory_budget_gib")
-    return GenerationPlan(False, min(batch_size, int(fits)))
+                        f"{row_slots * per_token / 2**30:.2f} GiB of KV cache per row and {fixed / 2**30:.1f} GiB "
+                        f"for the prefill, but {free_bytes / 2**30:.1f} GiB are free for generation: lower "
+                        "model.max_new_tokens or data.max_seq_length, or raise model.memory_budget_gib")
+    return GenerationPlan(False, batch_size, int(slots), tokens)
+
+
+def batch_rows(width: int, max_new_tokens: int, batch_size: int, kv_slots: Optional[int]) -> int:
+    """Rows of a batch whose longest prompt has ``width`` tokens: ``batch_size``, or fewer where their KV
+    cache would pass ``kv_slots`` (a multiple of 8 from 8 rows up: fewer batch shapes to record)."""
+    if kv_slots is None:
+        return batch_size
+    from .decoder import cache_slots
+
+    fit = kv_slots // cache_slots(width, max_new_tokens)
+    return max(1, min(batch_size, fit - fit % 8 if fit >= 8 else fit))
 
 
 def free_generation_bytes(device: torch.device, budget_gib: Optional[float]) -> Optional[int]:
@@ -235,13 +271,13 @@ def prefill(model, cache, prompts: Sequence[Sequence[int]], width: int, pad: int
 
 
 def static_generate_kwargs(model, prompts: Sequence[Sequence[int]], width: int, max_new_tokens: int,
-                           pad: int) -> dict:
+                           pad: int, prefill_tokens: Optional[int] = None) -> dict:
     """``generate``'s arguments for the ``static`` engine on one batch: a static KV cache of the batch's
     width plus ``max_new_tokens``, prefilled (:func:`prefill`), and the decoding step left uncompiled."""
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
-    prefill(model, cache, prompts, width, pad)
+    prefill(model, cache, prompts, width, pad, prefill_tokens)
     return {"past_key_values": cache, "disable_compile": True}
 
 
@@ -256,12 +292,15 @@ def generate_replies(
     progress: bool = True,
     on_oom: Optional[Callable[[int], None]] = None,
     engine: str = "eager",
+    kv_slots: Optional[int] = None,
+    prefill_tokens: Optional[int] = None,
 ) -> tuple[list[str], GenerationStats]:
     """Replies to tokenised ``prompts`` (lists of ids ending in the assistant header), in input order.
 
     The model must already be in inference mode (and, for the ``static`` and ``compiled`` engines,
-    within :func:`grouped_decode_attention`). ``stats.batch_size`` is the size that fitted (smaller
-    than ``batch_size`` after an out-of-memory retry).
+    within :func:`grouped_decode_attention`). A batch holds ``batch_size`` rows, or fewer where their
+    KV cache would pass ``kv_slots`` (:func:`batch_rows`); ``stats.batch_size`` is the largest batch
+    that ran (after an out-of-memory retry at half the size, at most that).
     """
     from tqdm.auto import tqdm
 
@@ -270,55 +309,58 @@ def generate_replies(
     stop = torch.tensor(list(stop_ids), device=device)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     replies: list[str] = [""] * len(prompts)
-    stats = GenerationStats(rows=len(prompts), batch_size=max(1, batch_size), engine=engine)
-    cache = None
+    stats = GenerationStats(rows=len(prompts), engine=engine)
+    cap = max(1, batch_size)
+    decoder = None
+    if engine == "compiled":
+        from .decoder import GraphDecoder
+
+        decoder = GraphDecoder(model, decoding, stop_ids, pad, prefill_tokens)
     if decoding.temperature > 0:
         torch.manual_seed(decoding.seed)
     bar = tqdm(total=len(prompts), desc=desc, unit="row", disable=not progress or not prompts,
                file=sys.stderr, leave=False)
     start = 0
     while start < len(order):
-        chunk = order[start:start + stats.batch_size]
-        width = len(prompts[chunk[0]])
-        rows = chunk
-        if engine == "compiled":
-            from transformers import StaticCache
-
-            # One cache for the call, each batch as wide (extra rows repeat one): the compiled decoding
-            # step keeps its shapes and the cache its addresses, so it compiles (and records) once.
-            rows = chunk + chunk[-1:] * (stats.batch_size - len(chunk))
-            if cache is None:
-                longest = len(prompts[order[0]]) + decoding.max_new_tokens
-                cache = StaticCache(config=model.config, max_cache_len=-(-longest // CACHE_BUCKET) * CACHE_BUCKET)
-        batch = [prompts[i] for i in rows]
-        ids, mask = _left_padded(batch, width, pad)
+        width = len(prompts[order[start]])
+        chunk = order[start:start + batch_rows(width, decoding.max_new_tokens, cap, kv_slots)]
+        batch = [prompts[i] for i in chunk]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         try:
-            extra: dict = {}
-            if engine == "static":
-                extra = static_generate_kwargs(model, batch, width, decoding.max_new_tokens, pad)
-            elif engine == "compiled":
-                prefill(model, cache, batch, width, pad)
-                extra = {"past_key_values": cache}
-            if engine != "eager":
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                stats.prefill_seconds += time.perf_counter() - t0
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), eos_token_id=list(stop_ids),
-                                 pad_token_id=pad, use_cache=True, **decoding.generate_kwargs(), **extra)
+            if decoder is not None:
+                new = decoder(batch, width)
+            else:
+                ids, mask = _left_padded(batch, width, pad)
+                extra: dict = {}
+                if engine == "static":
+                    extra = static_generate_kwargs(model, batch, width, decoding.max_new_tokens, pad,
+                                                   prefill_tokens)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    stats.prefill_seconds += time.perf_counter() - t0
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     eos_token_id=list(stop_ids), pad_token_id=pad, use_cache=True,
+                                     **decoding.generate_kwargs(), **extra)
+                new = out[:, width:]
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
-            if not _is_oom(exc) or stats.batch_size == 1:
+            if not _is_oom(exc) or len(chunk) == 1:
                 raise
-            stats.batch_size //= 2
-            cache = None
+            out_of_memory = True
+        else:
+            out_of_memory = False
+        if out_of_memory:  # outside the except block: its traceback no longer holds the failed batch's tensors
+            cap = max(1, len(chunk) // 2)
+            if decoder is not None:
+                decoder.release()
             if device.type == "cuda":
+                gc.collect()
                 torch.cuda.empty_cache()
             if on_oom is not None:
-                on_oom(stats.batch_size)
+                on_oom(cap)
             continue
-        new = out[: len(chunk), width:]
+        stats.batch_size = max(stats.batch_size, len(chunk))
         # A row's reply ends at (and includes) its first stop token; later positions are padding.
         ended = torch.isin(new, stop)
         up_to_stop = (ended.cumsum(1) - ended.long()) == 0
@@ -332,8 +374,11 @@ def generate_replies(
             replies[i] = text.strip()
         start += len(chunk)
         bar.update(len(chunk))
-        bar.set_postfix_str(f"{stats.tokens_per_sec:,.0f} new tok/s, batch {stats.batch_size}, {engine}")
+        bar.set_postfix_str(f"{stats.tokens_per_sec:,.0f} new tok/s, batch {len(chunk)}, {engine}")
     bar.close()
+    if decoder is not None:
+        stats.prefill_seconds, stats.capture_seconds = decoder.prefill_seconds, decoder.capture_seconds
+        stats.decode_steps = decoder.steps
     if device.type == "cuda":  # the process's peak so far, generation included
         stats.peak_gpu_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
     return replies, stats
@@ -401,17 +446,25 @@ class Generator:
             self.report(f"{desc}: out of GPU memory, batch size now {batch_size} for the rest of this run")
 
         plan = self.plan(prompts, decoding, allow_merged) if prompts else GenerationPlan(False, self.batch_size)
-        if plan != self.last_plan and (plan.merged or plan.batch_size < self.batch_size):
+        said = self.last_plan and (self.last_plan.merged, self.last_plan.batch_size)
+        if (plan.merged or plan.kv_slots is not None) and said != (plan.merged, plan.batch_size):
             self.report(f"{desc}: {plan.describe(self.engine)}")
         self.last_plan = plan
+        start = time.perf_counter()
         model = merged_copy(self.model) if plan.merged else self.model
+        if plan.merged and torch.cuda.is_available():
+            torch.cuda.synchronize()  # the copy's kernels are its time, not the first batch's
+        merge_seconds = time.perf_counter() - start
         attention = grouped_decode_attention(model) if self.engine != "eager" else contextlib.nullcontext()
         try:
             with attention:
                 replies, stats = generate_replies(model, self.tokenizer, prompts, decoding, plan.batch_size,
                                                   self.stop_ids, desc=desc, progress=progress, on_oom=smaller,
-                                                  engine=self.engine)
-            stats.weights = "merged" if plan.merged else "adapter"
+                                                  engine=self.engine, kv_slots=plan.kv_slots,
+                                                  prefill_tokens=plan.prefill_tokens)
+            if plan.merged:  # the copy is part of what this call's replies cost
+                stats.weights, stats.merge_seconds = "merged", merge_seconds
+                stats.seconds += merge_seconds
             return replies, stats
         finally:
             del model

@@ -1,7 +1,8 @@
 """Generation throughput of each engine on a corpus's prompts, and its agreement with the eager engine (GPU).
 
 Usage: python scripts/generation_probe.py MODEL_DIR --corpus FILE [--rows 512] [--no-4bit] [--backend hf]
-       [--run ENGINE:BATCH:NEW ...] [--peaked SCALE] [--json OUT]
+       [--run ENGINE:BATCH:NEW[:WEIGHTS] ...] [--peaked SCALE] [--json OUT]
+WEIGHTS: adapter (default) or merged (the LoRA folded into a 16-bit copy, as evaluation does where it fits).
 Each ``--run`` generates replies for the same ``--rows`` prompts (the corpus's training rows, as
 ``predict --data.predict_split train`` reads them) and prints one JSON line: wall seconds of the whole
 call (the compile of a first batch included), generated tokens/s, sliced-prefill seconds, peak GPU
@@ -44,7 +45,7 @@ def main() -> None:
     p.add_argument("--peaked", type=float, default=0.0)
     p.add_argument("--peaked-rows", type=int, default=128)
     p.add_argument("--peaked-engines", nargs="+", default=["eager:64", "static:64", "compiled:64"],
-                   help="ENGINE:BATCH runs compared with the first")
+                   help="ENGINE:BATCH[:WEIGHTS] runs compared with the first")
     p.add_argument("--fp32", action="store_true", help="compute in float32 (bf16 rounding out of the comparison)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
@@ -68,8 +69,9 @@ def main() -> None:
     lengths = sorted(len(x) for x in prompts)
     emit({"rows": len(prompts), "prompt_len_p50": lengths[len(lengths) // 2], "prompt_len_max": lengths[-1]})
     for spec in a.run:
-        engine, batch, new = spec.split(":")
-        gen = Generator(model, lm.tokenizer, lm.backend, Decoding(max_new_tokens=int(new)), int(batch), engine=engine)
+        engine, batch, new, weights = (spec.split(":") + ["adapter"])[:4]
+        gen = Generator(model, lm.tokenizer, lm.backend, Decoding(max_new_tokens=int(new)), int(batch), engine=engine,
+                        weights=weights)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
@@ -86,8 +88,9 @@ def main() -> None:
         few = prompts[: a.peaked_rows]
         replies = {}
         for spec in a.peaked_engines:
-            engine, batch = spec.split(":")
-            gen = Generator(model, lm.tokenizer, lm.backend, Decoding(max_new_tokens=32), int(batch), engine=engine)
+            engine, batch, weights = (spec.split(":") + ["adapter"])[:3]
+            gen = Generator(model, lm.tokenizer, lm.backend, Decoding(max_new_tokens=32), int(batch), engine=engine,
+                            weights=weights)
             replies[spec] = gen.generate(few, progress=False)[0]
         reference = a.peaked_engines[0]
         for spec in a.peaked_engines[1:]:

@@ -2,7 +2,7 @@
 # Runs on the lent GPU machine: installs carried wheels, runs GPU tests and benchmarks.
 # Usage: bash scripts/gpu_session.sh STEP...
 #   STEP: tests | unsloth | unsloth_plain | norearm | hf | hf_plain | corpus_packed | corpus_unpacked | corpus_grouped
-#         | model8b | predict | compare | fitbudget | probe | gguf8b | dpo8b
+#         | model8b | predict | predicts | compare | fitbudget | probe | gguf8b | dpo8b
 # probe: scripts/generation_probe.py on /tmp/llama8b with $PROBE_ARGS (engines, batch sizes, reply lengths).
 # compare: Unsloth's TRL SFTTrainer and this package at each memory budget of $BUDGETS, one table.
 # fitbudget: `fit` of the 8B config on $CORPUS (random 8B from model8b) for 30 steps at each budget of
@@ -87,6 +87,20 @@ PY
                  --trainer.default_root_dir "$OUT/predict_bs$bs" ${PREDICT_ARGS:-} >"$OUT/predict_bs$bs.log" 2>&1
                echo "rc=$? bs=$bs"; grep -E "^(wrote|generated|tuned|warning|error)|out of GPU memory" "$OUT/predict_bs$bs.log"
                nvidia-smi --query-gpu=memory.used --format=csv,noheader
+             done ;;
+    predicts) # $VARIANTS: "NAME|ARGS;NAME|ARGS..." -- `predict` of the 8B hf config (4-bit) on $ROWS training rows
+             # of $CORPUS per variant; prints the plan line and metrics.json's generation statistics.
+             printf '%s\n' "${VARIANTS:-}" | tr ';' '\n' | while IFS='|' read -r name args; do
+               [ -n "$name" ] || continue
+               timeout ${PREDICT_TIMEOUT:-400} python3 -m bengali_empathy predict --config configs/llama31_8b_hf.yaml \
+                 --model.model_name_or_path /tmp/llama8b --data.corpus_path "$CORPUS" --data.predict_split train \
+                 --data.max_predict_samples ${ROWS:-512} --trainer.default_root_dir "$OUT/predict_$name" $args \
+                 >"$OUT/predict_$name.log" 2>&1
+               echo "rc=$? $name: $args"
+               grep -aE "generating:|^(wrote|generated|error)|out of GPU memory|Error" "$OUT/predict_$name.log" | tail -4
+               find "$OUT/predict_$name" -name metrics.json | head -1 | xargs -r python3 -c \
+                 "import json,sys; print('$name', json.dumps(json.load(open(sys.argv[1])).get('generation')))" \
+                 | tee -a "$OUT/predicts.jsonl"
              done ;;
     probe) timeout ${PROBE_TIMEOUT:-480} python3 scripts/generation_probe.py /tmp/llama8b --corpus "$CORPUS" \
              --json "$OUT/probe.jsonl" ${PROBE_ARGS:-} 2>"$OUT/probe.err"; echo "rc=$?"; tail -3 "$OUT/probe.err" ;;

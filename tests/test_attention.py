@@ -42,6 +42,21 @@ def test_one_query_per_row_equals_sdpa_with_repeated_kv(mask_kind):
         torch.testing.assert_close(again[2], ours[2])
 
 
+def test_a_mask_shorter_than_the_cache_attends_to_its_first_slots_only():
+    """The compiled decoder's slots not yet written are not read: a mask of the first 6 of 11 slots
+    gives SDPA over those 6 slots, whatever the rest of the cache holds."""
+    g = torch.Generator().manual_seed(3)
+    query = torch.randn(2, 8, 1, 16, generator=g)
+    key, value = torch.randn(2, 2, 11, 16, generator=g), torch.randn(2, 2, 11, 16, generator=g)
+    keep = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    keep[1, ..., :2] = False
+    ours, _ = gqa_decode_attention(_Heads(), query, key, value, keep, scaling=0.25)
+    ref = _reference(query, key[:, :, :6], value[:, :, :6], keep, 0.25)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    key[:, :, 6:], value[:, :, 6:] = float("nan"), float("nan")
+    torch.testing.assert_close(gqa_decode_attention(_Heads(), query, key, value, keep, scaling=0.25)[0], ours)
+
+
 def test_prefill_keeps_transformers_sdpa_path():
     g = torch.Generator().manual_seed(1)
     query = torch.randn(2, 8, 5, 16, generator=g)

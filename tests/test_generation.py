@@ -70,8 +70,8 @@ def test_out_of_memory_halves_the_batch_and_keeps_every_row(tiny_lora, prompts):
     halved = []
     replies, stats = generate_replies(SmallMemory(), tok, prompts, Decoding(max_new_tokens=1), 8,
                                       stop_token_ids(tok), progress=False, on_oom=halved.append)
-    assert halved == [4, 2] and stats.batch_size == 2
-    assert seen[:2] == [5, 4] and all(n <= 2 for n in seen[2:]) and sum(seen[2:]) == len(prompts)
+    assert halved == [2] and stats.batch_size == 2  # half the batch that failed (5 rows, fewer than 8)
+    assert seen[0] == 5 and all(n <= 2 for n in seen[1:]) and sum(seen[1:]) == len(prompts)
     assert all(r for r in replies)
 
 
@@ -115,7 +115,7 @@ def test_fast_engines_replies_equal_the_eager_engine_token_for_token(tiny_lora, 
     hook = model.get_base_model().model.embed_tokens.register_forward_hook(
         lambda module, args, out: widths.append(args[0].shape))
     try:
-        got, stats = compiled.generate(prompts, progress=False)  # batches 4 and 2 (padded to 4 when compiled)
+        got, stats = compiled.generate(prompts, progress=False)  # batches 4 and 2
     finally:
         hook.remove()
     assert got == want and stats.new_tokens == want_stats.new_tokens and stats.rows == len(prompts)
@@ -137,14 +137,14 @@ def test_fast_engines_replies_equal_the_eager_engine_token_for_token(tiny_lora, 
         assert want_stats.new_tokens < len(prompts) * max_new_tokens  # some row did stop early
 
 
-def test_fast_engines_are_refused_for_unsloth_and_auto_is_static_on_cuda_with_hf(monkeypatch):
+def test_fast_engines_are_refused_for_unsloth_and_auto_is_compiled_on_cuda_with_hf(monkeypatch):
     from bengali_empathy.errors import UserError
     from bengali_empathy.generation import resolve_engine
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_engine("auto", "hf") == "eager"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_engine("auto", "hf") == "static"
+    assert resolve_engine("auto", "hf") == "compiled"
     assert resolve_engine("auto", "unsloth") == "eager"  # Unsloth decodes with its own kernels
     for engine in ("compiled", "static"):
         with pytest.raises(UserError, match=f"generation_engine '{engine}' needs model.backend 'hf'"):
@@ -176,29 +176,37 @@ def test_sliced_prefill_fills_the_cache_as_one_padded_forward_does_without_gradi
         assert torch.allclose(got, want.keys.transpose(1, 2)[real], atol=1e-5)
 
 
-def test_generation_plan_merges_where_it_fits_and_lowers_the_batch_to_the_kv_cache(tiny_lora):
+def test_generation_plan_merges_where_it_fits_and_sizes_batches_to_the_kv_cache(tiny_lora):
     """Llama-3.1-8B's shapes: 128 KiB of KV cache a token; the checks are before any generation."""
     from transformers import LlamaConfig
 
     from bengali_empathy.errors import UserError
-    from bengali_empathy.generation import GenerationPlan, kv_bytes_per_token, plan_generation, prefill_bytes
+    from bengali_empathy.generation import (GenerationPlan, batch_rows, kv_bytes_per_token, plan_generation,
+                                            prefill_bytes)
 
     config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8)
-    assert kv_bytes_per_token(config) == 128 * 1024
+    per_token = kv_bytes_per_token(config)
+    assert per_token == 128 * 1024
     gib, merged = 2**30, 15 * 2**30
-    row = kv_bytes_per_token(config) * (1000 + 2048)  # 0.37 GiB: a 2,048-token reply after a long prompt
-    fixed = prefill_bytes(config, 1000)
+    row_slots = 3072  # 0.38 GiB: a 2,048-token reply after a 1,000-token prompt, in 256-slot buckets
     assert plan_generation(config, 1000, 2048, 64, None, merged, None) == GenerationPlan(False, 64)  # CPU
     assert plan_generation(config, 1000, 2048, 64, None, merged, True) == GenerationPlan(True, 64)
-    assert plan_generation(config, 1000, 2048, 64, 80 * gib, merged, None) == GenerationPlan(True, 64)
-    # 40 GiB free: the copy and 64 rows do not fit together; the adapter model with 64 rows does
-    assert plan_generation(config, 1000, 2048, 64, 40 * gib, merged, None) == GenerationPlan(False, 64)
-    small = plan_generation(config, 1000, 2048, 64, 12 * gib, merged, None)
-    assert small == GenerationPlan(False, (12 * gib - fixed) // row) and 1 <= small.batch_size < 64
-    assert plan_generation(config, 1000, 2048, 64, 20 * gib, merged, True).batch_size == (20 * gib - merged - fixed) // row
+    roomy = plan_generation(config, 1000, 2048, 64, 80 * gib, merged, None)
+    assert roomy == GenerationPlan(True, 64, (65 * gib - prefill_bytes(config, 1000)) // per_token, 16384)
+    # 25 GiB free: the copy would leave room for 21 rows of the longest prompt (< 32); the adapter model has more
+    tight = plan_generation(config, 1000, 2048, 64, 25 * gib, merged, None)
+    assert tight == GenerationPlan(False, 64, (25 * gib - prefill_bytes(config, 1000)) // per_token, 16384)
+    # 2 GiB free: prefill slices shrink to 2,048 tokens (a quarter of the memory), 4 rows of the longest prompt
+    small = plan_generation(config, 1000, 2048, 64, 2 * gib, merged, None)
+    assert small.prefill_tokens == 2048 and small.kv_slots == (2 * gib - prefill_bytes(config, 1000, 2048)) // per_token
+    assert batch_rows(1000, 2048, 64, small.kv_slots) == 4 == small.kv_slots // row_slots
+    assert plan_generation(config, 1000, 2048, 64, 20 * gib, merged, True).merged  # asked for, and one row fits
+    # A batch of shorter prompts holds more rows, in multiples of 8 from 8 up; never more than the batch size
+    assert batch_rows(1000, 2048, 64, 100_000) == 32 and batch_rows(100, 28, 64, 100_000) == 64
+    assert batch_rows(1000, 2048, 64, 13 * row_slots) == 8 and batch_rows(1000, 2048, 64, None) == 64
     with pytest.raises(UserError, match=r"model.max_new_tokens 2048 after prompts of up to 1000 tokens needs "
-                                        r"0.37 GiB of KV cache per row .* but 0.5 GiB are free for generation"):
+                                        r"0.38 GiB of KV cache per row .* but 0.5 GiB are free for generation"):
         plan_generation(config, 1000, 2048, 64, gib // 2, merged, None)
     with pytest.raises(UserError, match=r"model.generation_weights 'merged' needs 15.0 GiB"):
         plan_generation(config, 1000, 2048, 64, 12 * gib, merged, True)

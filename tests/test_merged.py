@@ -52,6 +52,6 @@ def test_generation_on_the_merged_copy_is_reported_as_such(lora_with_trained_hea
     want, want_stats = on_adapter.generate(prompts, progress=False)
     assert got == want  # random LoRA weights: no near-ties in five tokens
     assert stats.as_dict()["weights"] == "merged" and want_stats.as_dict()["weights"] == "adapter"
-    assert lines == ["generating: merged 16-bit copy (LoRA folded into the dequantised base), eager engine, batch 2"]
+    assert lines == ["generating: merged 16-bit copy (LoRA folded into the dequantised base), eager engine, batches of up to 2 rows"]
     # fit's validations never merge: training holds the memory
     assert on_copy.generate(prompts, progress=False, allow_merged=False)[1].weights == "adapter"

@@ -1,0 +1,193 @@
+"""The ``compiled`` engine's decoding: one model step per CUDA-graph replay, from a prefilled static KV cache.
+
+transformers' ``generate`` launches the 8B model's ~600 kernels of a decoding step one by one from
+Python, and checks its stopping criteria on the host every step: on an H200 a step at batch 128 takes
+50-70 ms of which the GPU is busy for about 10. Here the step (embedding, every layer with the
+grouped-query decoding attention of :mod:`.attention`, the output head) is recorded once as a CUDA
+graph for a batch size and a cache length and replayed with one launch; choosing the next token,
+the stop tokens and the padding of finished rows stay in PyTorch outside the graph, and the host
+looks at whether every row has stopped only every ``CHECK_EVERY`` steps. The cache length is the
+batch's longest prompt plus ``max_new_tokens``, rounded up to ``CACHE_BUCKET``: batches (sorted longest
+first) of one bucket share a graph, and a shorter bucket records a new one (a fraction of a second)
+rather than attending over the longest batch's cache length.
+
+The step computes what ``generate`` computes for left-padded rows (positions counted from the
+attention mask, finished rows fed padding), so greedy replies equal the ``eager`` engine's; off the
+GPU the same step runs without a graph (that is what the CPU tests compare).
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import torch
+
+CACHE_BUCKET = 256  # cache lengths are multiples of this: batches of one bucket replay one graph
+CHECK_EVERY = 8  # decoding steps between the host's checks whether every row has stopped
+
+
+def cache_slots(width: int, max_new_tokens: int) -> int:
+    """KV-cache slots of a batch whose longest prompt has ``width`` tokens: prompt and reply, in buckets."""
+    return -(-(width + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+
+
+def _logits_processors(decoding):
+    """transformers' processors for ``decoding`` in ``generate``'s order (penalties, then temperature,
+    top-k, top-p), or None for plain greedy decoding."""
+    from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+                              TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    processors = LogitsProcessorList()
+    if decoding.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(decoding.repetition_penalty))
+    if decoding.no_repeat_ngram_size:
+        processors.append(NoRepeatNGramLogitsProcessor(decoding.no_repeat_ngram_size))
+    if decoding.temperature > 0:
+        if decoding.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(decoding.temperature))
+        if decoding.top_k:
+            processors.append(TopKLogitsWarper(decoding.top_k))
+        if decoding.top_p < 1.0:
+            processors.append(TopPLogitsWarper(decoding.top_p))
+    return processors or None
+
+
+class DecodeStep:
+    """One decoding step of ``model`` for ``rows`` rows and a static cache of ``cache_len`` slots.
+
+    Its inputs are fixed tensors written in place (``input_ids``, ``position_ids``, the boolean
+    ``mask`` over the cache's slots). A step attends only to the cache's first slots that can hold
+    tokens yet, rounded up to ``CACHE_BUCKET`` (the attention reads no more of the cache than it
+    must: a 2,048-token reply does not pay for its end while it begins); on CUDA each of those
+    lengths is a graph, recorded when decoding first reaches it.
+    """
+
+    def __init__(self, model, rows: int, cache_len: int) -> None:
+        from transformers import StaticCache
+
+        config = model.config
+        device = next(model.parameters()).device
+        dtype = model.get_input_embeddings().weight.dtype
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.model, self.rows, self.cache_len = model, rows, cache_len
+        self.cache = StaticCache(config=config, max_cache_len=cache_len)
+        self.cache.early_initialization(rows, config.num_key_value_heads, head_dim, dtype, device)
+        self.input_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
+        self.position_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
+        self.mask = torch.zeros((rows, 1, 1, cache_len), dtype=torch.bool, device=device)
+        self.graphed = device.type == "cuda"
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # attended slots -> graph, logits
+        self.capture_seconds = 0.0
+
+    def _forward(self, attended: int) -> torch.Tensor:
+        out = self.model(input_ids=self.input_ids, position_ids=self.position_ids,
+                         attention_mask=self.mask[..., :attended], past_key_values=self.cache, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def _record(self, attended: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """A graph of the step attending to ``attended`` slots, recorded mid-decoding: the warm-up forward
+        writes this step's own keys and values and advances the cache, which is set back after."""
+        start = time.perf_counter()
+        written = [layer.cumulative_length.clone() for layer in self.cache.layers]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # kernels pick their algorithms and workspaces before the recording
+            for _ in range(1 if self.graphs else 2):
+                self._forward(attended)
+        torch.cuda.current_stream().wait_stream(side)
+        pool = next(iter(self.graphs.values()))[0].pool() if self.graphs else None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):  # the graphs of one step never run at once: one pool
+            logits = self._forward(attended)
+        for layer, length in zip(self.cache.layers, written):
+            layer.cumulative_length.copy_(length)
+        torch.cuda.synchronize()
+        self.capture_seconds += time.perf_counter() - start
+        return graph, logits
+
+    def __call__(self, filled: int) -> torch.Tensor:
+        """The next-token logits (rows, vocabulary) of the tokens in ``input_ids``, written into the cache,
+        where ``filled`` slots (this step's own included) hold tokens."""
+        attended = min(self.cache_len, -(-filled // CACHE_BUCKET) * CACHE_BUCKET)
+        if not self.graphed:
+            return self._forward(attended)
+        if attended not in self.graphs:
+            self.graphs[attended] = self._record(attended)
+        graph, logits = self.graphs[attended]
+        graph.replay()
+        return logits
+
+
+class GraphDecoder:
+    """Replies to batches of prompts with :class:`DecodeStep`: the ``compiled`` engine of :mod:`.generation`.
+
+    Keeps the step of the last batch shape (rows, cache bucket) and records a new one when it changes.
+    """
+
+    def __init__(self, model, decoding, stop_ids: Sequence[int], pad: int,
+                 prefill_tokens: Optional[int] = None) -> None:
+        self.model, self.decoding, self.pad, self.prefill_tokens = model, decoding, pad, prefill_tokens
+        self.device = next(model.parameters()).device
+        self.stop = torch.tensor(list(stop_ids), device=self.device)
+        self.processors = _logits_processors(decoding)
+        self.step: Optional[DecodeStep] = None
+        self.prefill_seconds = self.capture_seconds = 0.0
+        self.steps = 0
+
+    def release(self) -> None:
+        """Drop the recorded step and its cache (before a retry at a smaller batch)."""
+        self.step = None
+
+    def _step_for(self, rows: int, width: int) -> DecodeStep:
+        cache_len = cache_slots(width, self.decoding.max_new_tokens)
+        if self.step is None or (self.step.rows, self.step.cache_len) != (rows, cache_len):
+            self.step = None  # its cache and graph memory go before the next ones are allocated
+            self.step = DecodeStep(self.model, rows, cache_len)
+        return self.step
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+        """The new tokens (rows, ``max_new_tokens``) for ``prompts`` (sorted longest first, ``width`` the
+        longest): each row's reply up to and including its stop token, padding after."""
+        from .generation import _left_padded, prefill
+
+        step = self._step_for(len(prompts), width)
+        t0 = time.perf_counter()
+        prefill(self.model, step.cache, prompts, width, self.pad, self.prefill_tokens)
+        ids, mask = _left_padded(prompts, width, self.pad)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        step.mask.zero_()
+        step.mask[:, 0, 0, :width] = mask.bool()
+        step.input_ids.copy_(ids[:, -1:])
+        step.position_ids.copy_(mask.sum(1, keepdim=True) - 1)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.prefill_seconds += time.perf_counter() - t0
+        new_tokens = self.decoding.max_new_tokens
+        sequences = torch.cat([ids, ids.new_full((len(prompts), new_tokens), self.pad)], 1)
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
+        captured = step.capture_seconds
+        for k in range(new_tokens):
+            logits = step(width + k)
+            self.steps += 1
+            chosen = self._choose(sequences[:, :width + k], logits)
+            chosen = chosen.masked_fill(done, self.pad)
+            sequences[:, width + k] = chosen
+            done |= torch.isin(chosen, self.stop)
+            if k + 1 == new_tokens or ((k + 1) % CHECK_EVERY == 0 and bool(done.all())):
+                break
+            step.input_ids.copy_(chosen[:, None])
+            step.position_ids.add_(1)
+            step.mask[:, 0, 0, width + k] = True
+        self.capture_seconds += step.capture_seconds - captured
+        return sequences[:, width:]
+
+    def _choose(self, so_far: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.processors is None:
+            return logits.argmax(-1)
+        scores = self.processors(so_far, logits.float())
+        if self.decoding.temperature > 0:
+            return torch.multinomial(torch.softmax(scores, -1), 1)[:, 0]
+        return scores.argmax(-1)

@@ -1,0 +1,110 @@
+"""The compiled engine's decoder (run without a graph on the CPU) against transformers' ``generate``."""
+import pytest
+import torch
+
+from bengali_empathy import decoder as decoder_module
+from bengali_empathy.generation import Decoding, Generator
+
+
+@pytest.fixture(scope="module")
+def random_prompts():
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(1000, 120000, (n,), generator=g).tolist() for n in (40, 3, 22, 9, 1, 14, 31)]
+
+
+@pytest.mark.parametrize("decoding", [Decoding(max_new_tokens=9, repetition_penalty=1.3),
+                                      Decoding(max_new_tokens=9, no_repeat_ngram_size=1)],
+                         ids=["repetition_penalty", "no_repeat_ngram"])
+def test_greedy_with_penalties_equals_generate(tiny_lora, random_prompts, decoding):
+    """The penalties see the prompt and the reply so far, as in ``generate``."""
+    backend, model, tok = tiny_lora
+    want, _ = Generator(model, tok, backend, decoding, 3, engine="eager").generate(random_prompts, progress=False)
+    got, stats = Generator(model, tok, backend, decoding, 3, engine="compiled").generate(random_prompts,
+                                                                                          progress=False)
+    plain, _ = Generator(model, tok, backend, Decoding(max_new_tokens=9), 3, engine="compiled").generate(
+        random_prompts, progress=False)
+    assert got == want and got != plain
+    assert stats.engine == "compiled" and stats.decode_steps > 0
+
+
+def test_sampling_is_reproducible_and_differs_from_greedy(tiny_lora, random_prompts):
+    backend, model, tok = tiny_lora
+    sample = Decoding(max_new_tokens=6, temperature=1.4, top_p=0.9, top_k=40, seed=3)
+    a = Generator(model, tok, backend, sample, 4, engine="compiled").generate(random_prompts, progress=False)[0]
+    b = Generator(model, tok, backend, sample, 4, engine="compiled").generate(random_prompts, progress=False)[0]
+    greedy = Generator(model, tok, backend, Decoding(max_new_tokens=6), 4, engine="compiled").generate(
+        random_prompts, progress=False)[0]
+    assert a == b and a != greedy
+
+
+def test_a_step_per_batch_shape_and_cache_bucket(tiny_lora, random_prompts, monkeypatch):
+    """Batches (longest first) of one cache bucket share a step; a shorter bucket or fewer rows makes a
+    new one, whose cache is only as long as its own bucket."""
+    backend, model, tok = tiny_lora
+    monkeypatch.setattr(decoder_module, "CACHE_BUCKET", 16)
+    made = []
+    real = decoder_module.DecodeStep
+
+    class Counted(real):
+        def __init__(self, model, rows, cache_len):
+            made.append((rows, cache_len))
+            super().__init__(model, rows, cache_len)
+
+    monkeypatch.setattr(decoder_module, "DecodeStep", Counted)
+    decoding = Decoding(max_new_tokens=4)
+    want, _ = Generator(model, tok, backend, decoding, 2, engine="eager").generate(random_prompts, progress=False)
+    got, _ = Generator(model, tok, backend, decoding, 2, engine="compiled").generate(random_prompts, progress=False)
+    assert got == want
+    # widths 40,31 | 22,14 | 9,3 | 1 (+4 new tokens) -> buckets 48 | 32 | 16 | 16 with one row
+    assert made == [(2, 48), (2, 32), (2, 16), (1, 16)]
+
+
+def test_decoding_ends_once_every_row_has_stopped(tiny_lora, random_prompts):
+    """The host checks every CHECK_EVERY steps: with every row stopped at its first token, the batch
+    ends after CHECK_EVERY steps, not max_new_tokens, and each reply is that one token."""
+    backend, model, tok = tiny_lora
+    decoding = Decoding(max_new_tokens=40)
+    gen = Generator(model, tok, backend, decoding, 8, engine="compiled")
+    with torch.no_grad():
+        firsts = [int(model(input_ids=torch.tensor([p])).logits[0, -1].argmax()) for p in random_prompts]
+    gen.stop_ids = [*gen.stop_ids, *firsts]
+    replies, stats = gen.generate(random_prompts, progress=False)
+    assert stats.decode_steps == decoder_module.CHECK_EVERY
+    assert stats.new_tokens == len(random_prompts) and replies == [tok.decode([t]).strip() for t in firsts]
+
+
+def test_steps_attend_to_a_growing_part_of_the_cache_and_equal_generate(tiny_lora, random_prompts, monkeypatch):
+    """With 8-slot buckets a 20-token reply crosses several: each step reads only the slots written so far
+    (rounded up), and the replies still equal ``generate``'s."""
+    backend, model, tok = tiny_lora
+    monkeypatch.setattr(decoder_module, "CACHE_BUCKET", 8)
+    read = []
+    real = decoder_module.DecodeStep._forward
+    monkeypatch.setattr(decoder_module.DecodeStep, "_forward",
+                        lambda self, attended: read.append((self.cache_len, attended)) or real(self, attended))
+    decoding = Decoding(max_new_tokens=20)
+    want, _ = Generator(model, tok, backend, decoding, 4, engine="eager").generate(random_prompts, progress=False)
+    got, _ = Generator(model, tok, backend, decoding, 4, engine="compiled").generate(random_prompts, progress=False)
+    assert got == want
+    first_batch = [a for c, a in read if c == 64][:20]  # widths 40, 31, 22, 14: 60 slots -> a 64-slot cache
+    assert first_batch[0] == 40 and first_batch[-1] == 64 and sorted(set(first_batch)) == [40, 48, 56, 64]
+
+
+def test_batches_of_long_prompts_hold_fewer_rows_within_the_kv_budget(tiny_lora, random_prompts, monkeypatch):
+    """``kv_slots`` (the plan's KV-cache room) caps rows x cache length: long prompts go in smaller batches."""
+    from bengali_empathy.generation import generate_replies
+    from bengali_empathy.tokenizer import stop_token_ids
+
+    backend, model, tok = tiny_lora
+    monkeypatch.setattr(decoder_module, "CACHE_BUCKET", 16)
+    made = []
+    real = decoder_module.DecodeStep.__init__
+    monkeypatch.setattr(decoder_module.DecodeStep, "__init__",
+                        lambda self, m, rows, cache_len: made.append((rows, cache_len)) or real(self, m, rows, cache_len))
+    decoding = Decoding(max_new_tokens=4)
+    want, _ = generate_replies(model, tok, random_prompts, decoding, 8, stop_token_ids(tok), progress=False)
+    got, stats = generate_replies(model, tok, random_prompts, decoding, 8, stop_token_ids(tok), progress=False,
+                                  engine="compiled", kv_slots=96)
+    assert got == want
+    # widths 40, 31 (48 slots: 2 rows) | 22, 14, 9 (32 slots: 3 rows) | 3, 1 (16 slots: up to 6 rows)
+    assert made == [(2, 48), (3, 32), (2, 16)] and stats.batch_size == 3
