@@ -135,6 +135,7 @@ class GraphDecoder:
         self.step: Optional[DecodeStep] = None
         self.prefill_seconds = self.capture_seconds = 0.0
         self.steps = 0
+        self.batches: list[dict] = []  # per batch: rows, width, cache length, prefill/capture/decode seconds, steps
 
     def release(self) -> None:
         """Drop the recorded step and its cache (before a retry at a smaller batch)."""
@@ -164,11 +165,12 @@ class GraphDecoder:
         step.position_ids.copy_(mask.sum(1, keepdim=True) - 1)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.prefill_seconds += time.perf_counter() - t0
+        prefilled = time.perf_counter()
+        self.prefill_seconds += prefilled - t0
         new_tokens = self.decoding.max_new_tokens
         sequences = torch.cat([ids, ids.new_full((len(prompts), new_tokens), self.pad)], 1)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
-        captured = step.capture_seconds
+        captured, steps = step.capture_seconds, self.steps
         for k in range(new_tokens):
             logits = step(width + k)
             self.steps += 1
@@ -181,7 +183,14 @@ class GraphDecoder:
             step.input_ids.copy_(chosen[:, None])
             step.position_ids.add_(1)
             step.mask[:, 0, 0, width + k] = True
-        self.capture_seconds += step.capture_seconds - captured
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        capture = step.capture_seconds - captured
+        self.capture_seconds += capture
+        self.batches.append({"rows": len(prompts), "width": width, "cache": step.cache_len,
+                             "prefill_s": round(prefilled - t0, 3), "capture_s": round(capture, 3),
+                             "decode_s": round(time.perf_counter() - prefilled - capture, 3),
+                             "steps": self.steps - steps})
         return sequences[:, width:]
 
     def _choose(self, so_far: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import contextlib
 import gc
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Literal, Optional, Sequence
 
 import torch
@@ -79,6 +79,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0  # of ``seconds``, the sliced prefill of the static and compiled engines
     capture_seconds: float = 0.0  # of ``seconds``, recording the compiled engine's CUDA graphs
     decode_steps: int = 0  # the compiled engine's decoding steps (of every batch)
+    batches: list = field(default_factory=list)  # the compiled engine's profile of each batch (decoder.py)
     weights: str = "adapter"  # or "merged": see :mod:`.merged`
     merge_seconds: float = 0.0  # of ``seconds``, building the merged copy
 
@@ -92,8 +93,8 @@ class GenerationStats:
                 "weights": self.weights,
                 **({"merge_seconds": round(self.merge_seconds, 3)} if self.weights == "merged" else {}),
                 **({"prefill_seconds": round(self.prefill_seconds, 3)} if self.engine != "eager" else {}),
-                **({"capture_seconds": round(self.capture_seconds, 3), "decode_steps": self.decode_steps}
-                   if self.engine == "compiled" else {}),
+                **({"capture_seconds": round(self.capture_seconds, 3), "decode_steps": self.decode_steps,
+                    "batches": self.batches} if self.engine == "compiled" else {}),
                 **({"peak_gpu_memory_gib": round(self.peak_gpu_memory_gib, 2)}
                    if self.peak_gpu_memory_gib is not None else {})}
 
@@ -378,7 +379,7 @@ def generate_replies(
     bar.close()
     if decoder is not None:
         stats.prefill_seconds, stats.capture_seconds = decoder.prefill_seconds, decoder.capture_seconds
-        stats.decode_steps = decoder.steps
+        stats.decode_steps, stats.batches = decoder.steps, decoder.batches
     if device.type == "cuda":  # the process's peak so far, generation included
         stats.peak_gpu_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
     return replies, stats
