@@ -1,4 +1,8 @@
-"""The ``compiled`` engine's decoding: one model step per CUDA-graph replay, from a prefilled static KV cache.
+"""Decoding from a prefilled static KV cache: the prefill of the ``static`` and ``compiled`` engines, and
+the ``compiled`` engine's decoding, one model step per CUDA-graph replay.
+
+:func:`prefill` fills a static cache with every prompt but its last token, in slices of rows of at
+most ``PREFILL_TOKENS`` tokens, as if the batch were left-padded (see its docstring).
 
 transformers' ``generate`` launches the 8B model's ~600 kernels of a decoding step one by one from
 Python, and checks its stopping criteria on the host every step: on an H200 a step at batch 128 takes
@@ -24,6 +28,59 @@ import torch
 
 CACHE_BUCKET = 256  # cache lengths are multiples of this: batches of one bucket replay one graph
 CHECK_EVERY = 8  # decoding steps between the host's checks whether every row has stopped
+PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (padding included)
+
+
+def left_padded(prompts: Sequence[Sequence[int]], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask of ``prompts`` left-padded to ``width``."""
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        if p:
+            ids[r, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            mask[r, width - len(p):] = 1
+    return ids, mask
+
+
+@torch.no_grad()  # the LoRA weights require gradients: no autograd graph of a whole batch's prefill
+def prefill(model, cache, prompts: Sequence[Sequence[int]], width: int, pad: int,
+            token_budget: Optional[int] = None) -> None:
+    """Fill the static ``cache`` with the keys and values of every prompt but its last token, as if the
+    batch were left-padded to ``width``; ``generate`` then starts from the last prompt token.
+
+    ``prompts`` are sorted longest first. They run in slices of rows of at most ``token_budget``
+    tokens (default ``PREFILL_TOKENS``), each slice padded to its own longest prompt: a long batch's prefill fits (batch 256 of
+    600-token prompts is ~150k tokens at once otherwise) and a short row's padding is not computed.
+    A slice's keys go right-aligned into the cache, where the batch's left padding puts them; the
+    padded slots stay masked. Positions are counted as ``generate`` counts them (from the mask).
+    """
+    from transformers import DynamicCache
+
+    token_budget = token_budget or PREFILL_TOKENS
+    cache.reset()
+    device = next(model.parameters()).device
+    prefix = width - 1
+    start = 0
+    while start < len(prompts) and prefix > 0:
+        longest = len(prompts[start]) - 1
+        part = prompts[start:start + max(1, token_budget // max(longest, 1))]
+        if longest > 0:
+            ids, mask = left_padded([p[:-1] for p in part], longest, pad)
+            positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
+            sliced = DynamicCache()
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                  past_key_values=sliced, use_cache=True, logits_to_keep=1)
+            for layer, done in zip(cache.layers, sliced.layers):
+                if not layer.is_initialized:
+                    shape = (len(prompts), done.keys.shape[1], 0, done.keys.shape[3])
+                    layer.lazy_initialization(done.keys.new_empty(shape), done.values.new_empty(shape))
+                layer.keys[start:start + len(part), :, prefix - longest:prefix] = done.keys
+                layer.values[start:start + len(part), :, prefix - longest:prefix] = done.values
+            del sliced
+        start += len(part)
+    for layer in cache.layers:
+        if layer.is_initialized:
+            layer.cumulative_length.fill_(prefix)
 
 
 def cache_slots(width: int, max_new_tokens: int) -> int:
@@ -152,12 +209,10 @@ class GraphDecoder:
     def __call__(self, prompts: Sequence[Sequence[int]], width: int) -> torch.Tensor:
         """The new tokens (rows, ``max_new_tokens``) for ``prompts`` (sorted longest first, ``width`` the
         longest): each row's reply up to and including its stop token, padding after."""
-        from .generation import _left_padded, prefill
-
         step = self._step_for(len(prompts), width)
         t0 = time.perf_counter()
         prefill(self.model, step.cache, prompts, width, self.pad, self.prefill_tokens)
-        ids, mask = _left_padded(prompts, width, self.pad)
+        ids, mask = left_padded(prompts, width, self.pad)
         ids, mask = ids.to(self.device), mask.to(self.device)
         step.mask.zero_()
         step.mask[:, 0, 0, :width] = mask.bool()

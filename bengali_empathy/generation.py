@@ -9,7 +9,7 @@ runs out of GPU memory is retried at half the size.
 
 Three engines run the decoding (``model.generation_engine``): ``eager`` is transformers' ``generate``
 with its dynamic KV cache and SDPA attention. ``static`` prefills all but the last token of every
-prompt (:func:`prefill`, in slices of rows of at most ``PREFILL_TOKENS``) into a static KV cache of
+prompt (:func:`.decoder.prefill`, in slices of rows of at most ``PREFILL_TOKENS``) into a static KV cache of
 the batch's longest prompt plus ``max_new_tokens``, and ``generate`` decodes from there with the
 grouped-query attention of :mod:`.attention`, which reads each K/V head once. ``compiled`` prefills
 the same way and decodes with :mod:`.decoder`: each step one replay of a recorded CUDA graph instead
@@ -34,12 +34,12 @@ from typing import Callable, Iterator, Literal, Optional, Sequence
 
 import torch
 
+from .decoder import PREFILL_TOKENS, GraphDecoder, cache_slots, left_padded, prefill
 from .errors import UserError
 from .memory import MemoryBudget, resolve_budget_gib
 
 GenerationEngine = Literal["auto", "compiled", "static", "eager"]
 GenerationWeights = Literal["auto", "merged", "adapter"]
-PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (padding included)
 
 
 @dataclass(frozen=True)
@@ -166,8 +166,6 @@ def plan_generation(config, longest: int, max_new_tokens: int, batch_size: int, 
     of prompt + reply must fit for one row of the longest prompt at least."""
     if free_bytes is None:
         return GenerationPlan(bool(merge), batch_size)
-    from .decoder import cache_slots
-
     per_token, row_slots = kv_bytes_per_token(config), cache_slots(longest, max_new_tokens)
 
     def layout(free: int) -> tuple[int, int, int]:  # prefill slice tokens, their bytes, KV slots left
@@ -198,8 +196,6 @@ def batch_rows(width: int, max_new_tokens: int, batch_size: int, kv_slots: Optio
     cache would pass ``kv_slots`` (a multiple of 8 from 8 rows up: fewer batch shapes to record)."""
     if kv_slots is None:
         return batch_size
-    from .decoder import cache_slots
-
     fit = kv_slots // cache_slots(width, max_new_tokens)
     return max(1, min(batch_size, fit - fit % 8 if fit >= 8 else fit))
 
@@ -217,58 +213,6 @@ def free_generation_bytes(device: torch.device, budget_gib: Optional[float]) -> 
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def _left_padded(prompts: Sequence[Sequence[int]], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids and attention mask of ``prompts`` left-padded to ``width``."""
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        if p:
-            ids[r, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
-            mask[r, width - len(p):] = 1
-    return ids, mask
-
-
-@torch.no_grad()  # the LoRA weights require gradients: no autograd graph of a whole batch's prefill
-def prefill(model, cache, prompts: Sequence[Sequence[int]], width: int, pad: int,
-            token_budget: Optional[int] = None) -> None:
-    """Fill the static ``cache`` with the keys and values of every prompt but its last token, as if the
-    batch were left-padded to ``width``; ``generate`` then starts from the last prompt token.
-
-    ``prompts`` are sorted longest first. They run in slices of rows of at most ``token_budget``
-    tokens (default ``PREFILL_TOKENS``), each slice padded to its own longest prompt: a long batch's prefill fits (batch 256 of
-    600-token prompts is ~150k tokens at once otherwise) and a short row's padding is not computed.
-    A slice's keys go right-aligned into the cache, where the batch's left padding puts them; the
-    padded slots stay masked. Positions are counted as ``generate`` counts them (from the mask).
-    """
-    from transformers import DynamicCache
-
-    token_budget = token_budget or PREFILL_TOKENS
-    cache.reset()
-    device = next(model.parameters()).device
-    prefix = width - 1
-    start = 0
-    while start < len(prompts) and prefix > 0:
-        longest = len(prompts[start]) - 1
-        part = prompts[start:start + max(1, token_budget // max(longest, 1))]
-        if longest > 0:
-            ids, mask = _left_padded([p[:-1] for p in part], longest, pad)
-            positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
-            sliced = DynamicCache()
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                  past_key_values=sliced, use_cache=True, logits_to_keep=1)
-            for layer, done in zip(cache.layers, sliced.layers):
-                if not layer.is_initialized:
-                    shape = (len(prompts), done.keys.shape[1], 0, done.keys.shape[3])
-                    layer.lazy_initialization(done.keys.new_empty(shape), done.values.new_empty(shape))
-                layer.keys[start:start + len(part), :, prefix - longest:prefix] = done.keys
-                layer.values[start:start + len(part), :, prefix - longest:prefix] = done.values
-            del sliced
-        start += len(part)
-    for layer in cache.layers:
-        if layer.is_initialized:
-            layer.cumulative_length.fill_(prefix)
 
 
 def static_generate_kwargs(model, prompts: Sequence[Sequence[int]], width: int, max_new_tokens: int,
@@ -314,8 +258,6 @@ def generate_replies(
     cap = max(1, batch_size)
     decoder = None
     if engine == "compiled":
-        from .decoder import GraphDecoder
-
         decoder = GraphDecoder(model, decoding, stop_ids, pad, prefill_tokens)
     if decoding.temperature > 0:
         torch.manual_seed(decoding.seed)
@@ -333,7 +275,7 @@ def generate_replies(
             if decoder is not None:
                 new = decoder(batch, width)
             else:
-                ids, mask = _left_padded(batch, width, pad)
+                ids, mask = left_padded(batch, width, pad)
                 extra: dict = {}
                 if engine == "static":
                     extra = static_generate_kwargs(model, batch, width, decoding.max_new_tokens, pad,

@@ -108,3 +108,17 @@ def test_batches_of_long_prompts_hold_fewer_rows_within_the_kv_budget(tiny_lora,
     assert got == want
     # widths 40, 31 (48 slots: 2 rows) | 22, 14, 9 (32 slots: 3 rows) | 3, 1 (16 slots: up to 6 rows)
     assert made == [(2, 48), (3, 32), (2, 16)] and stats.batch_size == 3
+
+
+def test_a_2048_token_reply_gets_a_cache_for_prompt_and_reply(tiny_lora, random_prompts, monkeypatch):
+    """model.max_new_tokens 2,048: the cache holds prompt + reply (in buckets), every step writes its slot."""
+    backend, model, tok = tiny_lora
+    made = []
+    real = decoder_module.DecodeStep.__init__
+    monkeypatch.setattr(decoder_module.DecodeStep, "__init__",
+                        lambda self, m, rows, cache_len: made.append((rows, cache_len)) or real(self, m, rows, cache_len))
+    gen = Generator(model, tok, backend, Decoding(max_new_tokens=2048), 2, engine="compiled")
+    gen.stop_ids = []  # no row stops: the whole reply is decoded
+    replies, stats = gen.generate(random_prompts[:2], progress=False)
+    assert made == [(2, 2304)]  # 40 + 2,048 slots, rounded up to 256
+    assert stats.decode_steps == 2048 and stats.new_tokens == 2 * 2048 and all(replies)

@@ -100,10 +100,10 @@ def test_fast_engines_replies_equal_the_eager_engine_token_for_token(tiny_lora, 
                                                                      prefill_tokens, monkeypatch):
     """Sliced prefill into a static cache + grouped-query decoding attention (uncompiled on the CPU) =
     transformers' dynamic cache, whatever the slices (one row per prefill forward at a budget of 1 token)."""
-    from bengali_empathy import generation
+    from bengali_empathy import decoder
     from bengali_empathy.generation import Decoding, Generator
 
-    monkeypatch.setattr(generation, "PREFILL_TOKENS", prefill_tokens)
+    monkeypatch.setattr(decoder, "PREFILL_TOKENS", prefill_tokens)
     backend, model, tok = tiny_lora
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(1000, 120000, (n,), generator=g).tolist() for n in (3, 17, 9, 30, 5, 1)]
@@ -156,7 +156,7 @@ def test_sliced_prefill_fills_the_cache_as_one_padded_forward_does_without_gradi
     (a batch's prefill with one would hold every layer's activations: out of memory on an 8B model)."""
     from transformers import DynamicCache, StaticCache
 
-    from bengali_empathy.generation import _left_padded, prefill
+    from bengali_empathy.decoder import left_padded, prefill
 
     _, model, tok = tiny_lora
     g = torch.Generator().manual_seed(9)
@@ -164,7 +164,7 @@ def test_sliced_prefill_fills_the_cache_as_one_padded_forward_does_without_gradi
     width = len(prompts[0])
     cache = StaticCache(config=model.config, max_cache_len=width + 3)
     prefill(model, cache, prompts, width, tok.pad_token_id, token_budget=12)  # slices of 1, 2 and 1 rows
-    ids, mask = _left_padded([p[:-1] for p in prompts], width - 1, tok.pad_token_id)
+    ids, mask = left_padded([p[:-1] for p in prompts], width - 1, tok.pad_token_id)
     full = DynamicCache()
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),

@@ -6,7 +6,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bengali_empathy"
 
 # Lower to higher. A module may import from its own layer (the data package's modules) and the ones before it.
 LAYERS = [["errors"], ["_io"], ["schema"], ["text"], ["tokenizer"], ["modeling"], ["attention"], ["data"], ["lora"],
-          ["merged"], ["backends"], ["memory"], ["metrics"], ["checks"], ["generation"], ["conversation"],
+          ["merged"], ["backends"], ["memory"], ["metrics"], ["checks"], ["decoder"], ["generation"], ["conversation"],
           ["evaluation"], ["preference"], ["checkpoints"], ["records"], ["module"], ["callbacks"], ["registry"], ["judgements"],
           ["report"], ["rating"], ["serve"], ["preference_export"], ["export"], ["modelfile"], ["gguf_export"],
           ["benchmark"], ["cli"],
