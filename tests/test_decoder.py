@@ -122,3 +122,27 @@ def test_a_2048_token_reply_gets_a_cache_for_prompt_and_reply(tiny_lora, random_
     replies, stats = gen.generate(random_prompts[:2], progress=False)
     assert made == [(2, 2304)]  # 40 + 2,048 slots, rounded up to 256
     assert stats.decode_steps == 2048 and stats.new_tokens == 2 * 2048 and all(replies)
+
+
+def test_out_of_memory_in_the_compiled_engine_halves_the_batch_and_drops_its_cache(tiny_lora, random_prompts,
+                                                                                   monkeypatch):
+    """A batch whose cache does not fit is retried at half its size, on a new (smaller) cache."""
+    backend, model, tok = tiny_lora
+    real = decoder_module.DecodeStep.__init__
+    tried = []
+
+    def small_card(self, m, rows, cache_len):
+        tried.append(rows)
+        if rows > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        real(self, m, rows, cache_len)
+
+    monkeypatch.setattr(decoder_module.DecodeStep, "__init__", small_card)
+    decoding = Decoding(max_new_tokens=3)
+    want, _ = Generator(model, tok, backend, decoding, 8, engine="eager").generate(random_prompts, progress=False)
+    lines = []
+    gen = Generator(model, tok, backend, decoding, 8, engine="compiled", report=lines.append)
+    got, stats = gen.generate(random_prompts, progress=False)
+    assert got == want and tried == [7, 3, 1] and stats.batch_size == 1  # 7 rows, 3, then one at a time (one cache)
+    assert gen.batch_size == 1 and lines == [f"generating: out of GPU memory, batch size now {n} for the rest of this run"
+                                             for n in (3, 1)]
