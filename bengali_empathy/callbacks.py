@@ -90,8 +90,8 @@ class EvaluationWriter(L.Callback):
         gen = m.get("generation")
         if gen:
             pl_module.print(f"generated {gen['new_tokens']:,} tokens in {gen['seconds']:.1f} s "
-                            f"({gen['tokens_per_sec']:,.0f} tokens/s, batch {gen['batch_size']}, {gen['engine']} engine, "
-                            f"{gen['weights']} weights)")
+                            f"({gen['tokens_per_sec']:,.0f} tokens/s, batch {gen['batch_size']}, "
+                            f"{gen['engine']} engine, {gen['weights']} weights)")
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module)

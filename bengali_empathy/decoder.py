@@ -50,8 +50,9 @@ def prefill(model, cache, prompts: Sequence[Sequence[int]], width: int, pad: int
     batch were left-padded to ``width``; ``generate`` then starts from the last prompt token.
 
     ``prompts`` are sorted longest first. They run in slices of rows of at most ``token_budget``
-    tokens (default ``PREFILL_TOKENS``), each slice padded to its own longest prompt: a long batch's prefill fits (batch 256 of
-    600-token prompts is ~150k tokens at once otherwise) and a short row's padding is not computed.
+    tokens (default ``PREFILL_TOKENS``), each slice padded to its own longest prompt: a long batch's
+    prefill fits (batch 256 of 600-token prompts is ~150k tokens at once otherwise) and a short row's
+    padding is not computed.
     A slice's keys go right-aligned into the cache, where the batch's left padding puts them; the
     padded slots stay masked. Positions are counted as ``generate`` counts them (from the mask).
     """
@@ -149,15 +150,19 @@ class DecodeStep:
         writes this step's own keys and values and advances the cache, which is set back after."""
         start = time.perf_counter()
         written = [layer.cumulative_length.clone() for layer in self.cache.layers]
+        # A caller's autocast would keep weight casts made in the recording in its cache, which frees them
+        # when it closes while the graph still uses their memory: record with the same autocast, uncached.
+        autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                  enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # kernels pick their algorithms and workspaces before the recording
+        with torch.cuda.stream(side), autocast:  # kernels pick their algorithms and workspaces before the recording
             for _ in range(1 if self.graphs else 2):
                 self._forward(attended)
         torch.cuda.current_stream().wait_stream(side)
         pool = next(iter(self.graphs.values()))[0].pool() if self.graphs else None
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):  # the graphs of one step never run at once: one pool
+        with torch.cuda.graph(graph, pool=pool), autocast:  # the graphs of one step never run at once: one pool
             logits = self._forward(attended)
         for layer, length in zip(self.cache.layers, written):
             layer.cumulative_length.copy_(length)
