@@ -1,13 +1,13 @@
 """Callbacks: training throughput and memory logging, and the evaluation writer."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 import torch
 
+from .decoder import synchronized_time
 from .memory import peak_rss_gib
 from .metrics import SCORE_NAMES
 
@@ -26,18 +26,12 @@ class TokenThroughput(L.Callback):
         self._tokens = 0
         self._steps = 0
 
-    @staticmethod
-    def _sync(pl_module) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._t0, self._tokens, self._steps = None, 0, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         if self._t0 is None:
-            self._sync(pl_module)
-            self._t0 = time.perf_counter()
+            self._t0 = synchronized_time(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         mask = batch.get("attention_mask")
@@ -45,8 +39,7 @@ class TokenThroughput(L.Callback):
         self._steps += 1
         if self._steps % self.window:
             return
-        self._sync(pl_module)
-        now = time.perf_counter()
+        now = synchronized_time(pl_module.device)
         bar = {"perf/tokens_per_sec": self._tokens / max(now - self._t0, 1e-9)}
         metrics = {"mem/peak_rss_gib": peak_rss_gib()}
         if pl_module.device.type == "cuda":

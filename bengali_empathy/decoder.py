@@ -32,6 +32,18 @@ CHECK_EVERY = 8  # decoding steps between the host's checks whether every row ha
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (padding included)
 
 
+def head_dim(config) -> int:
+    """Width of one attention head of a transformers model ``config``."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def synchronized_time(device: torch.device) -> float:
+    """``time.perf_counter()`` once the work queued on ``device`` has run (GPU kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def left_padded(prompts: Sequence[Sequence[int]], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Ids and attention mask of ``prompts`` left-padded to ``width``."""
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -127,10 +139,9 @@ class DecodeStep:
         config = model.config
         device = next(model.parameters()).device
         dtype = model.get_input_embeddings().weight.dtype
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.model, self.rows, self.cache_len = model, rows, cache_len
         self.cache = StaticCache(config=config, max_cache_len=cache_len)
-        self.cache.early_initialization(rows, config.num_key_value_heads, head_dim, dtype, device)
+        self.cache.early_initialization(rows, config.num_key_value_heads, head_dim(config), dtype, device)
         self.input_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.position_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.mask = torch.zeros((rows, 1, 1, cache_len), dtype=torch.bool, device=device)
@@ -166,8 +177,7 @@ class DecodeStep:
             logits = self._forward(attended)
         for layer, length in zip(self.cache.layers, written):
             layer.cumulative_length.copy_(length)
-        torch.cuda.synchronize()
-        self.capture_seconds += time.perf_counter() - start
+        self.capture_seconds += synchronized_time(self.input_ids.device) - start
         return graph, logits
 
     def __call__(self, filled: int) -> torch.Tensor:
@@ -196,8 +206,6 @@ class GraphDecoder:
         self.stop = torch.tensor(list(stop_ids), device=self.device)
         self.processors = _logits_processors(decoding)
         self.step: Optional[DecodeStep] = None
-        self.prefill_seconds = self.capture_seconds = 0.0
-        self.steps = 0
         self.batches: list[dict] = []  # per batch: rows, width, cache length, prefill/capture/decode seconds, steps
 
     def release(self) -> None:
@@ -224,17 +232,13 @@ class GraphDecoder:
         step.mask[:, 0, 0, :width] = mask.bool()
         step.input_ids.copy_(ids[:, -1:])
         step.position_ids.copy_(mask.sum(1, keepdim=True) - 1)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        prefilled = time.perf_counter()
-        self.prefill_seconds += prefilled - t0
+        prefilled = synchronized_time(self.device)
         new_tokens = self.decoding.max_new_tokens
         sequences = torch.cat([ids, ids.new_full((len(prompts), new_tokens), self.pad)], 1)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
-        captured, steps = step.capture_seconds, self.steps
+        captured = step.capture_seconds
         for k in range(new_tokens):
             logits = step(width + k)
-            self.steps += 1
             chosen = self._choose(sequences[:, :width + k], logits)
             chosen = chosen.masked_fill(done, self.pad)
             sequences[:, width + k] = chosen
@@ -244,14 +248,10 @@ class GraphDecoder:
             step.input_ids.copy_(chosen[:, None])
             step.position_ids.add_(1)
             step.mask[:, 0, 0, width + k] = True
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
         capture = step.capture_seconds - captured
-        self.capture_seconds += capture
         self.batches.append({"rows": len(prompts), "width": width, "cache": step.cache_len,
-                             "prefill_s": round(prefilled - t0, 3), "capture_s": round(capture, 3),
-                             "decode_s": round(time.perf_counter() - prefilled - capture, 3),
-                             "steps": self.steps - steps})
+                             "prefill_s": prefilled - t0, "capture_s": capture,
+                             "decode_s": synchronized_time(self.device) - prefilled - capture, "steps": k + 1})
         return sequences[:, width:]
 
     def _choose(self, so_far: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from typing import Callable, Iterator, Literal, Optional, Sequence
 
 import torch
 
-from .decoder import PREFILL_TOKENS, GraphDecoder, cache_slots, left_padded, prefill
+from .decoder import PREFILL_TOKENS, GraphDecoder, cache_slots, head_dim, left_padded, prefill, synchronized_time
 from .errors import UserError
 from .memory import MemoryBudget, resolve_budget_gib
 
@@ -94,7 +94,8 @@ class GenerationStats:
                 **({"merge_seconds": round(self.merge_seconds, 3)} if self.weights == "merged" else {}),
                 **({"prefill_seconds": round(self.prefill_seconds, 3)} if self.engine != "eager" else {}),
                 **({"capture_seconds": round(self.capture_seconds, 3), "decode_steps": self.decode_steps,
-                    "batches": self.batches} if self.engine == "compiled" else {}),
+                    "batches": [{k: round(v, 3) if isinstance(v, float) else v for k, v in b.items()}
+                                for b in self.batches]} if self.engine == "compiled" else {}),
                 **({"peak_gpu_memory_gib": round(self.peak_gpu_memory_gib, 2)}
                    if self.peak_gpu_memory_gib is not None else {})}
 
@@ -126,8 +127,7 @@ def grouped_decode_attention(model) -> Iterator[None]:
 
 def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
     """Bytes of keys and values one token takes in the KV cache of every layer."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype_bytes
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * dtype_bytes
 
 
 def prefill_bytes(config, longest: int, tokens: int = PREFILL_TOKENS) -> int:
@@ -268,9 +268,7 @@ def generate_replies(
         width = len(prompts[order[start]])
         chunk = order[start:start + batch_rows(width, decoding.max_new_tokens, cap, kv_slots)]
         batch = [prompts[i] for i in chunk]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0 = synchronized_time(device)
         try:
             if decoder is not None:
                 new = decoder(batch, width)
@@ -280,9 +278,7 @@ def generate_replies(
                 if engine == "static":
                     extra = static_generate_kwargs(model, batch, width, decoding.max_new_tokens, pad,
                                                    prefill_tokens)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    stats.prefill_seconds += time.perf_counter() - t0
+                    stats.prefill_seconds += synchronized_time(device) - t0
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                      eos_token_id=list(stop_ids), pad_token_id=pad, use_cache=True,
                                      **decoding.generate_kwargs(), **extra)
@@ -308,9 +304,7 @@ def generate_replies(
         ended = torch.isin(new, stop)
         up_to_stop = (ended.cumsum(1) - ended.long()) == 0
         lengths = (up_to_stop & (new != pad)).sum(1)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        stats.seconds += time.perf_counter() - t0
+        stats.seconds += synchronized_time(device) - t0
         stats.new_tokens += int(lengths.sum())
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for i, text in zip(chunk, texts):
@@ -320,8 +314,10 @@ def generate_replies(
         bar.set_postfix_str(f"{stats.tokens_per_sec:,.0f} new tok/s, batch {len(chunk)}, {engine}")
     bar.close()
     if decoder is not None:
-        stats.prefill_seconds, stats.capture_seconds = decoder.prefill_seconds, decoder.capture_seconds
-        stats.decode_steps, stats.batches = decoder.steps, decoder.batches
+        stats.batches = decoder.batches
+        stats.prefill_seconds = sum(b["prefill_s"] for b in decoder.batches)
+        stats.capture_seconds = sum(b["capture_s"] for b in decoder.batches)
+        stats.decode_steps = sum(b["steps"] for b in decoder.batches)
     if device.type == "cuda":  # the process's peak so far, generation included
         stats.peak_gpu_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
     return replies, stats
@@ -393,11 +389,10 @@ class Generator:
         if (plan.merged or plan.kv_slots is not None) and said != (plan.merged, plan.batch_size):
             self.report(f"{desc}: {plan.describe(self.engine)}")
         self.last_plan = plan
+        device = next(self.model.parameters()).device
         start = time.perf_counter()
         model = merged_copy(self.model) if plan.merged else self.model
-        if plan.merged and torch.cuda.is_available():
-            torch.cuda.synchronize()  # the copy's kernels are its time, not the first batch's
-        merge_seconds = time.perf_counter() - start
+        merge_seconds = synchronized_time(device) - start  # the copy's kernels are its time, not the first batch's
         attention = grouped_decode_attention(model) if self.engine != "eager" else contextlib.nullcontext()
         try:
             with attention:
