@@ -7,6 +7,11 @@ there is one query per row, so the 4 query heads that share a K/V head can be la
 *positions* of that one head: a single SDPA call over the un-repeated cache gives the same result.
 Prefill (more than one query) keeps transformers' SDPA path.
 
+In a left-padded batch sorted longest first, a short row's first slots are padding that every step
+would read and mask. ``row_groups`` (a keyword argument of the model's forward, which transformers
+passes on to the attention) splits the rows into groups that each attend only from their longest
+row's first slot on: the same result, with the padding not read.
+
 ``register()`` adds it to transformers' ``AttentionInterface`` as ``gqa_decode`` (with SDPA's mask
 function), so any Llama model can use it through ``model.set_attn_implementation("gqa_decode")``.
 """
@@ -25,7 +30,12 @@ def gqa_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
                          scaling: Optional[float] = None, is_causal: Optional[bool] = None,
                          **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: ``query`` (batch, heads, q_len, dim), ``key``/``value``
-    (batch, kv_heads, kv_len, dim); returns (batch, q_len, heads, dim) and no attention weights."""
+    (batch, kv_heads, kv_len, dim); returns (batch, q_len, heads, dim) and no attention weights.
+
+    ``row_groups`` (in ``kwargs``, decoding only): ``((first_row, first_slot), ...)``, rows from each
+    ``first_row`` to the next attend to slots from ``first_slot`` on; the slots before must be masked
+    for each of those rows.
+    """
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     if q_len != 1 or kv_heads == heads or dropout:
@@ -41,7 +51,13 @@ def gqa_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
         # attends to the cache's first slots only (the compiled decoder's slots not yet written).
         kv_len = min(mask.shape[-1], key.shape[2])
         key, value, mask = key[:, :, :kv_len], value[:, :, :kv_len], mask[..., :kv_len]
-    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
+    row_groups = kwargs.get("row_groups") or ((0, 0),)
+    ends = [row for row, _ in row_groups[1:]] + [batch]
+    parts = [F.scaled_dot_product_attention(grouped[first:end], key[first:end, :, slot:], value[first:end, :, slot:],
+                                            attn_mask=None if mask is None else mask[first:end, ..., slot:],
+                                            scale=scaling)
+             for (first, slot), end in zip(row_groups, ends)]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 

@@ -2,7 +2,9 @@
 # Runs on the lent GPU machine: installs carried wheels, runs GPU tests and benchmarks.
 # Usage: bash scripts/gpu_session.sh STEP...
 #   STEP: tests | unsloth | unsloth_plain | norearm | hf | hf_plain | corpus_packed | corpus_unpacked | corpus_grouped
-#         | model8b | predict | predicts | compare | fitbudget | probe | gguf8b | dpo8b
+#         | model8b | predict | predicts | compare | fitbudget | probe | profile | gguf8b | dpo8b
+# profile: scripts/engine_profile.py on /tmp/llama8b, one process per entry of $PROFILES (prefill variants,
+# first call against later calls, kernel profiles, decoding steps).
 # probe: scripts/generation_probe.py on /tmp/llama8b with $PROBE_ARGS (engines, batch sizes, reply lengths).
 # compare: Unsloth's TRL SFTTrainer and this package at each memory budget of $BUDGETS, one table.
 # fitbudget: `fit` of the 8B config on $CORPUS (random 8B from model8b) for 30 steps at each budget of
@@ -101,6 +103,11 @@ PY
                find "$OUT/predict_$name" -name metrics.json | head -1 | xargs -r python3 -c \
                  "import json,sys; print('$name', json.dumps(json.load(open(sys.argv[1])).get('generation')))" \
                  | tee -a "$OUT/predicts.jsonl"
+             done ;;
+    profile) # $PROFILES: "ARGS;ARGS..." -- one process of scripts/engine_profile.py per entry (default $PROFILE_ARGS)
+             printf '%s\n' "${PROFILES:-${PROFILE_ARGS:-}}" | tr ';' '\n' | while read -r args; do
+               timeout ${PROFILE_TIMEOUT:-400} python3 scripts/engine_profile.py /tmp/llama8b --corpus "$CORPUS" \
+                 --json "$OUT/profile.jsonl" $args 2>>"$OUT/profile.err" | cut -c1-400; echo "rc=$? $args"
              done ;;
     probe) timeout ${PROBE_TIMEOUT:-480} python3 scripts/generation_probe.py /tmp/llama8b --corpus "$CORPUS" \
              --json "$OUT/probe.jsonl" ${PROBE_ARGS:-} 2>"$OUT/probe.err"; echo "rc=$?"; tail -3 "$OUT/probe.err" ;;

@@ -90,6 +90,30 @@ def test_steps_attend_to_a_growing_part_of_the_cache_and_equal_generate(tiny_lor
     assert first_batch[0] == 40 and first_batch[-1] == 64 and sorted(set(first_batch)) == [40, 48, 56, 64]
 
 
+def test_row_groups_skip_a_left_padded_batchs_padding_only_where_it_pays():
+    assert decoder_module.row_groups([600] * 64, 600) == ((0, 0),)  # nothing to skip: one group
+    lengths = [1900] * 32 + [1000] * 32 + [700] * 32
+    # first slots 0, 900 -> 896, 1200 -> 1152 (multiples of 64)
+    assert decoder_module.row_groups(lengths, 1900) == ((0, 0), (32, 896), (64, 1152))
+    assert decoder_module.row_groups([1900] * 95 + [100], 1900) == ((0, 0),)  # an eighth of the reads or less
+
+
+def test_rows_attending_in_groups_from_their_own_first_slot_equal_generate(tiny_lora, random_prompts, monkeypatch):
+    """Groups of 2 rows each skip their left padding; the replies still equal ``generate``'s."""
+    backend, model, tok = tiny_lora
+    monkeypatch.setattr(decoder_module, "ROW_GROUP", 2)
+    monkeypatch.setattr(decoder_module, "GROUP_SLOT", 1)
+    used = []
+    real = decoder_module.DecodeStep.use_row_groups
+    monkeypatch.setattr(decoder_module.DecodeStep, "use_row_groups",
+                        lambda self, groups: used.append(groups) or real(self, groups))
+    decoding = Decoding(max_new_tokens=7)
+    want, _ = Generator(model, tok, backend, decoding, 4, engine="eager").generate(random_prompts, progress=False)
+    got, _ = Generator(model, tok, backend, decoding, 4, engine="compiled").generate(random_prompts, progress=False)
+    assert got == want
+    assert used[0] == ((0, 0), (2, 18))  # widths 40, 31 | 22, 14: the second pair starts 18 slots in
+
+
 def test_batches_of_long_prompts_hold_fewer_rows_within_the_kv_budget(tiny_lora, random_prompts, monkeypatch):
     """``kv_slots`` (the plan's KV-cache room) caps rows x cache length: long prompts go in smaller batches."""
     from bengali_empathy.generation import generate_replies

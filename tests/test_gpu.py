@@ -173,7 +173,11 @@ def test_memory_budget_buys_layers_without_recompute_and_is_kept(mid_model_path,
 def test_compiled_engine_replays_cuda_graphs_equal_to_the_step_run_directly(tiny_model_path, load_in_4bit,
                                                                            monkeypatch):
     """The recorded graph computes what the step computes when run kernel by kernel, token for token, in
-    4-bit too; in fp32 both equal transformers' ``generate``."""
+    4-bit too, with rows attending in groups that skip their padding. In fp32, with all rows in one group,
+    the replies equal the ``static`` engine's (the same prefill, transformers' ``generate`` decoding).
+    Not against ``eager``: its prefill may take SDPA's cuDNN kernel, which :func:`.decoder.prefill`
+    leaves out; and groups of fewer rows split the attention's sums differently. Either may flip a
+    near-tie of the random model's flat logits."""
     if load_in_4bit:
         pytest.importorskip("bitsandbytes")
     from bengali_empathy import decoder
@@ -197,6 +201,10 @@ def test_compiled_engine_replays_cuda_graphs_equal_to_the_step_run_directly(tiny
                         weights="adapter")
         return gen.generate(prompts, progress=False)
 
+    if not load_in_4bit:  # one attention group (ROW_GROUP rows): the sums split as in transformers' decoding
+        assert replies("compiled")[0] == replies("static")[0]
+    monkeypatch.setattr(decoder, "ROW_GROUP", 2)  # first batch (300, 260 | 90, 41): the second pair from slot 208
+    monkeypatch.setattr(decoder, "GROUP_SLOT", 8)
     graphed, stats = replies("compiled")
     assert stats.capture_seconds > 0 and stats.decode_steps > 0 and stats.new_tokens > 0
     unrecorded = decoder.DecodeStep.__init__
@@ -209,5 +217,3 @@ def test_compiled_engine_replays_cuda_graphs_equal_to_the_step_run_directly(tiny
     direct, direct_stats = replies("compiled")
     assert direct_stats.capture_seconds == 0
     assert graphed == direct
-    if not load_in_4bit:
-        assert graphed == replies("eager")[0]

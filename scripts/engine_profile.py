@@ -1,0 +1,150 @@
+"""Where the compiled engine's time goes on the 8B (GPU): prefill variants, first call against later calls,
+kernel profiles of a prefill slice and of a decoding step, and end-to-end generation per variant.
+
+Usage: python scripts/engine_profile.py MODEL_DIR --corpus FILE [--variants FILE.py ...] [--json OUT]
+Each ``--variants`` file is a module with a ``prefill`` function of :func:`bengali_empathy.decoder.prefill`'s
+signature; ``main`` is the package's own. Prints one JSON line per measurement.
+"""
+import argparse
+import importlib.util
+import json
+import sys
+import time
+
+from bengali_empathy.backends import preimport_unsloth
+
+preimport_unsloth("predict")
+
+import torch  # noqa: E402
+
+from bengali_empathy import decoder  # noqa: E402
+from bengali_empathy.generation import Decoding, Generator, grouped_decode_attention  # noqa: E402
+from bengali_empathy.merged import merged_copy  # noqa: E402
+from bengali_empathy.module import EmpathyLM  # noqa: E402
+
+sys.path.insert(0, "scripts")
+from generation_probe import corpus_prompts  # noqa: E402
+
+
+def load_variant(path: str):
+    spec = importlib.util.spec_from_file_location(path.rsplit("/", 1)[-1][:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.prefill
+
+
+def kernel_table(prof, rows: int = 12) -> list:
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events)
+    return [[e.key[:70], round(e.self_device_time_total / 1e3, 1), round(e.self_device_time_total / total, 3)]
+            for e in events[:rows]] + [["total_ms", round(total / 1e3, 1), 1.0]]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--rows", type=int, default=512)
+    p.add_argument("--variants", nargs="*", default=[])
+    p.add_argument("--budgets", nargs="*", type=int, default=[16384])
+    p.add_argument("--e2e", nargs="*", default=[], help="max_new_tokens of end-to-end runs per variant")
+    p.add_argument("--reps", type=int, default=2, help="prefills of each batch per variant (the first: the process's first)")
+    p.add_argument("--no-main", action="store_true", help="only the --variants, not the package's own prefill")
+    p.add_argument("--no-cudnn", action="store_true", help="SDPA without its cuDNN backend")
+    p.add_argument("--kernels", action="store_true", help="kernel profiles of a prefill slice and a decoding step")
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    if a.no_cudnn:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    out = open(a.json, "a") if a.json else None
+
+    def emit(row: dict) -> None:
+        line = json.dumps(row)
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+            out.flush()
+
+    variants = {} if a.no_main else {"main": decoder.prefill}
+    for path in a.variants:
+        variants[path.rsplit("/", 1)[-1][:-3]] = load_variant(path)
+    lm = EmpathyLM(model_name_or_path=a.model, backend="hf", max_seq_length=2048, gradient_checkpointing=False,
+                   memory_budget_gib=None)
+    lm.configure_model()
+    lm.backend.for_inference(lm.model)
+    prompts = sorted(corpus_prompts(a.corpus, a.model, a.rows), key=len, reverse=True)
+    device = torch.device("cuda")
+    t = time.perf_counter()
+    model = merged_copy(lm.model)
+    emit({"merge_s": round(decoder.synchronized_time(device) - t, 2), "rows": len(prompts),
+          "tokens": sum(map(len, prompts))})
+    pad = lm.tokenizer.pad_token_id
+    batches = [prompts[:256], prompts[256:512]]
+    width = len(batches[0][0])
+    with grouped_decode_attention(model):
+        step = decoder.DecodeStep(model, 256, decoder.cache_slots(width, 128))
+        stats0 = torch.cuda.memory_stats()
+        for rep in range(1, a.reps + 1):
+            for name, fn in variants.items():
+                for budget in a.budgets:
+                    for b, batch in enumerate(batches):
+                        s0 = torch.cuda.memory_stats()
+                        t = decoder.synchronized_time(device)
+                        fn(model, step.cache, batch, len(batch[0]), pad, budget)
+                        secs = decoder.synchronized_time(device) - t
+                        s1 = torch.cuda.memory_stats()
+                        emit({"prefill": name, "no_cudnn": a.no_cudnn, "rep": rep, "budget": budget, "batch": b + 1, "s": round(secs, 3),
+                              "tokens": sum(map(len, batch)), "tok_s": round(sum(map(len, batch)) / secs),
+                              "cudaMalloc": s1["num_device_alloc"] - s0["num_device_alloc"],
+                              "cudaFree": s1["num_device_free"] - s0["num_device_free"],
+                              "retries": s1["num_alloc_retries"] - s0["num_alloc_retries"]})
+        emit({"cudaMalloc_total": torch.cuda.memory_stats()["num_device_alloc"] - stats0["num_device_alloc"]})
+        # Kernel profile of one slice (the longest prompts) per variant.
+        part = batches[0][:max(1, 16384 // len(batches[0][0]))]
+        for name, fn in variants.items() if a.kernels else ():
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                fn(model, step.cache, part, len(part[0]), pad, 16384)
+                torch.cuda.synchronize()
+            emit({"profile": f"prefill slice {len(part)}x{len(part[0])}", "variant": name,
+                  "kernels": kernel_table(prof)})
+        # A decoding step: replayed graph time per attended length, and the kernels of the step run directly.
+        decoder.prefill(model, step.cache, batches[0], width, pad)
+        ids, mask = decoder.left_padded(batches[0], width, pad)
+        step.mask.zero_()
+        step.mask[:, 0, 0, :width] = mask.bool().to(device)
+        step.input_ids.copy_(ids[:, -1:].to(device))
+        step.position_ids.copy_(mask.sum(1, keepdim=True).to(device) - 1)
+        groups = decoder.row_groups([len(x) for x in batches[0]], width)
+        for grouped in (((0, 0),), groups):
+            step.use_row_groups(grouped)
+            for filled in (width, 1024, 512):
+                step(filled)
+                t = decoder.synchronized_time(device)
+                for _ in range(20):
+                    step(filled)
+                emit({"decode_step_ms": round((decoder.synchronized_time(device) - t) / 20 * 1e3, 2), "rows": 256,
+                      "attended": min(step.cache_len, -(-filled // 256) * 256), "cache": step.cache_len,
+                      "no_cudnn": a.no_cudnn, "row_groups": grouped})
+        if a.kernels:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    step._forward(min(step.cache_len, -(-width // 256) * 256))
+                torch.cuda.synchronize()
+            emit({"profile": "decode step x3, direct", "kernels": kernel_table(prof, 16)})
+        del step
+    del model
+    torch.cuda.empty_cache()
+    for new in a.e2e:
+        for name, fn in variants.items():
+            decoder.prefill = fn
+            gen = Generator(lm.model, lm.tokenizer, lm.backend, Decoding(max_new_tokens=int(new)), 256,
+                            engine="compiled", weights="merged")
+            torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            _, st = gen.generate(prompts, progress=False)
+            emit({"e2e": name, "no_cudnn": a.no_cudnn, "new": int(new), "wall_s": round(time.perf_counter() - t, 2), **st.as_dict()})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
