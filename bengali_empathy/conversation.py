@@ -122,8 +122,10 @@ class Replier:
         system_prompt: the adapter's (or the Bengali default)
         max_seq_length: the adapter's; a prompt plus ``max_new_tokens`` stays within it
         decoding: the default :class:`~.generation.Decoding`
-        engine: ``static`` decodes from a prefilled static cache with the grouped-query attention (as
-            evaluation's ``static`` engine does), ``eager`` with transformers' dynamic cache
+        engine: ``compiled`` and ``static`` decode from a prefilled static cache with the grouped-query
+            attention, as evaluation's engines of those names do (``compiled``: one CUDA-graph replay a
+            step, the graphs of the tuned and the base model kept for the next reply); ``eager`` with
+            transformers' dynamic cache
     """
 
     def __init__(self, model, tokenizer, backend, system_prompt: str, max_seq_length: int, decoding: Decoding,
@@ -136,6 +138,7 @@ class Replier:
         self.stop_ids = stop_token_ids(tokenizer)
         self.system_prompt, self.max_seq_length, self.decoding = system_prompt, max_seq_length, decoding
         self.engine = engine
+        self._decoders: dict = {}  # base (adapter disabled) or not -> GraphDecoder: a graph records one of them
         self._lock = threading.Lock()
 
     def prompt(self, turns: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
@@ -209,6 +212,9 @@ class Replier:
             fast = self.engine != "eager"
             attention = grouped_decode_attention(self.model) if fast else contextlib.nullcontext()
             with adapter, attention, torch.inference_mode():
+                if self.engine == "compiled":
+                    self._graph_decode(ids, decoding, base, streamer, stop)
+                    return
                 extra = static_generate_kwargs(self.model, [ids], len(ids), decoding.max_new_tokens,
                                                self.tokenizer.pad_token_id) if fast else {}
                 self.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), streamer=streamer,
@@ -217,6 +223,28 @@ class Replier:
                                     **decoding.generate_kwargs(), **extra)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the reading thread
             streamer.fail(exc)
+
+    def _graph_decode(self, ids: list[int], decoding: Decoding, base: bool, streamer: GraphemeStreamer,
+                      stop: threading.Event) -> None:
+        from .decoder import GraphDecoder
+
+        decoder = self._decoders.get(base)
+        if decoder is None:
+            decoder = self._decoders[base] = GraphDecoder(self.model, decoding, self.stop_ids,
+                                                          self.tokenizer.pad_token_id)
+        decoder.use_decoding(decoding)
+        prompt = torch.tensor([ids])
+        streamer.put(prompt)  # as generate() does: the prompt first
+
+        def on_step(tokens: torch.Tensor) -> bool:
+            streamer.put(tokens.cpu())
+            return stop.is_set()
+
+        try:
+            decoder([ids], len(ids), on_step=on_step)
+        finally:
+            decoder.batches.clear()  # a chat's replies are not profiled
+        streamer.end()
 
 
 def chat_loop(replier: Replier, messages: Iterable[str], out: TextIO, note: Callable[[str], None],

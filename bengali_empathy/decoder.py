@@ -14,7 +14,9 @@ the stop tokens and the padding of finished rows stay in PyTorch outside the gra
 looks at whether every row has stopped only every ``CHECK_EVERY`` steps. The cache length is the
 batch's longest prompt plus ``max_new_tokens``, rounded up to ``CACHE_BUCKET``: batches (sorted longest
 first) of one bucket share a graph, and a shorter bucket records a new one (a fraction of a second)
-rather than attending over the longest batch's cache length.
+rather than attending over the longest batch's cache length. Where a batch's prompts differ much in
+length, its rows attend in groups that each skip their left padding (:func:`row_groups`); chat
+streams each step's token through ``on_step``.
 
 The step computes what ``generate`` computes for left-padded rows (positions counted from the
 attention mask, finished rows fed padding), so greedy replies equal the ``eager`` engine's; off the
@@ -23,7 +25,7 @@ GPU the same step runs without a graph (that is what the CPU tests compare).
 from __future__ import annotations
 
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -241,6 +243,10 @@ class GraphDecoder:
         """Drop the recorded step and its cache (before a retry at a smaller batch)."""
         self.step = None
 
+    def use_decoding(self, decoding) -> None:
+        """Decode with ``decoding`` from the next call on (a chat's settings per reply)."""
+        self.decoding, self.processors = decoding, _logits_processors(decoding)
+
     def _step_for(self, rows: int, width: int) -> DecodeStep:
         cache_len = cache_slots(width, self.decoding.max_new_tokens)
         if self.step is None or (self.step.rows, self.step.cache_len) != (rows, cache_len):
@@ -249,9 +255,13 @@ class GraphDecoder:
         return self.step
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+    def __call__(self, prompts: Sequence[Sequence[int]], width: int,
+                 on_step: Optional[Callable[[torch.Tensor], bool]] = None) -> torch.Tensor:
         """The new tokens (rows, ``max_new_tokens``) for ``prompts`` (sorted longest first, ``width`` the
-        longest): each row's reply up to and including its stop token, padding after."""
+        longest): each row's reply up to and including its stop token, padding after.
+
+        ``on_step`` (a streamed reply) sees each step's tokens, one per row, and ends decoding by
+        returning True; with it the host checks for stopped rows after every step."""
         step = self._step_for(len(prompts), width)
         step.use_row_groups(row_groups([len(p) for p in prompts], width))
         t0 = time.perf_counter()
@@ -267,13 +277,15 @@ class GraphDecoder:
         sequences = torch.cat([ids, ids.new_full((len(prompts), new_tokens), self.pad)], 1)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
         captured = step.capture_seconds
+        check_every = 1 if on_step is not None else CHECK_EVERY
         for k in range(new_tokens):
             logits = step(width + k)
             chosen = self._choose(sequences[:, :width + k], logits)
             chosen = chosen.masked_fill(done, self.pad)
             sequences[:, width + k] = chosen
             done |= torch.isin(chosen, self.stop)
-            if k + 1 == new_tokens or ((k + 1) % CHECK_EVERY == 0 and bool(done.all())):
+            ended = on_step is not None and on_step(chosen)
+            if ended or k + 1 == new_tokens or ((k + 1) % check_every == 0 and bool(done.all())):
                 break
             step.input_ids.copy_(chosen[:, None])
             step.position_ids.add_(1)

@@ -131,13 +131,68 @@ def test_terminal_chat_is_one_conversation(default_fit, tmp_path):
     assert len(errors) == 1 and "the message is too long" in errors[0]
 
 
-def test_static_engine_streams_the_eager_engines_reply(tiny_lora):
-    """Chat on the GPU decodes like evaluation's static engine; on the CPU in fp32 it is the eager reply."""
-    backend, model, tok = tiny_lora
+@pytest.fixture(scope="module")
+def trained_lora(tiny_model_path):
+    """(backend, model, tokenizer): the tiny model with a LoRA whose B is not zero (tuned != base)."""
+    from bengali_empathy.backends import HFPeftBackend, LoraSettings
+
+    backend = HFPeftBackend(load_in_4bit=False, gradient_checkpointing=False)
+    model, tok = backend.load(tiny_model_path, 768, LoraSettings(), None)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return backend, model.eval(), tok
+
+
+@pytest.mark.parametrize("base", [False, True], ids=["tuned", "base"])
+def test_static_and_compiled_engines_stream_the_eager_engines_reply(trained_lora, base):
+    """Chat on the GPU decodes like evaluation's static or compiled engine; on the CPU in fp32 each is the
+    eager reply, streamed as it grows, for the tuned model and for its base (adapter disabled)."""
+    backend, model, tok = trained_lora
     turns = _turns("আমি একা।", "আমি আছি।", "আজ খুব ভয় লাগছে, কী করব?")
     replies = {}
-    for engine in ("eager", "static"):
+    for engine in ("eager", "static", "compiled"):
         replier = Replier(model, tok, backend, DEFAULT_SYSTEM_PROMPT, 768, Decoding(max_new_tokens=12), engine=engine)
-        replies[engine] = [r.text for r in replier.stream(turns)]
-    assert replies["static"][-1] == replies["eager"][-1] and len(replies["eager"][-1]) > 5
+        replies[engine] = [r for r in replier.stream(turns, base=base)]
+    eager = replies["eager"][-1]
+    assert len(eager.text) > 5
+    for engine in ("static", "compiled"):
+        last = replies[engine][-1]
+        assert (last.text, last.new_tokens) == (eager.text, eager.new_tokens), engine
+    assert len({r.text for r in replies["compiled"]}) > 2  # streamed: the text grew over several updates
     assert model.get_base_model().config._attn_implementation == "sdpa"  # restored after the reply
+
+
+def test_the_compiled_engine_keeps_a_decoder_each_for_the_tuned_and_the_base_model(trained_lora):
+    """A graph records the adapter as it stood: the base model's replies have their own decoder, which
+    the next base reply reuses, and they differ from the tuned model's."""
+    backend, model, tok = trained_lora
+    replier = Replier(model, tok, backend, DEFAULT_SYSTEM_PROMPT, 768, Decoding(max_new_tokens=12), engine="compiled")
+    turns = _turns("আজ খুব ভয় লাগছে, কী করব?")
+    tuned, base = replier.reply(turns), replier.reply(turns, base=True)
+    decoders = dict(replier._decoders)
+    assert replier.reply(turns, base=True).text == base.text != tuned.text
+    assert replier._decoders == decoders and set(decoders) == {False, True}
+
+
+def test_a_reader_that_leaves_ends_compiled_decoding(tiny_lora):
+    backend, model, tok = tiny_lora
+    replier = Replier(model, tok, backend, DEFAULT_SYSTEM_PROMPT, 768, Decoding(max_new_tokens=64), engine="compiled")
+    replier.reply(_turns("আমি একা।"), Decoding(max_new_tokens=2))  # makes the tuned model's decoder
+    decoder, steps = replier._decoders[False], []
+    choose = decoder._choose
+
+    def slow_choice(so_far, logits):  # a step slower than the reader
+        steps.append(1)
+        time.sleep(0.02)
+        return choose(so_far, logits)
+
+    decoder._choose = slow_choice
+    stream = replier.stream(_turns("আমি একা।"))
+    next(stream)
+    stream.close()  # the web page closed mid-reply
+    assert replier._lock.acquire(timeout=5)
+    replier._lock.release()
+    assert 1 <= len(steps) < 32  # it stopped soon after the reader left, not after 64 tokens

@@ -217,3 +217,28 @@ def test_compiled_engine_replays_cuda_graphs_equal_to_the_step_run_directly(tiny
     direct, direct_stats = replies("compiled")
     assert direct_stats.capture_seconds == 0
     assert graphed == direct
+
+
+def test_chat_on_the_compiled_engine_replays_graphs_and_streams_the_static_engines_reply(tiny_model_path,
+                                                                                          monkeypatch):
+    """Chat decodes in a worker thread: the graphs recorded there give the static engine's reply (fp32),
+    and the next reply of the same cache bucket replays them without recording."""
+    from bengali_empathy.backends import HFPeftBackend, LoraSettings
+    from bengali_empathy.conversation import Replier
+    from bengali_empathy.data import DEFAULT_SYSTEM_PROMPT
+    from bengali_empathy.generation import Decoding
+    import peft.tuners.lora.torchao
+
+    monkeypatch.setattr(peft.tuners.lora.torchao, "is_torchao_available", lambda: False)  # as above
+    backend = HFPeftBackend(load_in_4bit=False, gradient_checkpointing=False)
+    model, tok = backend.load(tiny_model_path, 768, LoraSettings(), None)
+    model = model.to("cuda").eval()
+    turns = [{"role": "user", "content": "আজ খুব ভয় লাগছে, কী করব?"}]
+    replies = {}
+    for engine in ("static", "compiled"):
+        replier = Replier(model, tok, backend, DEFAULT_SYSTEM_PROMPT, 768, Decoding(max_new_tokens=16), engine=engine)
+        replies[engine] = replier.reply(turns).text
+    step = replier._decoders[False].step
+    recorded = step.capture_seconds
+    assert recorded > 0 and replier.reply(turns).text == replies["compiled"] == replies["static"]
+    assert replier._decoders[False].step is step and step.capture_seconds == recorded
