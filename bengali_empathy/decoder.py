@@ -151,10 +151,11 @@ class DecodeStep:
     """One decoding step of ``model`` for ``rows`` rows and a static cache of ``cache_len`` slots.
 
     Its inputs are fixed tensors written in place (``input_ids``, ``position_ids``, the boolean
-    ``mask`` over the cache's slots) and the batch's :func:`row_groups` (new groups: new graphs). A step attends only to the cache's first slots that can hold
-    tokens yet, rounded up to ``CACHE_BUCKET`` (the attention reads no more of the cache than it
-    must: a 2,048-token reply does not pay for its end while it begins); on CUDA each of those
-    lengths is a graph, recorded when decoding first reaches it.
+    ``mask`` over the cache's slots) and the batch's :func:`row_groups` (new groups: new graphs). A
+    step attends only to the cache's first slots that can hold tokens yet, rounded up to
+    ``CACHE_BUCKET`` (the attention reads no more of the cache than it must: a 2,048-token reply does
+    not pay for its end while it begins); on CUDA each of those lengths is a graph, recorded when
+    decoding first reaches it.
     """
 
     def __init__(self, model, rows: int, cache_len: int) -> None:
@@ -179,6 +180,10 @@ class DecodeStep:
         if groups != self.row_groups:
             self.graphs.clear()
             self.row_groups = groups
+
+    def attended(self, filled: int) -> int:
+        """Cache slots a step attends to where ``filled`` slots hold tokens (a graph for each such length)."""
+        return min(self.cache_len, -(-filled // CACHE_BUCKET) * CACHE_BUCKET)
 
     def _forward(self, attended: int) -> torch.Tensor:
         out = self.model(input_ids=self.input_ids, position_ids=self.position_ids,
@@ -214,7 +219,7 @@ class DecodeStep:
     def __call__(self, filled: int) -> torch.Tensor:
         """The next-token logits (rows, vocabulary) of the tokens in ``input_ids``, written into the cache,
         where ``filled`` slots (this step's own included) hold tokens."""
-        attended = min(self.cache_len, -(-filled // CACHE_BUCKET) * CACHE_BUCKET)
+        attended = self.attended(filled)
         if not self.graphed:
             return self._forward(attended)
         if attended not in self.graphs:

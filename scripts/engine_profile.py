@@ -124,12 +124,12 @@ def main() -> None:
                 for _ in range(20):
                     step(filled)
                 emit({"decode_step_ms": round((decoder.synchronized_time(device) - t) / 20 * 1e3, 2), "rows": 256,
-                      "attended": min(step.cache_len, -(-filled // 256) * 256), "cache": step.cache_len,
+                      "attended": step.attended(filled), "cache": step.cache_len,
                       "no_cudnn": a.no_cudnn, "row_groups": grouped})
         if a.kernels:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(3):
-                    step._forward(min(step.cache_len, -(-width // 256) * 256))
+                    step._forward(step.attended(width))
                 torch.cuda.synchronize()
             emit({"profile": "decode step x3, direct", "kernels": kernel_table(prof, 16)})
         del step
