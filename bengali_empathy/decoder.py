@@ -32,7 +32,10 @@ import torch
 CACHE_BUCKET = 256  # cache lengths are multiples of this: batches of one bucket replay one graph
 CHECK_EVERY = 8  # decoding steps between the host's checks whether every row has stopped
 ROW_GROUP = 32  # rows of a group that attends from its own first slot (see row_groups)
-GROUP_SLOT = 64  # a group's first slot is a multiple of this
+# A group's first slot is a multiple of this. With every group ROW_GROUP rows and its first slot and the
+# attended length both multiples of CACHE_BUCKET, a step's attention calls repeat the shapes of the
+# graphs recorded before, whose kernel plans (cuDNN's) are then reused.
+GROUP_SLOT = CACHE_BUCKET
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (padding included)
 
 
@@ -116,14 +119,10 @@ def row_groups(lengths: Sequence[int], width: int) -> tuple[tuple[int, int], ...
     rows of a batch left-padded to ``width`` (``lengths`` sorted longest first) that attend from their
     longest row's first slot, rounded down to ``GROUP_SLOT``; ``((0, 0),)`` (one group) where that would
     leave more than seven eighths of the padded reads (another graph to record would cost more)."""
-    groups: list[tuple[int, int]] = []
-    skipped = 0
-    for first in range(0, len(lengths), ROW_GROUP):
-        slot = (width - lengths[first]) // GROUP_SLOT * GROUP_SLOT
-        skipped += slot * len(lengths[first:first + ROW_GROUP])
-        if not groups or groups[-1][1] != slot:
-            groups.append((first, slot))
-    return tuple(groups) if skipped * 8 >= len(lengths) * width else ((0, 0),)
+    groups = tuple((first, (width - lengths[first]) // GROUP_SLOT * GROUP_SLOT)
+                   for first in range(0, len(lengths), ROW_GROUP))
+    skipped = sum(slot * len(lengths[first:first + ROW_GROUP]) for first, slot in groups)
+    return groups if skipped * 8 >= len(lengths) * width else ((0, 0),)
 
 
 def _logits_processors(decoding):

@@ -93,8 +93,10 @@ def test_steps_attend_to_a_growing_part_of_the_cache_and_equal_generate(tiny_lor
 def test_row_groups_skip_a_left_padded_batchs_padding_only_where_it_pays():
     assert decoder_module.row_groups([600] * 64, 600) == ((0, 0),)  # nothing to skip: one group
     lengths = [1900] * 32 + [1000] * 32 + [700] * 32
-    # first slots 0, 900 -> 896, 1200 -> 1152 (multiples of 64)
-    assert decoder_module.row_groups(lengths, 1900) == ((0, 0), (32, 896), (64, 1152))
+    # first slots 0, 900 -> 768, 1200 -> 1024 (multiples of the cache bucket, 256)
+    assert decoder_module.row_groups(lengths, 1900) == ((0, 0), (32, 768), (64, 1024))
+    # every group has its 32 rows, also where two start at one slot: the attention's shapes repeat
+    assert decoder_module.row_groups([1900] * 64 + [300] * 32, 1900) == ((0, 0), (32, 0), (64, 1536))
     assert decoder_module.row_groups([1900] * 95 + [100], 1900) == ((0, 0),)  # an eighth of the reads or less
 
 
