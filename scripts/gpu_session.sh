@@ -31,7 +31,7 @@ S=${STEPS:-25}
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
-    tests) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu --durations=0 tests/test_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} -p no:cacheprovider \
+    tests) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu --durations=0 tests/test_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} -p no:cacheprovider -rP \
              -W ignore::UserWarning --tb=short >"$OUT/gpu_tests.log" 2>&1; grep -E "passed|failed|^E |^FAILED" "$OUT/gpu_tests.log" | tail -30 ;;
     unsloth) timeout 240 $B --batch-size 2 --backend unsloth --loop lightning --steps $S --warmup 5 2>&1 | tail -1 ;;
     unsloth_plain) timeout 200 $B --batch-size 2 --backend unsloth --loop plain --steps $S --warmup 5 2>&1 | tail -1 ;;
