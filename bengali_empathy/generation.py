@@ -158,10 +158,11 @@ class GenerationPlan:
 
 
 def plan_generation(config, longest: int, max_new_tokens: int, batch_size: int, free_bytes: Optional[int],
-                    merged_bytes: int, merge: Optional[bool]) -> GenerationPlan:
+                    merged_bytes: int, merge: Optional[bool], adapter_bytes: int = 0) -> GenerationPlan:
     """The plan for prompts of up to ``longest`` tokens given ``free_bytes`` of GPU memory (None: not on a
     GPU, nothing checked). ``merge``: True = merged copy, False = never, None = merged where the copy
-    leaves room for ``MERGED_MIN_ROWS`` rows (or ``batch_size``, if fewer) of the longest prompt. A
+    leaves room for ``MERGED_MIN_ROWS`` rows (or ``batch_size``, if fewer) of the longest prompt; the
+    adapter model needs ``adapter_bytes`` beside its own (:func:`.merged.compute_dtype_bytes`). A
     prefill slice takes at most a quarter of the memory left (16,384 tokens down to 2,048). The KV cache
     of prompt + reply must fit for one row of the longest prompt at least."""
     if free_bytes is None:
@@ -182,7 +183,7 @@ def plan_generation(config, longest: int, max_new_tokens: int, batch_size: int, 
         if merge:
             raise UserError(f"model.generation_weights 'merged' needs {merged_bytes / 2**30:.1f} GiB for the merged "
                             f"copy beside the {free_bytes / 2**30:.1f} GiB free for generation; use 'auto' or 'adapter'")
-    tokens, fixed, slots = layout(free_bytes)
+    tokens, fixed, slots = layout(free_bytes - adapter_bytes)
     if slots < row_slots:
         raise UserError(f"model.max_new_tokens {max_new_tokens} after prompts of up to {longest} tokens needs "
                         f"{row_slots * per_token / 2**30:.2f} GiB of KV cache per row and {fixed / 2**30:.1f} GiB "
@@ -358,21 +359,22 @@ class Generator:
 
     def plan(self, prompts: Sequence[Sequence[int]], decoding: Decoding, allow_merged: bool) -> GenerationPlan:
         """The weights and batch size this call generates with (see :func:`plan_generation`)."""
-        from .merged import merged_bytes
+        from .merged import compute_dtype_bytes, merged_bytes
 
         device = next(self.model.parameters()).device
         free = free_generation_bytes(device, resolve_budget_gib(self.memory_budget, device))
         merge = self.merge if allow_merged else False
         if merge is not False and self._merged_bytes is None:  # a model of the config without storage, once
             self._merged_bytes = merged_bytes(self.model)
+        adapter_bytes = compute_dtype_bytes(self.model) if self.engine != "eager" else 0
         return plan_generation(self.model.config, max(map(len, prompts)), decoding.max_new_tokens, self.batch_size,
-                               free, self._merged_bytes or 0, merge)
+                               free, self._merged_bytes or 0, merge, adapter_bytes)
 
     def generate(self, prompts: Sequence[Sequence[int]], desc: str = "generating", progress: bool = True,
                  decoding: Optional[Decoding] = None, allow_merged: bool = True) -> tuple[list[str], GenerationStats]:
         """Replies (in input order) and :class:`GenerationStats` for tokenised generation prompts.
         ``allow_merged`` false: never on a merged copy (fit's validations: training holds the memory)."""
-        from .merged import merged_copy
+        from .merged import compute_dtype_weights, merged_copy
 
         was_training = self.model.training
         decoding = decoding or self.decoding
@@ -393,9 +395,12 @@ class Generator:
         start = time.perf_counter()
         model = merged_copy(self.model) if plan.merged else self.model
         merge_seconds = synchronized_time(device) - start  # the copy's kernels are its time, not the first batch's
-        attention = grouped_decode_attention(model) if self.engine != "eager" else contextlib.nullcontext()
+        fast = self.engine != "eager"
+        attention = grouped_decode_attention(model) if fast else contextlib.nullcontext()
+        # the eager engine stays the reference: the model as it trains (its fp32 parts in fp32)
+        weights = compute_dtype_weights(model) if fast and not plan.merged else contextlib.nullcontext()
         try:
-            with attention:
+            with weights, attention:
                 replies, stats = generate_replies(model, self.tokenizer, prompts, decoding, plan.batch_size,
                                                   self.stop_ids, desc=desc, progress=progress, on_oom=smaller,
                                                   engine=self.engine, kv_slots=plan.kv_slots,

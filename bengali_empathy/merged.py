@@ -9,10 +9,14 @@ adapter disabled (the base model of ``compare_base``) the copy is the dequantise
 It costs the 16-bit model's memory (about 15 GiB for Llama-3.1-8B) beside the 4-bit one, so
 evaluation uses it only where the run's memory allows (:func:`merged_bytes`; see :mod:`.generation`).
 Training and export do not use it: export merges into the unquantised base weights (:mod:`.export`).
+Where the copy does not fit, the fast engines generate on the 4-bit model itself with 16-bit copies of
+its fp32 parts (:func:`compute_dtype_weights`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+from typing import Iterator, Optional
 
 import torch
 
@@ -90,3 +94,43 @@ def merged_copy(model, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
         raise RuntimeError(f"merged copy lacks {missing[:3]}")
     plain.to(device).eval().requires_grad_(False)
     return plain
+
+
+def compute_dtype(model) -> Optional[torch.dtype]:
+    """The 16-bit dtype a bitsandbytes 4-bit ``model`` computes in (None: not 4-bit)."""
+    config = getattr(model, "config", None)
+    quantization = getattr(config, "quantization_config", None)
+    dtype = getattr(quantization, "bnb_4bit_compute_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if getattr(quantization, "load_in_4bit", False) and dtype in (torch.bfloat16, torch.float16) else None
+
+
+def _upcast_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.dtype == torch.float32] if compute_dtype(model) else []
+
+
+def compute_dtype_bytes(model) -> int:
+    """Bytes :func:`compute_dtype_weights` adds while it holds its copies."""
+    return sum(p.numel() for p in _upcast_parameters(model)) * 2
+
+
+@contextlib.contextmanager
+def compute_dtype_weights(model) -> Iterator[None]:
+    """Within: the 32-bit parameters of a 4-bit ``model`` hold 16-bit copies (restored after).
+
+    peft's ``prepare_model_for_kbit_training`` keeps norms, embeddings, the output head (and LoRA
+    holds its weights) in fp32 for training; the residual stream then runs in fp32, every layer's keys
+    and values come out in fp32, the KV cache takes twice the memory, and each decoding step casts the
+    cache to the 16-bit compute dtype for attention. With 16-bit copies the 4-bit model computes in its
+    compute dtype, as the merged copy does. Buffers (the rotary frequencies) stay as they are.
+    """
+    dtype = compute_dtype(model)
+    held = [(p, p.data) for p in _upcast_parameters(model)]
+    try:
+        for p, data in held:
+            p.data = data.to(dtype)
+        yield
+    finally:
+        for p, data in held:
+            p.data = data

@@ -55,3 +55,38 @@ def test_generation_on_the_merged_copy_is_reported_as_such(lora_with_trained_hea
     assert lines == ["generating: merged 16-bit copy (LoRA folded into the dequantised base), eager engine, batches of up to 2 rows"]
     # fit's validations never merge: training holds the memory
     assert on_copy.generate(prompts, progress=False, allow_merged=False)[1].weights == "adapter"
+
+
+def test_a_4bit_models_fp32_parameters_compute_in_16_bit_while_the_fast_engines_generate(lora_with_trained_head,
+                                                                                          monkeypatch):
+    """peft keeps a 4-bit model's norms, embeddings, head and LoRA in fp32: the compiled engine generates
+    with 16-bit copies of them (a KV cache in the compute dtype), the eager engine with them as they are,
+    and afterwards every parameter holds its own fp32 tensor again."""
+    from types import SimpleNamespace
+
+    from bengali_empathy import decoder
+    from bengali_empathy.backends import HFPeftBackend
+    from bengali_empathy.generation import Decoding, Generator
+    from bengali_empathy.merged import compute_dtype, compute_dtype_bytes
+
+    model, tok = lora_with_trained_head
+    config = model.get_base_model().config
+    assert compute_dtype(model) is None and compute_dtype_bytes(model) == 0  # not 4-bit: nothing to copy
+    monkeypatch.setattr(config, "quantization_config",
+                        SimpleNamespace(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16), raising=False)
+    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    assert compute_dtype(model) == torch.bfloat16
+    assert compute_dtype_bytes(model) == 2 * sum(p.numel() for p in model.parameters())  # all fp32 here
+    seen = []
+    real = decoder.DecodeStep.__init__
+    monkeypatch.setattr(decoder.DecodeStep, "__init__", lambda self, m, rows, cache_len: real(self, m, rows, cache_len)
+                        or seen.append((self.cache.layers[0].keys.dtype, m.lm_head.weight.dtype if hasattr(m, "lm_head")
+                                        else m.get_output_embeddings().weight.dtype)))
+    prompts = [torch.randint(1000, 120000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9)]
+    backend = HFPeftBackend(load_in_4bit=False, gradient_checkpointing=False)
+    for engine in ("compiled", "eager"):
+        replies, _ = Generator(model, tok, backend, Decoding(max_new_tokens=4), 2, engine=engine,
+                               weights="adapter").generate(prompts, progress=False)
+        assert len(replies) == 2
+    assert seen == [(torch.bfloat16, torch.bfloat16)]  # the compiled engine only; the eager engine has no DecodeStep
+    assert all(p.data_ptr() == before[n] and p.dtype == torch.float32 for n, p in model.named_parameters())
