@@ -77,11 +77,14 @@ def test_a_4bit_models_fp32_parameters_compute_in_16_bit_while_the_fast_engines_
     before = {n: p.data_ptr() for n, p in model.named_parameters()}
     assert compute_dtype(model) == torch.bfloat16
     assert compute_dtype_bytes(model) == 2 * sum(p.numel() for p in model.parameters())  # all fp32 here
-    seen = []
+    seen = []  # (KV cache dtype, output head dtype) of each decoding step made
     real = decoder.DecodeStep.__init__
-    monkeypatch.setattr(decoder.DecodeStep, "__init__", lambda self, m, rows, cache_len: real(self, m, rows, cache_len)
-                        or seen.append((self.cache.layers[0].keys.dtype, m.lm_head.weight.dtype if hasattr(m, "lm_head")
-                                        else m.get_output_embeddings().weight.dtype)))
+
+    def noting_dtypes(self, m, rows, cache_len):
+        real(self, m, rows, cache_len)
+        seen.append((self.cache.layers[0].keys.dtype, m.get_output_embeddings().weight.dtype))
+
+    monkeypatch.setattr(decoder.DecodeStep, "__init__", noting_dtypes)
     prompts = [torch.randint(1000, 120000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9)]
     backend = HFPeftBackend(load_in_4bit=False, gradient_checkpointing=False)
     for engine in ("compiled", "eager"):
