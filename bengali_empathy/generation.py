@@ -77,11 +77,19 @@ class GenerationStats:
     peak_gpu_memory_gib: Optional[float] = None
     engine: str = "eager"
     prefill_seconds: float = 0.0  # of ``seconds``, the sliced prefill of the static and compiled engines
-    capture_seconds: float = 0.0  # of ``seconds``, recording the compiled engine's CUDA graphs
-    decode_steps: int = 0  # the compiled engine's decoding steps (of every batch)
     batches: list = field(default_factory=list)  # the compiled engine's profile of each batch (decoder.py)
     weights: str = "adapter"  # or "merged": see :mod:`.merged`
     merge_seconds: float = 0.0  # of ``seconds``, building the merged copy
+
+    @property
+    def capture_seconds(self) -> float:
+        """Of ``seconds``, recording the compiled engine's CUDA graphs."""
+        return sum(b["capture_s"] for b in self.batches)
+
+    @property
+    def decode_steps(self) -> int:
+        """The compiled engine's decoding steps, of every batch."""
+        return sum(b["steps"] for b in self.batches)
 
     @property
     def tokens_per_sec(self) -> float:
@@ -319,8 +327,6 @@ def generate_replies(
     if decoder is not None:
         stats.batches = decoder.batches
         stats.prefill_seconds = sum(b["prefill_s"] for b in decoder.batches)
-        stats.capture_seconds = sum(b["capture_s"] for b in decoder.batches)
-        stats.decode_steps = sum(b["steps"] for b in decoder.batches)
     if device.type == "cuda":  # the process's peak so far, generation included
         stats.peak_gpu_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
     return replies, stats
