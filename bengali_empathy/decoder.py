@@ -180,6 +180,15 @@ class DecodeStep:
             self.graphs.clear()
             self.row_groups = groups
 
+    def begin(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Set the inputs for a batch's first step: ``ids`` and ``mask`` (rows, width) left-padded prompts
+        whose all but last tokens are in the cache; the step feeds each row's last token."""
+        width = ids.shape[1]
+        self.mask.zero_()
+        self.mask[:, 0, 0, :width] = mask.bool()
+        self.input_ids.copy_(ids[:, -1:])
+        self.position_ids.copy_(mask.sum(1, keepdim=True) - 1)
+
     def attended(self, filled: int) -> int:
         """Cache slots a step attends to where ``filled`` slots hold tokens (a graph for each such length)."""
         return min(self.cache_len, -(-filled // CACHE_BUCKET) * CACHE_BUCKET)
@@ -272,10 +281,7 @@ class GraphDecoder:
         prefill(self.model, step.cache, prompts, width, self.pad, self.prefill_tokens)
         ids, mask = left_padded(prompts, width, self.pad)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        step.mask.zero_()
-        step.mask[:, 0, 0, :width] = mask.bool()
-        step.input_ids.copy_(ids[:, -1:])
-        step.position_ids.copy_(mask.sum(1, keepdim=True) - 1)
+        step.begin(ids, mask)
         prefilled = synchronized_time(self.device)
         new_tokens = self.decoding.max_new_tokens
         sequences = torch.cat([ids, ids.new_full((len(prompts), new_tokens), self.pad)], 1)

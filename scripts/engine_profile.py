@@ -111,10 +111,7 @@ def main() -> None:
         # A decoding step: replayed graph time per attended length, and the kernels of the step run directly.
         decoder.prefill(model, step.cache, batches[0], width, pad)
         ids, mask = decoder.left_padded(batches[0], width, pad)
-        step.mask.zero_()
-        step.mask[:, 0, 0, :width] = mask.bool().to(device)
-        step.input_ids.copy_(ids[:, -1:].to(device))
-        step.position_ids.copy_(mask.sum(1, keepdim=True).to(device) - 1)
+        step.begin(ids.to(device), mask.to(device))
         groups = decoder.row_groups([len(x) for x in batches[0]], width)
         for grouped in (((0, 0),), groups):
             step.use_row_groups(grouped)
