@@ -46,6 +46,21 @@ def tiny_lora(tiny_model_path):
     return backend, model, tok
 
 
+def trained_tiny_lora(tiny_model_path, max_seq_length, modules_to_save=()):
+    """(backend, model in eval mode, tokenizer): the tiny model (hf backend, fp32) with a LoRA whose B is not
+    zero, and any ``modules_to_save`` moved off their base weights too, so tuned and base models differ."""
+    from bengali_empathy.backends import HFPeftBackend, LoraSettings
+
+    backend = HFPeftBackend(load_in_4bit=False, gradient_checkpointing=False)
+    model, tok = backend.load(tiny_model_path, max_seq_length, LoraSettings(modules_to_save=modules_to_save), None)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return backend, model.eval(), tok
+
+
 @pytest.fixture(scope="session")
 def chat(tokenizer):
     from bengali_empathy.data import ChatEncoder

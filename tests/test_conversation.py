@@ -6,7 +6,7 @@ import time
 import pytest
 import regex
 import torch
-from conftest import run_cli
+from conftest import run_cli, trained_tiny_lora
 
 from bengali_empathy.conversation import GraphemeStreamer, Replier, settled_text
 from bengali_empathy.data import DEFAULT_SYSTEM_PROMPT, ChatEncoder
@@ -134,16 +134,7 @@ def test_terminal_chat_is_one_conversation(default_fit, tmp_path):
 @pytest.fixture(scope="module")
 def trained_lora(tiny_model_path):
     """(backend, model, tokenizer): the tiny model with a LoRA whose B is not zero (tuned != base)."""
-    from bengali_empathy.backends import HFPeftBackend, LoraSettings
-
-    backend = HFPeftBackend(load_in_4bit=False, gradient_checkpointing=False)
-    model, tok = backend.load(tiny_model_path, 768, LoraSettings(), None)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return backend, model.eval(), tok
+    return trained_tiny_lora(tiny_model_path, 768)
 
 
 @pytest.mark.parametrize("base", [False, True], ids=["tuned", "base"])

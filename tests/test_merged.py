@@ -1,6 +1,7 @@
 """The merged copy computes what the LoRA model computes, with the adapter on and off."""
 import pytest
 import torch
+from conftest import trained_tiny_lora
 
 from bengali_empathy.merged import merged_bytes, merged_copy
 
@@ -8,16 +9,8 @@ from bengali_empathy.merged import merged_bytes, merged_copy
 @pytest.fixture(scope="module")
 def lora_with_trained_head(tiny_model_path):
     """The tiny model with a LoRA whose B is not zero and a head trained in full (modules_to_save)."""
-    from bengali_empathy.backends import HFPeftBackend, LoraSettings
-
-    model, tok = HFPeftBackend(load_in_4bit=False, gradient_checkpointing=False).load(
-        tiny_model_path, 256, LoraSettings(modules_to_save=("lm_head",)), None)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or "modules_to_save" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval(), tok
+    _, model, tok = trained_tiny_lora(tiny_model_path, 256, modules_to_save=("lm_head",))
+    return model, tok
 
 
 def test_merged_copy_has_the_lora_models_logits_with_the_adapter_on_and_off(lora_with_trained_head):
