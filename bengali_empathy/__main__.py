@@ -2,7 +2,7 @@
 import sys
 
 # Unsloth patches transformers/peft when imported, so it must come first when it may be used.
-from bengali_empathy.backends import preimport_unsloth
+from bengali_empathy.models.backends import preimport_unsloth
 
 preimport_unsloth(sys.argv[1] if len(sys.argv) > 1 else None)
 

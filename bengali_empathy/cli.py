@@ -11,7 +11,7 @@ from .errors import UserError
 
 def tokenizer_path_for(model_name_or_path: str) -> Optional[str]:
     """The data module reads the tokenizer of the model being trained (embedded one for the tiny model)."""
-    from .modeling import TINY_MODEL
+    from .models.modeling import TINY_MODEL
 
     return None if model_name_or_path == TINY_MODEL else model_name_or_path
 
@@ -26,10 +26,10 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.cli import LightningCLI
 
-    from .callbacks import EvaluationWriter, TokenThroughput
+    from .training.callbacks import EvaluationWriter, TokenThroughput
     from .data import EmpatheticDialogueDataModule, StreamCounts
-    from .module import EmpathyLM
-    from .registry import ExperimentRegistry
+    from .training.module import EmpathyLM
+    from .records.registry import ExperimentRegistry
 
     class EmpathyCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -127,7 +127,7 @@ def _remove_if_only_setup(path: Path) -> None:
 
 def _add_model_arguments(p) -> None:
     """The options of a command that loads a model and adapter to talk to (chat, serve)."""
-    from .backends import BackendName
+    from .models.backends import BackendName
 
     p.add_argument("--model", type=Optional[str], default=None,
                    help="local checkpoint directory or tiny-random-llama (default: the adapter's base model)")
@@ -142,8 +142,8 @@ def _add_model_arguments(p) -> None:
 
 def _replier_for(a):
     """The :class:`~.conversation.Replier` that the parsed model options name."""
-    from .checkpoints import check_base_model, read_info
-    from .modeling import TINY_MODEL
+    from .models.checkpoints import check_base_model, read_info
+    from .models.modeling import TINY_MODEL
 
     if a.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, not {a.max_new_tokens}")
@@ -160,7 +160,7 @@ def chat_main(argv: list[str]) -> int:
     """A conversation with a model and adapter, using the adapter's recorded training settings."""
     from jsonargparse import ArgumentParser
 
-    from .conversation import RESET, chat_loop
+    from .generation.chat import RESET, chat_loop
 
     p = ArgumentParser(prog="python -m bengali_empathy chat", exit_on_error=False,
                        description="Talk to a (fine-tuned) model in Bengali: every message is answered with the "
@@ -184,13 +184,13 @@ def load_chat(model_name: str, adapter: Optional[str], backend: str, load_in_4bi
     """A :class:`~.conversation.Replier` on the base model with the adapter's LoRA settings and weights."""
     import torch
 
-    from .backends import make_backend
-    from .conversation import Replier
+    from .models.backends import make_backend
+    from .generation.chat import Replier
     from .data import DEFAULT_SYSTEM_PROMPT
-    from .generation import Decoding, resolve_engine
-    from .lora import DEFAULT_LORA, LoraSettings
-    from .modeling import resolve_model_path
-    from .module import MAX_SEQ_LENGTH
+    from .generation.generator import Decoding, resolve_engine
+    from .models.lora import DEFAULT_LORA, LoraSettings
+    from .models.modeling import resolve_model_path
+    from .training.module import MAX_SEQ_LENGTH
 
     lora = LoraSettings.from_adapter(adapter) if adapter else DEFAULT_LORA
     strategy = make_backend(backend, load_in_4bit=load_in_4bit, gradient_checkpointing=False)
@@ -208,7 +208,7 @@ def serve_main(argv: list[str]) -> int:
     """The web page: chat, side by side, blind rating and runs, on one loaded model."""
     from jsonargparse import ArgumentParser
 
-    from .registry import DEFAULT_DB
+    from .records.registry import DEFAULT_DB
 
     p = ArgumentParser(prog="python -m bengali_empathy serve", exit_on_error=False,
                        description="A local web page (Gradio) to talk to the tuned model, compare it with its base "
@@ -233,10 +233,10 @@ def serve_main(argv: list[str]) -> int:
     auth = [tuple(x.split(":", 1)) for x in (a.auth or [])]
     if any(len(x) != 2 or not all(x) for x in auth):
         raise UserError("--auth must be USER:PASS (both non-empty)")
-    from .registry import experiment_for
+    from .records.registry import experiment_for
 
     try:  # before the model loads
-        from .serve import launch, newest_run_with_replies
+        from .apps.serve import launch, newest_run_with_replies
     except ImportError as exc:
         if exc.name != "gradio":
             raise
@@ -256,7 +256,7 @@ def export_main(argv: list[str]) -> int:
 
     from jsonargparse import ArgumentParser
 
-    from .gguf_export import Quant
+    from .export.gguf import Quant
 
     p = ArgumentParser(prog="python -m bengali_empathy export", exit_on_error=False,
                        description="Merge a LoRA adapter into its base model and save 16-bit Hugging Face weights, "
@@ -277,12 +277,12 @@ def export_main(argv: list[str]) -> int:
     if a.format == "hf":
         if a.quant is not None:
             raise UserError("--quant applies to --format gguf only")
-        from .export import merge_adapter
+        from .export.hf import merge_adapter
 
         out = merge_adapter(a.adapter, a.output, base=a.model, dtype=a.dtype, ckpt=a.ckpt)
         print(f"merged model written to {out}")
         return 0
-    from .gguf_export import export_gguf
+    from .export.gguf import export_gguf
 
     done = export_gguf(a.adapter, a.output, a.quant or "q4_k_m", base=a.model, dtype=a.dtype, ckpt=a.ckpt)
     types = ", ".join(f"{k} {v}" for k, v in done["tensor_types"].items())
@@ -301,7 +301,7 @@ def data_stats_main(argv: list[str]) -> int:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from .data import EmpatheticDialogueDataModule, format_stats
-    from .modeling import TINY_MODEL
+    from .models.modeling import TINY_MODEL
 
     p = ArgumentParser(prog="python -m bengali_empathy data-stats",
                        description="Rows, conversations, turns, token-length percentiles, % over max_seq_length "
@@ -343,7 +343,7 @@ def report_main(argv: list[str]) -> int:
     """Write REPORT.md and plots for a run directory."""
     from jsonargparse import ArgumentParser
 
-    from .report import build_report
+    from .records.report import build_report
 
     p = ArgumentParser(prog="python -m bengali_empathy report",
                        description="Experiment report of a run: REPORT.md with the run's settings, data, time and "
@@ -366,8 +366,8 @@ def report_main(argv: list[str]) -> int:
 
 def _key_scores(metrics: dict) -> str:
     """A run's scores: an evaluation's at the top level, a fit's final validation under ``val/``."""
-    from .metrics import SCORE_NAMES
-    from .registry import recorded_score
+    from .evaluation.metrics import SCORE_NAMES
+    from .records.registry import recorded_score
 
     found = (recorded_score(metrics, name) for name in SCORE_NAMES)
     return ", ".join(f"{k}={v:.4f}" for k, v in filter(None, found))
@@ -380,8 +380,8 @@ def runs_main(argv: list[str]) -> int:
 
     from jsonargparse import ArgumentParser
 
-    from .judgements import win_rate
-    from .registry import DEFAULT_DB, experiment_for, list_experiments, rating_summary, responses_of
+    from .records.judgements import win_rate
+    from .records.registry import DEFAULT_DB, experiment_for, list_experiments, rating_summary, responses_of
 
     p = ArgumentParser(prog="python -m bengali_empathy runs", exit_on_error=False,
                        description="Experiments recorded in the SQLite registry: `runs` lists them, "
@@ -400,7 +400,7 @@ def runs_main(argv: list[str]) -> int:
     if cfg.samples < 0:
         raise UserError(f"--samples must be at least 0, not {cfg.samples}")
     if cfg.action == "export-preferences":
-        from .preference_export import export_preferences
+        from .records.preference_export import export_preferences
 
         if cfg.id is None or cfg.output is None:
             raise UserError("usage: runs export-preferences ID_OR_DIR --output prefs.jsonl [--objective dpo|kto]")
@@ -444,8 +444,8 @@ def rate_main(argv: list[str]) -> int:
     """Score sampled replies of a run from the terminal (1-5 per aspect)."""
     from jsonargparse import ArgumentParser
 
-    from .rating import rate
-    from .registry import DEFAULT_DB
+    from .records.rating import rate
+    from .records.registry import DEFAULT_DB
 
     p = ArgumentParser(prog="python -m bengali_empathy rate", exit_on_error=False,
                        description="Rate sampled replies of a recorded run for empathy, relevance, fluency, "
@@ -474,7 +474,7 @@ def rate_main(argv: list[str]) -> int:
 
 
 def benchmark_main(argv: list[str]) -> int:
-    from .benchmark import main as bench_main
+    from .apps.benchmark import main as bench_main
 
     return bench_main(argv)
 

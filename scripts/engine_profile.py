@@ -2,7 +2,7 @@
 kernel profiles of a prefill slice and of a decoding step, and end-to-end generation per variant.
 
 Usage: python scripts/engine_profile.py MODEL_DIR --corpus FILE [--variants FILE.py ...] [--json OUT]
-Each ``--variants`` file is a module with a ``prefill`` function of :func:`bengali_empathy.decoder.prefill`'s
+Each ``--variants`` file is a module with a ``prefill`` function of :func:`bengali_empathy.generation.decoder.prefill`'s
 signature; ``main`` is the package's own. Prints one JSON line per measurement.
 """
 import argparse
@@ -11,16 +11,16 @@ import json
 import sys
 import time
 
-from bengali_empathy.backends import preimport_unsloth
+from bengali_empathy.models.backends import preimport_unsloth
 
 preimport_unsloth("predict")
 
 import torch  # noqa: E402
 
-from bengali_empathy import decoder  # noqa: E402
-from bengali_empathy.generation import Decoding, Generator, grouped_decode_attention  # noqa: E402
-from bengali_empathy.merged import merged_copy  # noqa: E402
-from bengali_empathy.module import EmpathyLM  # noqa: E402
+from bengali_empathy.generation import decoder  # noqa: E402
+from bengali_empathy.generation.generator import Decoding, Generator, grouped_decode_attention  # noqa: E402
+from bengali_empathy.generation.merged import merged_copy  # noqa: E402
+from bengali_empathy.training.module import EmpathyLM  # noqa: E402
 
 sys.path.insert(0, "scripts")
 from generation_probe import corpus_prompts  # noqa: E402

@@ -14,15 +14,15 @@ import json
 import sys
 import time
 
-from bengali_empathy.backends import preimport_unsloth
+from bengali_empathy.models.backends import preimport_unsloth
 
 preimport_unsloth("predict")
 
 import torch  # noqa: E402
 
 from bengali_empathy.data import EmpatheticDialogueDataModule  # noqa: E402
-from bengali_empathy.generation import Decoding, Generator  # noqa: E402
-from bengali_empathy.module import EmpathyLM  # noqa: E402
+from bengali_empathy.generation.generator import Decoding, Generator  # noqa: E402
+from bengali_empathy.training.module import EmpathyLM  # noqa: E402
 
 
 def corpus_prompts(corpus: str, model: str, rows: int) -> list[list[int]]:

@@ -25,10 +25,10 @@ def make_adapter(base: Path, directory: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from bengali_empathy.checkpoints import AdapterInfo, save_adapter
+    from bengali_empathy.models.checkpoints import AdapterInfo, save_adapter
     from bengali_empathy.data import DEFAULT_SYSTEM_PROMPT
-    from bengali_empathy.lora import LoraSettings
-    from bengali_empathy.tokenizer import load_tokenizer
+    from bengali_empathy.models.lora import LoraSettings
+    from bengali_empathy.data.tokenizer import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)  # on CPU: peft only adds LoRA
     lora = LoraSettings()

@@ -77,7 +77,7 @@ print("peak GiB", rec["peak_memory_gib"], "wall_s", round(rec["wall_seconds"], 1
 PY
            for f in $(find /tmp/dpo8b -name "events.out*" -o -name run.json); do cp "$f" "$OUT/dpo8b_$(basename $f)"; done ;;
     model8b) M8=$BENGALI_EMPATHY_CACHE/random-llama-3.1-8b  # where benchmark --arch llama-3.1-8b looks too
-             [ -f $M8/config.json ] || timeout 400 python3 -c "from bengali_empathy.modeling import \
+             [ -f $M8/config.json ] || timeout 400 python3 -c "from bengali_empathy.models.modeling import \
              write_random_model, LLAMA31_8B_ARCH; write_random_model('$M8', LLAMA31_8B_ARCH, \
              dtype='bfloat16', device='cuda')"; ln -sfn $M8 /tmp/llama8b; ls /tmp/llama8b/ ;;
     gguf8b) timeout ${GGUF_TIMEOUT:-530} python3 scripts/gguf_8b_probe.py /tmp/llama8b /tmp/gguf8b "$OUT/gguf8b.jsonl" \

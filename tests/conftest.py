@@ -24,14 +24,14 @@ DEFAULT = ["--config", str(ROOT / "configs" / "default.yaml")]  # the README's m
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from bengali_empathy.tokenizer import load_tokenizer
+    from bengali_empathy.data.tokenizer import load_tokenizer
 
     return load_tokenizer(None)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_path():
-    from bengali_empathy.modeling import tiny_model_dir
+    from bengali_empathy.models.modeling import tiny_model_dir
 
     return tiny_model_dir()
 
@@ -39,7 +39,7 @@ def tiny_model_path():
 @pytest.fixture(scope="session")
 def tiny_lora(tiny_model_path):
     """(backend, model, tokenizer) for the tiny model through the hf backend, fp32 on CPU."""
-    from bengali_empathy.backends import HFPeftBackend, LoraSettings
+    from bengali_empathy.models.backends import HFPeftBackend, LoraSettings
 
     backend = HFPeftBackend(load_in_4bit=False, gradient_checkpointing=False)
     model, tok = backend.load(tiny_model_path, 768, LoraSettings(), None)
@@ -49,7 +49,7 @@ def tiny_lora(tiny_model_path):
 def trained_tiny_lora(tiny_model_path, max_seq_length, modules_to_save=()):
     """(backend, model in eval mode, tokenizer): the tiny model (hf backend, fp32) with a LoRA whose B is not
     zero, and any ``modules_to_save`` moved off their base weights too, so tuned and base models differ."""
-    from bengali_empathy.backends import HFPeftBackend, LoraSettings
+    from bengali_empathy.models.backends import HFPeftBackend, LoraSettings
 
     backend = HFPeftBackend(load_in_4bit=False, gradient_checkpointing=False)
     model, tok = backend.load(tiny_model_path, max_seq_length, LoraSettings(modules_to_save=modules_to_save), None)

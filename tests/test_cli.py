@@ -111,7 +111,7 @@ def test_export_merges_the_adapter(default_fit, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     from transformers import AutoModelForCausalLM
 
-    from bengali_empathy.backends import HFPeftBackend, LoraSettings
+    from bengali_empathy.models.backends import HFPeftBackend, LoraSettings
 
     mm = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
     pm, _ = HFPeftBackend(load_in_4bit=False, gradient_checkpointing=False).load(
@@ -250,7 +250,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, message):
 
 
 def test_runs_and_rate_bad_input_is_one_line(tmp_path):
-    from bengali_empathy.registry import record_run
+    from bengali_empathy.records.registry import record_run
 
     db = tmp_path / "e.db"
     record_run(db, "m", {}, None, None, {}, [])
@@ -272,7 +272,7 @@ def test_runs_and_rate_bad_input_is_one_line(tmp_path):
 
 
 def test_runs_lists_the_scores_of_fits_and_of_evaluations(tmp_path):
-    from bengali_empathy.registry import record_run
+    from bengali_empathy.records.registry import record_run
 
     db = tmp_path / "e.db"
     record_run(db, "m", {}, 2.5, 2.0, {"val/loss": 2.0, "val/chrf": 30.0, "val/bleu": 1.5, "train/loss": 2.5}, [])
@@ -298,7 +298,7 @@ def test_benchmark_bad_input_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_rate_reads_scores_from_standard_input_and_stops_at_end_of_input(tmp_path):
-    from bengali_empathy.registry import rating_summary, record_run
+    from bengali_empathy.records.registry import rating_summary, record_run
 
     db = tmp_path / "e.db"
     rows = [{"prompt": f"প্রশ্ন {i}", "reference": "উ", "prediction": f"জবাব {i}", "base_prediction": f"খ {i}"}

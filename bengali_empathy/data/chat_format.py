@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from ..errors import UserError
-from ..tokenizer import END_OF_TEXT
+from .tokenizer import END_OF_TEXT
 
 # A conversation to compare the assembly with ``apply_chat_template`` on: the format does not depend on
 # the texts, and a fixed one checks the tokenizer before any corpus row is read.
@@ -24,7 +24,7 @@ class ChatEncoder:
     """
 
     def __init__(self, tokenizer) -> None:
-        from ..tokenizer import end_of_turn_id
+        from .tokenizer import end_of_turn_id
 
         self.tokenizer = tokenizer
         self.eot = end_of_turn_id(tokenizer)
@@ -40,7 +40,7 @@ class ChatEncoder:
         self.headers = {r: self._ids(f"<|start_header_id|>{r}<|end_header_id|>\n\n") for r in ("user", "assistant")}
         self.end_of_text = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
 
-        from ..tokenizer import llama3_tiktoken
+        from .tokenizer import llama3_tiktoken
 
         self.fast = llama3_tiktoken(tokenizer)
         self._memo: dict[str, list[int]] = {}

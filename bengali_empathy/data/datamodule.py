@@ -10,7 +10,7 @@ import lightning as L
 
 from ..errors import UserError
 from ..schema import CorpusFacts
-from ..tokenizer import load_tokenizer
+from .tokenizer import load_tokenizer
 from .batching import Collator
 from .chat_format import PROBE_TURNS, ChatEncoder
 from .encode import EncodeOptions, OnTooLong, RowEncoder, TrainOn, check_options, encode_in_memory

@@ -1,0 +1,1 @@
+"""Apps: the web page and the benchmark."""

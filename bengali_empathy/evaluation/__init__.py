@@ -1,0 +1,1 @@
+"""Evaluation: the evaluator, Bengali-correct metrics, honesty checks."""

@@ -1,0 +1,1 @@
+"""Export: merged Hugging Face weights, GGUF for llama.cpp, the Ollama Modelfile."""

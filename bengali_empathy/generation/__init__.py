@@ -1,0 +1,1 @@
+"""Generation: batched generation, the compiled decoder, merged weights, chat."""

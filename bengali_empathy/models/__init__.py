@@ -1,0 +1,1 @@
+"""Models: tokenizer-independent loading, LoRA, backends, adapters, memory plans, attention kernels."""

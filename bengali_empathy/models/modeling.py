@@ -1,0 +1,99 @@
+"""Model configurations: the embedded tiny random Llama and the Llama-3.1-8B architecture.
+
+Nothing here downloads anything: checkpoints are local directories. The
+embedded default is a 2-layer Llama with the real Llama-3.1 vocabulary and
+tokenizer, random-initialised with a fixed seed and written once to the cache.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .._io import atomic_directory
+from ..errors import UserError
+from ..data.tokenizer import cache_dir, load_tokenizer
+
+TINY_MODEL = "tiny-random-llama"
+
+TINY_ARCH = dict(
+    hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+)
+
+# Llama-3.1-8B(-Instruct) architecture, as in Meta's config.json.
+LLAMA31_8B_ARCH = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8,
+)
+
+
+def llama31_config(arch: dict | None = None, **overrides):
+    """A ``LlamaConfig`` with Llama-3.1's vocabulary, RoPE and special-token ids."""
+    from transformers import LlamaConfig
+
+    kw = dict(
+        vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, hidden_act="silu",
+        rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+        bos_token_id=128000, eos_token_id=[128001, 128008, 128009], pad_token_id=128004,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+    )
+    kw.update(arch or TINY_ARCH)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def write_random_model(target: str | os.PathLike, arch: dict | None = None, seed: int = 0, dtype: str = "float32",
+                       device: str = "cpu", **overrides) -> Path:
+    """Random-initialise a Llama-3.1-style model and save it (with the tokenizer) to ``target``."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    target = Path(target)
+    config = llama31_config(arch, **overrides)
+    torch.manual_seed(seed)
+    torch_dtype = getattr(torch, dtype)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(prev)
+    model.generation_config.do_sample = False
+    try:
+        with atomic_directory(target, replace=False) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            load_tokenizer(None).save_pretrained(str(tmp))
+    except FileExistsError:
+        pass  # another process wrote it first, from the same seed
+    return target
+
+
+def tiny_model_dir() -> Path:
+    """Local directory of the embedded tiny random Llama (created on first use)."""
+    target = cache_dir() / "tiny-random-llama-3.1-init0.1"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    # A wider init (0.1 instead of 0.02) gives the frozen random head large enough
+    # logits for LoRA on q/k/v/o to visibly lower the loss within a minute on CPU.
+    return write_random_model(target, initializer_range=0.1)
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """``tiny-random-llama`` -> embedded model dir; anything else must be a local HF checkpoint dir."""
+    if name_or_path == TINY_MODEL:
+        return tiny_model_dir()
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise UserError(
+            f"model directory not found: {name_or_path} (give a local Hugging Face checkpoint directory, "
+            f"or '{TINY_MODEL}' for the embedded tiny model; nothing is downloaded)"
+        )
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+    weights = [p for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+               for p in path.glob(pattern)]
+    if not weights:
+        raise UserError(f"{path} has a config.json but no weights (*.safetensors or *.bin)")
+    return path

@@ -1,0 +1,1 @@
+"""Records: run records, the experiment registry, judgements, ratings, reports, preference export."""

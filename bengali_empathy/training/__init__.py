@@ -1,0 +1,1 @@
+"""Training: the LightningModule, preference objectives, callbacks."""

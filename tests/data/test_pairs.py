@@ -1,0 +1,100 @@
+"""Preference rows through the corpus layer: layouts, bad rows as one line, the pair batch, KTO labels."""
+import json
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+HISTORY = [{"role": "user", "content": "আজ মনটা ভারী।"}, {"role": "assistant", "content": "কী হয়েছে, বলবেন?"},
+           {"role": "user", "content": "চাকরিটা চলে গেল।"}]
+
+
+def test_pairs_of_both_layouts_encode_chosen_and_rejected(tmp_path, chat):
+    from bengali_empathy.data import DEFAULT_SYSTEM_PROMPT, EmpatheticDialogueDataModule
+
+    rows = [{"messages": HISTORY, "chosen": "খুব কষ্টের খবর। আমি শুনছি।", "rejected": "ঠিক আছে।", "conversation_id": "c1"},
+            {"messages": HISTORY, "chosen": "খুব কষ্টের খবর। আমি শুনছি।", "rejected": "ঠিক আছে।", "conversation_id": "c1"}]
+    write(tmp_path / "a.jsonl", rows)
+    write(tmp_path / "b.jsonl", [{"prompt": "আমি একা।", "chosen": "আমি আছি।", "rejected": "জানি না।"}])
+    dm = EmpatheticDialogueDataModule(corpus_path=str(tmp_path), objective="dpo", val_fraction=0, test_fraction=0,
+                                      batch_size=2, deduplicate=True)
+    dm.setup()
+    assert dm.facts.stats["train"]["kept"] == 2 and dm.facts.stats["train"]["dropped_duplicate"] == 1
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pairs"] == 2 and batch["input_ids"].shape[0] == 4 and "eval_rows" not in batch
+    # row k and row k + pairs share the history; the labels are the final reply (+ <|eot_id|>) only
+    system = chat.tokenize([DEFAULT_SYSTEM_PROMPT])[0]
+    for k in range(2):
+        chosen, rejected = batch["labels"][k], batch["labels"][k + 2]
+        texts = chat.tokenizer.batch_decode([chosen[chosen != -100], rejected[rejected != -100]],
+                                            skip_special_tokens=True)
+        assert sorted(texts) == sorted(["খুব কষ্টের খবর। আমি শুনছি।", "ঠিক আছে।"]) or \
+            sorted(texts) == sorted(["আমি আছি।", "জানি না।"])
+        if texts[0] == "খুব কষ্টের খবর। আমি শুনছি।":
+            turns = [(t["role"], ids) for t, ids in zip(HISTORY, chat.tokenize([t["content"] for t in HISTORY]))]
+            expected, _ = chat.assemble(system, turns + [("assistant", chat.tokenize([texts[0]])[0])])
+            assert batch["input_ids"][k, :len(expected)].tolist() == expected
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "আমি একা।", "rejected": "জানি না।"}, "missing column(s) 'chosen'"),
+    ({"prompt": "আমি একা।", "chosen": None, "rejected": "জানি না।"}, "row 2: no value for 'chosen'"),
+    ({"prompt": "আমি একা।", "chosen": "আমি আছি। ", "rejected": " আমি  আছি।"},
+     "row 2: 'chosen' and 'rejected' are the same reply"),
+    ({"prompt": "আমি একা।", "chosen": "আমি আছি।", "rejected": "  "}, "row 2: 'rejected' is empty"),
+    ({"prompt": "", "chosen": "আমি আছি।", "rejected": "জানি না।"}, "row 2: 'prompt' is empty"),
+    ({"messages": HISTORY[:2], "chosen": "আমি আছি।", "rejected": "জানি না।"},
+     "row 2: the history of a preference row must end with a user turn"),
+])
+def test_bad_pair_rows_are_one_line_naming_the_row(tmp_path, row, message):
+    good = {"prompt": "ঘুম আসে না।", "chosen": "আমি আছি।", "rejected": "জানি না।"}
+    if "messages" in row:
+        good = {"messages": HISTORY, "chosen": "আমি আছি।", "rejected": "জানি না।"}
+    if "chosen" not in row:  # a column missing from the whole file
+        good = {k: v for k, v in good.items() if k != "chosen"}
+    write(tmp_path / "prefs.jsonl", [good, row])
+    r = run_cli(["fit", "--config", ROOT / "configs" / "dpo.yaml", "--registry.db_path", "null"], cwd=tmp_path)
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: prefs.jsonl") and message in last, last
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_data_stats_reads_pairs_as_the_config_trains_on_them(tmp_path):
+    write(tmp_path / "prefs.jsonl", [{"prompt": "আমি একা।", "chosen": "আমি আছি।", "rejected": "জানি না।"}] * 3)
+    r = run_cli(["data-stats", "--config", ROOT / "configs" / "dpo.yaml", "--data.val_fraction", "0",
+                 "--data.test_fraction", "0"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-1500:]
+    train = next(line.split() for line in r.stdout.splitlines() if line.split()[:1] == ["train"])
+    assert train[1] == "3" and train[3] == "6"  # rows, turns (prompt + chosen reply)
+
+
+def test_kto_rows_carry_their_labels_and_train(tmp_path, tiny_lora):
+    from bengali_empathy.data import EmpatheticDialogueDataModule
+    from bengali_empathy.training.preference import PreferenceObjective
+
+    rows = [{"prompt": "আমি একা।", "completion": "আমি আছি, বলুন।", "label": True},
+            {"prompt": "আমি একা।", "completion": "তো?", "label": "false"},
+            {"prompt": "ঘুম আসে না।", "completion": "কবে থেকে এমন হচ্ছে?", "label": 1}]
+    write(tmp_path / "kto.jsonl", rows)
+    dm = EmpatheticDialogueDataModule(corpus_path=str(tmp_path / "kto.jsonl"), objective="kto", val_fraction=0,
+                                      test_fraction=0, batch_size=3)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["desirable"].dtype == torch.bool and sorted(batch["desirable"].tolist()) == [False, True, True]
+    backend, model, _ = tiny_lora
+    objective = PreferenceObjective("kto", 0.1)
+    loss, metrics = objective.loss(backend, model, batch)
+    # a fresh LoRA (B = 0) is its base: every reward 0, each term 1 - sigmoid(0) = 0.5
+    assert loss.item() == pytest.approx(0.5) and metrics["reward_accuracy"].item() == 0.5
+    write(tmp_path / "kto.jsonl", rows + [{"prompt": "আমি একা।", "completion": "হুম।", "label": "maybe"}])
+    r = run_cli(["fit", "--config", ROOT / "configs" / "dpo.yaml", "--model.objective", "kto", "--data.corpus_path",
+                 "kto.jsonl"], cwd=tmp_path)
+    assert r.stderr.strip().splitlines()[-1] == "error: kto.jsonl: row 4: 'label' must be true or false, not 'maybe'"

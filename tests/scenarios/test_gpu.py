@@ -1,0 +1,308 @@
+"""GPU-only tests (marked ``gpu``; skipped without CUDA): Unsloth and 4-bit bitsandbytes paths."""
+import contextlib
+import importlib.util
+
+import pytest
+import torch
+
+from conftest import TWO_PAIRS, encode_pairs, requires_cuda, two_pair_batch
+
+pytestmark = [pytest.mark.gpu, requires_cuda]
+
+needs_unsloth = pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="unsloth not installed")
+
+
+@needs_unsloth
+def test_unsloth_backend_trains_generates_and_keeps_checkpointing(tiny_model_path):
+    from bengali_empathy.training.module import EmpathyLM
+
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="unsloth", max_seq_length=1024,
+                   max_new_tokens=4)
+    lm.configure_model()
+    assert lm.backend.name == "unsloth" and lm.backend.quantized
+    assert lm.param_counts[0] == 14336  # LoRA r=16 on q,k,v,o of the tiny model
+    batch = two_pair_batch(lm.tokenizer, "cuda")
+    lm.backend.for_training(lm.model)
+    assert lm.backend.checkpointing_as_planned(lm.model)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, n = lm(batch)
+    assert torch.isfinite(loss) and 10 < float(loss) < 14 and int(n) > 10
+    loss.backward()
+    grads = [p.grad for p in lm.model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
+    # generate() runs Unsloth's for_inference, which clears the checkpointing flags ...
+    lm.model.train()
+    prompts = [r.prompt_ids for r in batch["eval_rows"]]
+    out, stats = lm.generate_texts(prompts, progress=False)
+    assert len(out) == 2 and stats.new_tokens > 0
+    with lm.backend.adapter_disabled(lm.model):  # the base model, for compare_base
+        assert len(lm.generate_texts(prompts, progress=False)[0]) == 2
+    # ... and generate_texts() re-arms them
+    assert lm.backend.checkpointing_as_planned(lm.model)
+    from bengali_empathy.models.memory import decoder_layers
+
+    lm.backend.checkpointed_layers = 1  # a memory plan's split is re-armed the same way
+    lm.backend.for_training(lm.model)
+    lm.generate_texts(prompts, progress=False)
+    assert [bool(layer.gradient_checkpointing) for layer in decoder_layers(lm.model)] == [True, False]
+    assert lm.backend.checkpointing_as_planned(lm.model)
+
+
+def test_hf_backend_loads_4bit_nf4(tiny_model_path):
+    pytest.importorskip("bitsandbytes")
+    from bengali_empathy.training.module import EmpathyLM
+
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", max_seq_length=1024)
+    lm.configure_model()
+    assert lm.backend.quantized
+    import bitsandbytes as bnb
+
+    base = lm.model.get_base_model()
+    assert isinstance(base.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    assert base.model.layers[0].self_attn.q_proj.base_layer.weight.quant_type == "nf4"
+    lm.backend.for_training(lm.model)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, _ = lm(two_pair_batch(lm.tokenizer, "cuda"))
+    assert torch.isfinite(loss)
+    loss.backward()
+
+
+@needs_unsloth
+def test_fit_under_lightning_keeps_unsloth_checkpointing(tmp_path):
+    from bengali_empathy.apps.benchmark import main as bench
+
+    out = tmp_path / "b.jsonl"
+    assert bench(["--arch", "tiny", "--backend", "unsloth", "--loop", "lightning", "--seq-len", "512",
+                  "--steps", "3", "--warmup", "1", "--json", str(out)]) == 0
+    import json
+
+    r = json.loads(out.read_text().splitlines()[-1])
+    assert r["checkpointing_as_planned"] is True
+    assert r["tokens_per_sec"] > 0
+
+
+@needs_unsloth
+def test_unsloth_packed_multi_turn_loss_equals_per_conversation_loss(tiny_model_path):
+    from bengali_empathy.data import ChatEncoder, Collator, pack_examples
+    from bengali_empathy.training.module import EmpathyLM
+
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="unsloth", max_seq_length=1024)
+    lm.configure_model()
+    tok = lm.tokenizer
+    chat = ChatEncoder(tok)
+    exs = encode_pairs(tok, TWO_PAIRS)
+    turns = [("user", "আজ মনটা ভারী।"), ("assistant", "কী হয়েছে, বলবেন?"), ("user", "চাকরিটা চলে গেল।"),
+             ("assistant", "খুব কঠিন সময়, আমি শুনছি।")]
+    texts = chat.tokenize(["সিস্টেম"] + [t for _, t in turns])
+    ids, spans = chat.assemble(texts[0], [(r, x) for (r, _), x in zip(turns, texts[1:])])
+    exs.append({"input_ids": ids, "label_spans": [x for s in spans for x in s]})
+    exs = [{k: e[k] for k in ("input_ids", "label_spans")} for e in exs]
+    collate = Collator(tok.pad_token_id)
+    to = lambda b: {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
+    lm.backend.for_inference(lm.model)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        packed, n_p = lm(to(collate([pack_examples(exs[:2]), pack_examples(exs[2:])])))  # two packed rows
+        singles = [lm(to(collate([e]))) for e in exs]
+    weighted = sum(float(l) * int(n) for l, n in singles) / sum(int(n) for _, n in singles)
+    assert int(n_p) == sum(int(n) for _, n in singles)
+    assert float(packed) == pytest.approx(weighted, rel=2e-2)
+
+
+MID_ARCH = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=12, num_attention_heads=16,
+                num_key_value_heads=8)
+
+
+@pytest.fixture(scope="module")
+def mid_model_path(tmp_path_factory):
+    """A 12-layer Llama-3.1-style model (~0.9B parameters, bf16): big enough for a memory split to matter."""
+    from bengali_empathy.models.modeling import write_random_model
+
+    path = write_random_model(tmp_path_factory.mktemp("mid") / "llama-mid", MID_ARCH, dtype="bfloat16",
+                              device="cuda")
+    torch.cuda.empty_cache()
+    return path
+
+
+@pytest.mark.parametrize("backend", [pytest.param("unsloth", marks=needs_unsloth), "hf"])
+def test_memory_budget_buys_layers_without_recompute_and_is_kept(mid_model_path, backend):
+    import gc
+
+    from bengali_empathy.errors import UserError
+    from bengali_empathy.models.memory import GIB, decoder_layers, plan_training_memory, probe_batch
+    from bengali_empathy.training.module import EmpathyLM
+
+    if backend == "hf":
+        pytest.importorskip("bitsandbytes")
+    lm = EmpathyLM(model_name_or_path=str(mid_model_path), backend=backend, max_seq_length=2048, max_new_tokens=2,
+                   memory_budget_gib=1000.0)
+    lm.configure_model()
+    roomy = plan_training_memory(lm.model, lm.backend, lm.hparams.memory_budget_gib, 2, 2048)
+    assert roomy.checkpointed_layers == 0 and roomy.layers == 12  # everything fits: no recompute at all
+    all_unflagged = roomy.probe_peak_gib  # measured with no layer checkpointed
+    opt = lm.configure_optimizers()["optimizer"]
+    batch = probe_batch(2, 2048, torch.device("cuda"))
+    chosen = []
+    for share in (0.3, 0.7):
+        budget = roomy.minimum_gib + share * (all_unflagged - roomy.minimum_gib)
+        lm.hparams.memory_budget_gib = budget
+        plan = plan_training_memory(lm.model, lm.backend, lm.hparams.memory_budget_gib, 2, 2048)
+        lm.generate_texts([[128000, 9906]], progress=False)  # generation clears Unsloth's flags ...
+        # ... and the planned split comes back, not every layer
+        assert [bool(x.gradient_checkpointing) for x in decoder_layers(lm.model)] == \
+            [True] * plan.checkpointed_layers + [False] * plan.unflagged_layers
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):  # real steps, optimizer states included
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, _ = lm(batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        peak = torch.cuda.max_memory_reserved() / GIB
+        assert peak <= 1.05 * budget, (budget, peak, plan)
+        assert 0 < plan.checkpointed_layers < plan.layers, plan
+        chosen.append(plan.checkpointed_layers)
+    assert chosen[1] < chosen[0]
+    lm.hparams.memory_budget_gib = 0.8 * roomy.minimum_gib
+    with pytest.raises(UserError, match="with every layer checkpointed"):
+        plan_training_memory(lm.model, lm.backend, lm.hparams.memory_budget_gib, 2, 2048)
+    del lm, opt
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["fp32", "nf4"])
+def test_compiled_engine_replays_cuda_graphs_equal_to_the_step_run_directly(tiny_model_path, load_in_4bit,
+                                                                           monkeypatch):
+    """The recorded graph computes what the step computes when run kernel by kernel, token for token, in
+    4-bit too, with rows attending in groups that skip their padding. In fp32, with all rows in one group,
+    the replies equal the ``static`` engine's (the same prefill, transformers' ``generate`` decoding).
+    Not against ``eager``: its prefill may take SDPA's cuDNN kernel, which :func:`.decoder.prefill`
+    leaves out; and groups of fewer rows split the attention's sums differently. Either may flip a
+    near-tie of the random model's flat logits."""
+    if load_in_4bit:
+        pytest.importorskip("bitsandbytes")
+    from bengali_empathy.generation import decoder
+    from bengali_empathy.generation.generator import Decoding, Generator
+    from bengali_empathy.training.module import EmpathyLM
+
+    # peft asks torchao whether it quantised an unquantised layer, and refuses a torchao older than 0.16
+    # (the GPU machine has 0.14): no torchao layers here, so it need not ask
+    import peft.tuners.lora.torchao
+
+    monkeypatch.setattr(peft.tuners.lora.torchao, "is_torchao_available", lambda: False)
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", max_seq_length=1024,
+                   load_in_4bit=load_in_4bit, memory_budget_gib=None, gradient_checkpointing=False)
+    lm.configure_model()
+    model = lm.model if load_in_4bit else lm.model.to("cuda")
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1000, 120000, (n,), generator=g).tolist() for n in (300, 7, 41, 1, 90, 260)]
+
+    def replies(engine: str) -> tuple[list[str], object]:
+        gen = Generator(model, lm.tokenizer, lm.backend, Decoding(max_new_tokens=24), 4, engine=engine,
+                        weights="adapter")
+        return gen.generate(prompts, progress=False)
+
+    if not load_in_4bit:  # one attention group (ROW_GROUP rows): the sums split as in transformers' decoding
+        assert replies("compiled")[0] == replies("static")[0]
+    monkeypatch.setattr(decoder, "ROW_GROUP", 2)  # first batch (300, 260 | 90, 41): the second pair from slot 208
+    monkeypatch.setattr(decoder, "GROUP_SLOT", 8)
+    graphed, stats = replies("compiled")
+    assert stats.capture_seconds > 0 and stats.decode_steps > 0 and stats.new_tokens > 0
+    unrecorded = decoder.DecodeStep.__init__
+
+    def kernel_by_kernel(self, *args):
+        unrecorded(self, *args)
+        self.graphed = False
+
+    monkeypatch.setattr(decoder.DecodeStep, "__init__", kernel_by_kernel)
+    direct, direct_stats = replies("compiled")
+    assert direct_stats.capture_seconds == 0
+    assert graphed == direct
+
+
+def test_chat_on_the_compiled_engine_replays_graphs_and_streams_the_static_engines_reply(tiny_model_path,
+                                                                                          monkeypatch):
+    """Chat decodes in a worker thread: the graphs recorded there give the static engine's reply (fp32),
+    and the next reply of the same cache bucket replays them without recording."""
+    from bengali_empathy.models.backends import HFPeftBackend, LoraSettings
+    from bengali_empathy.generation.chat import Replier
+    from bengali_empathy.data import DEFAULT_SYSTEM_PROMPT
+    from bengali_empathy.generation.generator import Decoding
+    import peft.tuners.lora.torchao
+
+    monkeypatch.setattr(peft.tuners.lora.torchao, "is_torchao_available", lambda: False)  # as above
+    backend = HFPeftBackend(load_in_4bit=False, gradient_checkpointing=False)
+    model, tok = backend.load(tiny_model_path, 768, LoraSettings(), None)
+    model = model.to("cuda").eval()
+    turns = [{"role": "user", "content": "আজ খুব ভয় লাগছে, কী করব?"}]
+    replies = {}
+    for engine in ("static", "compiled"):
+        replier = Replier(model, tok, backend, DEFAULT_SYSTEM_PROMPT, 768, Decoding(max_new_tokens=16), engine=engine)
+        replies[engine] = replier.reply(turns).text
+    step = replier._decoders[False].step
+    recorded = step.capture_seconds
+    assert recorded > 0 and replier.reply(turns).text == replies["compiled"] == replies["static"]
+    assert replier._decoders[False].step is step and step.capture_seconds == recorded
+
+
+def test_bf16_compiled_replies_of_a_model_with_peaked_logits_equal_the_eager_engines(tokenizer):
+    """In bf16 the engines' kernels round differently, so a near-tie of flat logits may flip (a random
+    model's replies part within a few tokens). A model trained until it recites its replies has peaked
+    logits: there the compiled engine (sliced prefill, grouped decoding attention, rows in groups, CUDA
+    graphs) must give the ``eager`` engine's replies, to the first 32 tokens, on at least 90% of rows.
+
+    The replies are drawn from 40 words and every prompt ends with the same assistant header, so a row's
+    next token is not its last token's: the model must attend to its prompt and the reply so far."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bengali_empathy.generation.generator import Decoding, generate_replies, grouped_decode_attention
+    from bengali_empathy.data.tokenizer import stop_token_ids
+
+    torch.manual_seed(0)
+    header = tokenizer.encode("<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False)
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
+                         rope_theta=500000.0, tie_word_embeddings=False, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).cuda()
+    g = torch.Generator().manual_seed(1)
+    words = torch.randint(1000, 120000, (40,), generator=g)
+    prompts = [torch.randint(1000, 120000, (n,), generator=g).tolist() + header
+               for n in torch.randint(5, 700, (64,), generator=g).tolist()]
+    recited = [words[torch.randint(0, 40, (32,), generator=g)].tolist() for _ in prompts]
+    rows = [p + r + [eot] for p, r in zip(prompts, recited)]
+    ids = torch.full((len(rows), max(map(len, rows))), tokenizer.pad_token_id)
+    labels = torch.full_like(ids, -100)
+    for i, (row, prompt) in enumerate(zip(rows, prompts)):
+        ids[i, :len(row)] = torch.tensor(row)
+        labels[i, len(prompt):len(row)] = ids[i, len(prompt):len(row)]
+    ids, labels = ids.cuda(), labels.cuda()
+    target = labels[:, 1:] != -100
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(600):  # right padding after the rows: causal attention never sees it
+        hidden = model.model(input_ids=ids).last_hidden_state[:, :-1][target]
+        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden).float(), labels[:, 1:][target])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.005:
+            break
+    assert loss.item() < 0.005, f"the model did not learn its replies (loss {loss.item():.3f})"
+    model = model.to(torch.bfloat16).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def replies(engine: str) -> list[str]:
+        attention = grouped_decode_attention(model) if engine != "eager" else contextlib.nullcontext()
+        with attention:
+            texts, _ = generate_replies(model, tokenizer, prompts, Decoding(max_new_tokens=40), 64,
+                                        stop_token_ids(tokenizer), progress=False, engine=engine)
+        return texts
+
+    eager, compiled = replies("eager"), replies("compiled")
+    wanted = [tokenizer.decode(r).strip() for r in recited]
+    learned = sum(e == w for e, w in zip(eager, wanted)) / len(prompts)
+    same = sum(c == e for c, e in zip(compiled, eager)) / len(prompts)
+    print(f"bf16: eager recites {learned:.0%} of the replies; compiled equals eager on {same:.0%} of {len(prompts)} rows")
+    assert learned >= 0.9  # the logits are peaked where the replies are compared
+    assert same >= 0.9
