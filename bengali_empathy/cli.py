@@ -22,6 +22,69 @@ def rows_per_batch(batch_size: int, objective: str) -> int:
     return batch_size * (2 if objective == "dpo" else 1)
 
 
+# Options that moved into a group: old key -> its place now. The one list of them; refuse_moved_options
+# derives the error from it.
+MOVED_OPTIONS = {
+    **{f"model.{old}": f"model.lora.{new}" for old, new in (
+        ("lora_r", "r"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout"), ("target_modules", "target_modules"),
+        ("modules_to_save", "modules_to_save"), ("lora_seed", "seed"))},
+    **{f"model.{old}": f"model.memory.{new}" for old, new in (
+        ("load_in_4bit", "load_in_4bit"), ("gradient_checkpointing", "gradient_checkpointing"),
+        ("memory_budget_gib", "budget_gib"))},
+    **{f"model.{old}": f"model.objective.{new}" for old, new in (
+        ("objective", "name"), ("dpo_beta", "dpo_beta"), ("kto_desirable_weight", "kto_desirable_weight"),
+        ("kto_undesirable_weight", "kto_undesirable_weight"))},
+    **{f"model.{name}": f"model.optimization.{name}" for name in (
+        "optimizer", "weight_decay", "warmup_ratio", "min_lr_ratio", "embedding_learning_rate")},
+    **{f"model.{old}": f"model.decoding.{new}" for old, new in (
+        ("max_new_tokens", "max_new_tokens"), ("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
+        ("repetition_penalty", "repetition_penalty"), ("no_repeat_ngram_size", "no_repeat_ngram_size"),
+        ("generation_seed", "seed"))},
+    **{f"model.{old}": f"model.generation.{new}" for old, new in (
+        ("generation_batch_size", "batch_size"), ("generation_engine", "engine"), ("generation_weights", "weights"),
+        ("val_generate_batches", "val_batches"), ("log_samples", "log_samples"))},
+    **{f"data.{old}": f"data.columns.{new}" for old, new in (
+        ("prompt_column", "prompt"), ("response_column", "response"), ("messages_column", "messages"),
+        ("prompt_template", "prompt_template"), ("response_template", "response_template"),
+        ("system_column", "system"), ("id_column", "id"), ("group_column", "group"),
+        ("category_column", "category"), ("text_column", "text"))},
+    **{f"data.{name}": f"data.encoding.{name}" for name in ("on_too_long", "train_on")},
+    **{f"data.{name}": f"data.split.{name}" for name in ("val_fraction", "test_fraction", "seed", "deduplicate")},
+    **{f"data.{name}": f"data.loading.{name}" for name in ("shuffle_buffer", "num_workers", "num_proc")},
+    "data.predict_split": "data.predict.split", "data.max_predict_samples": "data.predict.max_samples",
+}
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def refuse_moved_options(args: list[str]) -> None:
+    """One error naming the new place of the first moved option that ``args`` (command-line arguments) or a
+    config file they name (``--config``) sets. (``model.objective`` is both an old key and a group now:
+    there, a mapping is the group.)"""
+    import yaml
+
+    def moved(key: str, value) -> None:
+        key = key.split(".", 1)[1] if key.split(".", 1)[0] in SUBCOMMANDS else key
+        if key in MOVED_OPTIONS and not isinstance(value, dict):
+            raise UserError(f"{key} is now {MOVED_OPTIONS[key]}")
+
+    def walk(config, prefix: str = "") -> None:
+        for key, value in (config.items() if isinstance(config, dict) else ()):
+            moved(prefix + str(key), value)
+            walk(value, f"{prefix}{key}.")
+
+    for i, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        key, has_value, value = arg[2:].partition("=")
+        value = value if has_value else (args[i + 1] if i + 1 < len(args) else None)
+        if key == "config" or key.endswith(".config"):
+            path = Path(value or "")
+            if path.is_file():
+                walk(yaml.safe_load(path.read_text(encoding="utf-8")))
+        else:
+            moved(key, yaml.safe_load(value) if isinstance(value, str) and value.startswith("{") else value)
+
+
 def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
     from lightning.pytorch.callbacks import LearningRateMonitor
     from lightning.pytorch.cli import LightningCLI
@@ -32,14 +95,19 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
     from .records.registry import ExperimentRegistry
 
     class EmpathyCLI(LightningCLI):
+        def parse_arguments(self, parser, args) -> None:
+            if args is None or isinstance(args, list):
+                refuse_moved_options(sys.argv[1:] if args is None else args)
+            super().parse_arguments(parser, args)
+
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(ExperimentRegistry, "registry")
             parser.link_arguments("model.model_name_or_path", "data.tokenizer_path", compute_fn=tokenizer_path_for)
             # What the model needs from the data and is known at parse time (the rest: EmpathyLM.connect).
             parser.link_arguments("data.max_seq_length", "model.max_seq_length")
-            parser.link_arguments(("data.batch_size", "model.objective"), "model.train_batch_size",
+            parser.link_arguments(("data.batch_size", "model.objective.name"), "model.train_batch_size",
                                   compute_fn=rows_per_batch)
-            parser.link_arguments("model.objective", "data.objective")
+            parser.link_arguments("model.objective.name", "data.objective")
             parser.link_arguments("data.system_prompt", "model.system_prompt")
 
         def instantiate_trainer(self, **kwargs):
@@ -303,6 +371,7 @@ def data_stats_main(argv: list[str]) -> int:
     from .data import EmpatheticDialogueDataModule, format_stats
     from .models.modeling import TINY_MODEL
 
+    refuse_moved_options(argv)
     p = ArgumentParser(prog="python -m bengali_empathy data-stats",
                        description="Rows, conversations, turns, token-length percentiles, % over max_seq_length "
                                    "and reply tokens per split, for the data section of a fit config.")
@@ -314,19 +383,19 @@ def data_stats_main(argv: list[str]) -> int:
     p.add_argument("--seed_everything", type=Optional[int], default=None)
     p.add_argument("--json", type=Optional[str], default=None, help="also write the statistics to this JSON file")
     cfg = p.parse_args(argv)
-    data = cfg.data.as_dict() if hasattr(cfg.data, "as_dict") else dict(cfg.data)
-    if data.get("tokenizer_path") is None:
-        data["tokenizer_path"] = tokenizer_path_for((cfg.model or {}).get("model_name_or_path", TINY_MODEL))
-    data["objective"] = (cfg.model or {}).get("objective", "sft")  # linked in fit: the rows' layout follows it
-    counted_not_raised = data.get("on_too_long") == "error"
+    model = cfg.model or {}
+    if cfg.data.tokenizer_path is None:
+        cfg.data.tokenizer_path = tokenizer_path_for(model.get("model_name_or_path", TINY_MODEL))
+    cfg.data.objective = (model.get("objective") or {}).get("name", "sft")  # linked in fit: the layout follows it
+    counted_not_raised = cfg.data.encoding.on_too_long == "error"
     if counted_not_raised:  # count every too-long row instead of stopping at the first
-        data["on_too_long"] = "drop"
-    dm = EmpatheticDialogueDataModule(**data)
+        cfg.data.encoding.on_too_long = "drop"
+    dm = p.instantiate_classes(cfg).data
     stats = dm.compute_stats()
     print(format_stats(stats, dm.hparams.max_seq_length))
     if counted_not_raised and any(s["dropped_too_long"] for s in stats.values()):
         print("note: on_too_long=error, so fit would stop at the first of the dropped_too_long rows; "
-              "set data.on_too_long to drop, truncate or truncate_history")
+              "set data.encoding.on_too_long to drop, truncate or truncate_history")
     if cfg.json:
         import json
 

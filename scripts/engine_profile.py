@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from bengali_empathy.generation import decoder  # noqa: E402
 from bengali_empathy.generation.generator import Decoding, Generator, grouped_decode_attention  # noqa: E402
 from bengali_empathy.generation.merged import merged_copy  # noqa: E402
+from bengali_empathy.models.memory import MemorySettings  # noqa: E402
 from bengali_empathy.training.module import EmpathyLM  # noqa: E402
 
 sys.path.insert(0, "scripts")
@@ -69,8 +70,8 @@ def main() -> None:
     variants = {} if a.no_main else {"main": decoder.prefill}
     for path in a.variants:
         variants[path.rsplit("/", 1)[-1][:-3]] = load_variant(path)
-    lm = EmpathyLM(model_name_or_path=a.model, backend="hf", max_seq_length=2048, gradient_checkpointing=False,
-                   memory_budget_gib=None)
+    lm = EmpathyLM(model_name_or_path=a.model, backend="hf", max_seq_length=2048,
+                   memory=MemorySettings(gradient_checkpointing=False, budget_gib=None))
     lm.configure_model()
     lm.backend.for_inference(lm.model)
     prompts = sorted(corpus_prompts(a.corpus, a.model, a.rows), key=len, reverse=True)

@@ -4,7 +4,7 @@ Usage: python scripts/generation_probe.py MODEL_DIR --corpus FILE [--rows 512] [
        [--run ENGINE:BATCH:NEW[:WEIGHTS] ...] [--peaked SCALE] [--json OUT]
 WEIGHTS: adapter (default) or merged (the LoRA folded into a 16-bit copy, as evaluation does where it fits).
 Each ``--run`` generates replies for the same ``--rows`` prompts (the corpus's training rows, as
-``predict --data.predict_split train`` reads them) and prints one JSON line: wall seconds of the whole
+``predict --data.predict.split train`` reads them) and prints one JSON line: wall seconds of the whole
 call (the compile of a first batch included), generated tokens/s, sliced-prefill seconds, peak GPU
 memory. ``--peaked S`` then multiplies the output head by S (random weights give near-flat logits,
 where bf16 rounding decides the argmax) and compares each engine's first 32 greedy tokens with eager's.
@@ -20,8 +20,9 @@ preimport_unsloth("predict")
 
 import torch  # noqa: E402
 
-from bengali_empathy.data import EmpatheticDialogueDataModule  # noqa: E402
+from bengali_empathy.data import EmpatheticDialogueDataModule, EncodingSettings, PredictSettings  # noqa: E402
 from bengali_empathy.generation.generator import Decoding, Generator  # noqa: E402
+from bengali_empathy.models.memory import MemorySettings  # noqa: E402
 from bengali_empathy.training.module import EmpathyLM  # noqa: E402
 
 
@@ -29,7 +30,8 @@ def corpus_prompts(corpus: str, model: str, rows: int) -> list[list[int]]:
     from bengali_empathy.cli import tokenizer_path_for
 
     dm = EmpatheticDialogueDataModule(corpus_path=corpus, tokenizer_path=tokenizer_path_for(model), max_seq_length=2048,
-                                      on_too_long="drop", predict_split="train", max_predict_samples=rows)
+                                      encoding=EncodingSettings(on_too_long="drop"),
+                                      predict=PredictSettings(split="train", max_samples=rows))
     dm.setup("predict")
     return [r.prompt_ids for batch in dm.predict_dataloader() for r in batch["eval_rows"]][:rows]
 
@@ -58,8 +60,8 @@ def main() -> None:
             out.write(line + "\n")
             out.flush()
 
-    lm = EmpathyLM(model_name_or_path=a.model, backend=a.backend, max_seq_length=2048, gradient_checkpointing=False,
-                   load_in_4bit=not a.no_4bit, memory_budget_gib=None)
+    lm = EmpathyLM(model_name_or_path=a.model, backend=a.backend, max_seq_length=2048,
+                   memory=MemorySettings(gradient_checkpointing=False, load_in_4bit=not a.no_4bit, budget_gib=None))
     lm.configure_model()
     cuda = torch.cuda.is_available()
     model = lm.model.to("cuda") if a.no_4bit and cuda else lm.model

@@ -13,7 +13,7 @@
 # for each generation batch size in $GEN_BS, on $ROWS training rows of $CORPUS, with $PREDICT_ARGS.
 # gguf8b: export of a random LoRA adapter on /tmp/llama8b (model8b first) as bf16 hf, f16 GGUF and q4_k_m GGUF:
 # wall time, peak host memory and size of each (scripts/gguf_8b_probe.py), one JSON line in $OUT/gguf8b.jsonl.
-# dpo8b: DPO (`fit --model.objective dpo`, policy + reference passes) of the random 8B (model8b first) with
+# dpo8b: DPO (`fit --model.objective.name dpo`, policy + reference passes) of the random 8B (model8b first) with
 # Unsloth at the 14 GiB budget for $DPO_STEPS steps of $DPO_BS pairs, on pairs built from $CORPUS by
 # scripts/make_preference_pairs.py; prints the plan, the peak against the budget and tokens/s.
 # corpus_* read $CORPUS (default .gpu_data/conversations.jsonl: carry a copy of
@@ -48,17 +48,17 @@ for step in "$@"; do
              --compare ${BUDGETS:-none,7,14,22,auto} 2>"$OUT/compare.err" | tee "$OUT/compare.out" ;;
     fitbudget) for b in ${FIT_BUDGETS:-14}; do
                timeout ${FIT_TIMEOUT:-300} python3 -m bengali_empathy fit --config configs/llama31_8b_unsloth.yaml \
-                 --model.model_name_or_path /tmp/llama8b --data.corpus_path "$CORPUS" --model.memory_budget_gib $b \
+                 --model.model_name_or_path /tmp/llama8b --data.corpus_path "$CORPUS" --model.memory.budget_gib $b \
                  --trainer.max_steps 30 --trainer.max_epochs -1 --trainer.val_check_interval 20 \
-                 --trainer.limit_val_batches 1 --model.max_new_tokens 16 --trainer.default_root_dir "$OUT/fit_b$b" \
+                 --trainer.limit_val_batches 1 --model.decoding.max_new_tokens 16 --trainer.default_root_dir "$OUT/fit_b$b" \
                  >"$OUT/fit_b$b.log" 2>&1
                echo "rc=$? budget=$b"; grep -aE "^(memory budget|peak GPU|error)|out of GPU memory|Error" "$OUT/fit_b$b.log" | head -20
                for f in $(find "$OUT/fit_b$b" -name "events.out*" -o -name run.json); do cp "$f" "$OUT/b${b}_$(basename $f)"; done
              done ;;
     dpo8b) python3 scripts/make_preference_pairs.py "$CORPUS" /tmp/dpo_pairs.jsonl
            timeout ${DPO_TIMEOUT:-280} python3 -m bengali_empathy fit --config configs/llama31_8b_unsloth.yaml \
-             --model.model_name_or_path /tmp/llama8b --model.objective dpo --model.learning_rate 5e-6 \
-             --model.memory_budget_gib 14 --data.corpus_path /tmp/dpo_pairs.jsonl --data.batch_size ${DPO_BS:-4} \
+             --model.model_name_or_path /tmp/llama8b --model.objective.name dpo --model.learning_rate 5e-6 \
+             --model.memory.budget_gib 14 --data.corpus_path /tmp/dpo_pairs.jsonl --data.batch_size ${DPO_BS:-4} \
              --data.eval_batch_size ${DPO_BS:-4} --trainer.max_steps ${DPO_STEPS:-20} --trainer.max_epochs -1 \
              --trainer.val_check_interval ${DPO_STEPS:-20} --trainer.limit_val_batches 1 --trainer.log_every_n_steps 5 \
              --trainer.default_root_dir /tmp/dpo8b >"$OUT/dpo8b.log" 2>&1
@@ -84,8 +84,8 @@ PY
              >"$OUT/gguf8b.log" 2>&1; echo "rc=$?"; tail -4 "$OUT/gguf8b.log"; rm -rf /tmp/gguf8b; df -h /tmp | tail -1 ;;
     predict) for bs in ${GEN_BS:-128}; do
                timeout ${PREDICT_TIMEOUT:-400} python3 -m bengali_empathy predict --config configs/llama31_8b_unsloth.yaml \
-                 --model.model_name_or_path /tmp/llama8b --data.corpus_path "$CORPUS" --data.predict_split train \
-                 --data.max_predict_samples ${ROWS:-512} --model.max_new_tokens 128 --model.generation_batch_size $bs \
+                 --model.model_name_or_path /tmp/llama8b --data.corpus_path "$CORPUS" --data.predict.split train \
+                 --data.predict.max_samples ${ROWS:-512} --model.decoding.max_new_tokens 128 --model.generation.batch_size $bs \
                  --trainer.default_root_dir "$OUT/predict_bs$bs" ${PREDICT_ARGS:-} >"$OUT/predict_bs$bs.log" 2>&1
                echo "rc=$? bs=$bs"; grep -E "^(wrote|generated|tuned|warning|error)|out of GPU memory" "$OUT/predict_bs$bs.log"
                nvidia-smi --query-gpu=memory.used --format=csv,noheader
@@ -95,8 +95,8 @@ PY
              printf '%s\n' "${VARIANTS:-}" | tr ';' '\n' | while IFS='|' read -r name args; do
                [ -n "$name" ] || continue
                timeout ${PREDICT_TIMEOUT:-400} python3 -m bengali_empathy predict --config configs/llama31_8b_hf.yaml \
-                 --model.model_name_or_path /tmp/llama8b --data.corpus_path "$CORPUS" --data.predict_split train \
-                 --data.max_predict_samples ${ROWS:-512} --trainer.default_root_dir "$OUT/predict_$name" $args \
+                 --model.model_name_or_path /tmp/llama8b --data.corpus_path "$CORPUS" --data.predict.split train \
+                 --data.predict.max_samples ${ROWS:-512} --trainer.default_root_dir "$OUT/predict_$name" $args \
                  >"$OUT/predict_$name.log" 2>&1
                echo "rc=$? $name: $args"
                grep -aE "generating:|^(wrote|generated|error)|out of GPU memory|Error" "$OUT/predict_$name.log" | tail -4

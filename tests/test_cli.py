@@ -8,7 +8,8 @@ import torch
 from conftest import DEFAULT, SHARED_DATA, requires_shared, run_cli
 
 # On the command line limit_val_batches 1 is the float 1.0 (every batch), so 2 is the fewest whole batches.
-QUICK = [*DEFAULT, "--trainer.limit_val_batches", "2", "--model.max_new_tokens", "4", "--data.max_predict_samples", "4"]
+QUICK = [*DEFAULT, "--trainer.limit_val_batches", "2", "--model.decoding.max_new_tokens", "4",
+         "--data.predict.max_samples", "4"]
 
 
 def _events(vdir):
@@ -44,7 +45,7 @@ def test_default_fit_visibly_learns_and_logs(default_fit):
 def test_predict_on_the_adapter_scores_tuned_and_base(default_fit, tmp_path):
     adapter = default_fit[1] / "adapter"
     r = run_cli(["predict", *QUICK, "--model.adapter_path", str(adapter), "--model.compare_base", "true",
-                 "--data.category_column", "emotion", "--model.generation_batch_size", "3"], cwd=tmp_path)
+                 "--data.columns.category", "emotion", "--model.generation.batch_size", "3"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     pdir = tmp_path / "lightning_logs" / "version_0"
     rows = [json.loads(x) for x in (pdir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -69,7 +70,7 @@ def test_predict_on_a_merged_copy_gives_the_adapter_models_replies(default_fit, 
     outputs = {}
     for weights in ("adapter", "merged"):
         r = run_cli(["predict", *QUICK, "--model.adapter_path", str(adapter), "--model.compare_base", "true",
-                     "--model.generation_weights", weights, "--model.max_new_tokens", "8",
+                     "--model.generation.weights", weights, "--model.decoding.max_new_tokens", "8",
                      "--trainer.default_root_dir", weights], cwd=tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
         pdir = tmp_path / weights / "lightning_logs" / "version_0"
@@ -172,7 +173,7 @@ def test_data_stats_command(tmp_path):
 @pytest.mark.slow
 def test_dailydialog_conversations_fit_validate_predict(tmp_path):
     corpus = str(SHARED_DATA / "conversations.jsonl")
-    args = [*QUICK, "--data.corpus_path", corpus, "--data.max_seq_length", "1024", "--data.on_too_long",
+    args = [*QUICK, "--data.corpus_path", corpus, "--data.max_seq_length", "1024", "--data.encoding.on_too_long",
             "truncate_history", "--trainer.max_steps", "4",
             "--trainer.val_check_interval", "4"]
     r = run_cli(["fit", *args], cwd=tmp_path)
@@ -192,33 +193,34 @@ def test_dailydialog_conversations_fit_validate_predict(tmp_path):
     (["--data.corpus_path", "empty.jsonl"], "corpus is empty"),
     (["--data.corpus_path", "role.jsonl"], "role.jsonl: row 2: turn 2 has unknown role 'bot'"),
     (["--data.corpus_path", "latin1.csv"], "latin1.csv:2: not UTF-8"),
-    (["--data.corpus_path", "role.jsonl", "--data.prompt_template", "{title}"], "missing column(s) 'title'"),
+    (["--data.corpus_path", "role.jsonl", "--data.columns.prompt_template", "{title}"], "missing column(s) 'title'"),
     (["--model.backend", "vllm"], "model.backend"),
-    (["--model.optimizer", "sgd"], "model.optimizer"),
+    (["--model.optimization.optimizer", "sgd"], "model.optimization.optimizer"),
     (["--model.learning_rate", "-0.1"], "model.learning_rate must be positive, not -0.1"),
-    (["--model.lora_r", "0"], "model.lora_r must be a positive integer, not 0"),
-    (["--model.generation_batch_size", "0"], "model.generation_batch_size must be at least 1, not 0"),
-    (["--model.generation_engine", "fast"], "model.generation_engine"),
-    (["--model.generation_weights", "fp8"], "model.generation_weights"),
+    (["--model.lora.r", "0"], "model.lora.r must be a positive integer, not 0"),
+    (["--model.generation.batch_size", "0"], "model.generation.batch_size must be at least 1, not 0"),
+    (["--model.generation.engine", "fast"], "model.generation.engine"),
+    (["--model.generation.weights", "fp8"], "model.generation.weights"),
     (["--model.compare_base", "maybe"], "model.compare_base"),
-    (["--data.deduplicate", "true", "--data.streaming", "true"], "data.deduplicate needs the corpus in memory"),
+    (["--data.split.deduplicate", "true", "--data.streaming", "true"],
+     "data.split.deduplicate needs the corpus in memory"),
     (["--trainer.max_steps", "-5"], "`max_steps` must be a non-negative integer or -1"),
     (["--model.model_name_or_path", "no_weights"], "has a config.json but no weights"),
     (["--model.adapter_path", "not_adapter"], "not_adapter is not a LoRA adapter directory"),
     (["--model.adapter_path", "other_adapter"], "was trained on /models/Llama-3.1-8B-Instruct"),
     (["--registry.db_path", "notes.db"], "notes.db is not an SQLite database"),
-    (["--data.corpus_path", "echo.jsonl", "--data.predict_split", "train"],
+    (["--data.corpus_path", "echo.jsonl", "--data.predict.split", "train"],
      "echo.jsonl: row 1: the reference reply already occurs earlier in the conversation"),
     (["--trainer.max_steps", "abc"], "trainer.max_steps"),
-    (["--data.on_too_long", "cut"], "data.on_too_long"),
-    (["--data.train_on", "every_turn"], "data.train_on"),
-    (["--data.corpus_path", "role.jsonl", "--data.group_column", "dialogue"], "missing column(s) 'dialogue'"),
-    (["--data.corpus_path", "role.jsonl", "--data.messages_column", "chat"], "missing column(s) 'chat'"),
+    (["--data.encoding.on_too_long", "cut"], "data.encoding.on_too_long"),
+    (["--data.encoding.train_on", "every_turn"], "data.encoding.train_on"),
+    (["--data.corpus_path", "role.jsonl", "--data.columns.group", "dialogue"], "missing column(s) 'dialogue'"),
+    (["--data.corpus_path", "role.jsonl", "--data.columns.messages", "chat"], "missing column(s) 'chat'"),
     (["--data.max_seq_length", "64"], "longer than max_seq_length"),
     (["--model.model_name_or_path", "/no/such/model"], "model directory not found"),
-    (["--model.memory_budget_gib", "-2"], "model.memory_budget_gib must be a positive number of GiB"),
-    (["--model.memory_budget_gib", "lots"], "model.memory_budget_gib"),
-    pytest.param(["--model.optimizer", "adamw_8bit"], "needs a CUDA GPU",  # found once the run has begun
+    (["--model.memory.budget_gib", "-2"], "model.memory.budget_gib must be a positive number of GiB"),
+    (["--model.memory.budget_gib", "lots"], "model.memory.budget_gib"),
+    pytest.param(["--model.optimization.optimizer", "adamw_8bit"], "needs a CUDA GPU",  # found once the run has begun
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only error")),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, message):
@@ -331,7 +333,7 @@ def test_streaming_late_data_error_names_file_and_row(tmp_path, bad_line, messag
     good = [json.dumps({"prompt": f"প্রশ্ন {i}", "response": f"উত্তর {i}"}, ensure_ascii=False) + "\n" for i in range(40)]
     (tmp_path / "stream.jsonl").write_text("".join(good[:20]) + bad_line + "".join(good[20:]), encoding="utf-8")
     r = run_cli(["fit", *QUICK, "--data.corpus_path", str(tmp_path / "stream.jsonl"), "--data.streaming", "true",
-                 "--data.shuffle_buffer", "0", "--trainer.max_steps", "30"], cwd=tmp_path)
+                 "--data.loading.shuffle_buffer", "0", "--trainer.max_steps", "30"], cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
     err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(err) == 1 and message in err[0], r.stderr[-2000:]
@@ -347,7 +349,7 @@ def _qa_csv(path, rows=24):
 
 # Half of the 24 rows for validation: 9 training rows, 3 batches per epoch, fewer than the default
 # config's 4 steps between validations.
-SMALL = ["--data.val_fraction", "0.5"]
+SMALL = ["--data.split.val_fraction", "0.5"]
 
 
 def test_validation_every_n_steps_spans_epochs_of_a_small_corpus(tmp_path):

@@ -46,11 +46,11 @@ def random_batches(n: int, batch_size: int, seq_len: int, seed: int = 0, prompt_
 def corpus_batches(path: str, n: int, batch_size: int, seq_len: int, pack: bool, group_by_length: bool,
                    tokenizer_path: Optional[str]):
     """``n`` training batches (and one validation batch) of a real corpus, as ``fit`` builds them."""
-    from ..data import EmpatheticDialogueDataModule
+    from ..data import EmpatheticDialogueDataModule, EncodingSettings
 
     dm = EmpatheticDialogueDataModule(corpus_path=path, tokenizer_path=tokenizer_path, max_seq_length=seq_len,
-                                      on_too_long="truncate_history", batch_size=batch_size, pack=pack,
-                                      group_by_length=group_by_length)
+                                      batch_size=batch_size, pack=pack, group_by_length=group_by_length,
+                                      encoding=EncodingSettings(on_too_long="truncate_history"))
     dm.setup()
     train, out = dm.train_dataloader(), []
     while len(out) < n:
@@ -100,17 +100,19 @@ def parse_budget(text: str):
 def run(args) -> dict:
     if args.loop == "trl":
         return run_trl(args)
-    from ..models.memory import plan_training_memory
-    from ..training.module import EmpathyLM
+    from ..generation.generator import Decoding
+    from ..models.memory import MemorySettings, plan_training_memory
+    from ..training.module import EmpathyLM, GenerationSettings, OptimizerSettings
 
     cuda = torch.cuda.is_available()
     path = model_path_for(args.arch, args.model_path)
     t_load = time.perf_counter()
-    lm = EmpathyLM(model_name_or_path=path, backend=args.backend, load_in_4bit=not args.no_4bit,
-                   max_seq_length=args.seq_len, gradient_checkpointing=not args.no_gradient_checkpointing,
-                   memory_budget_gib=parse_budget(args.memory_budget),
-                   optimizer=args.optimizer, max_new_tokens=4, val_generate_batches=1, log_samples=0,
-                   save_adapter_on_fit_end=False)
+    lm = EmpathyLM(model_name_or_path=path, backend=args.backend, max_seq_length=args.seq_len, save_adapter_on_fit_end=False,
+                   memory=MemorySettings(load_in_4bit=not args.no_4bit,
+                                         gradient_checkpointing=not args.no_gradient_checkpointing,
+                                         budget_gib=parse_budget(args.memory_budget)),
+                   optimization=OptimizerSettings(optimizer=args.optimizer), decoding=Decoding(max_new_tokens=4),
+                   generation=GenerationSettings(val_batches=1, log_samples=0))
     lm.configure_model()
     if not args.rearm:
         # Reproduces the bug the package guards against: Lightning's train() alone, so the
@@ -130,7 +132,7 @@ def run(args) -> dict:
         batches = random_batches(total_steps, args.batch_size, args.seq_len)
         val_batches = batches[:1]
     # Planned here, before any Trainer: the plain loop has none, and under one fit keeps this plan.
-    lm.memory_plan = plan_training_memory(lm.model, lm.backend, lm.hparams.memory_budget_gib, args.batch_size,
+    lm.memory_plan = plan_training_memory(lm.model, lm.backend, lm.memory.budget_gib, args.batch_size,
                                           args.seq_len, report=lambda line: print(line, file=sys.stderr))
     if cuda:
         torch.cuda.synchronize()
@@ -358,7 +360,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--optimizer", default="auto")
     p.add_argument("--memory-budget", default="none",
-                   help="model.memory_budget_gib: GiB, auto, or none (every layer checkpointed)")
+                   help="model.memory.budget_gib: GiB, auto, or none (every layer checkpointed)")
     p.add_argument("--compare", default=None,
                    help="comma-separated budgets, e.g. 7,14,22,auto: TRL's SFTTrainer and this package at "
                         "each, each in its own process, as one table")

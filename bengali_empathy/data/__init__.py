@@ -16,17 +16,22 @@ Lower modules first (each imports only from those above it):
 """
 from .batching import IGNORE_INDEX, Collator, EpochSampler, PackedDataset, pack_examples, pack_groups
 from .chat_format import ChatEncoder
-from .datamodule import EmpatheticDialogueDataModule
-from .encode import ENCODING_VERSION, EncodeOptions, OnTooLong, RowEncoder, TrainOn
+from .datamodule import EmpatheticDialogueDataModule, LoaderSettings, PredictSettings
+from .encode import (
+    ENCODING_VERSION, EncodeOptions, EncodingSettings, OnTooLong, RowEncoder, SplitSettings, TrainOn,
+)
 from .files import bundled_corpus_path, corpus_files, diagnose, load_file
-from .formats import DEFAULT_SYSTEM_PROMPT, SPLITS, Conversation, CorpusFormat, Objective, Split, split_of
+from .formats import (
+    DEFAULT_SYSTEM_PROMPT, SPLITS, Conversation, CorpusColumns, CorpusFormat, Objective, Split, split_of,
+)
 from .splits import CorpusSplits, InMemorySplits, StreamedSplits, StreamSplit
 from .stats import KEPT, flat_stats, format_stats, split_stats
 from .stream_counts import StreamCounts
 
 __all__ = [
     "IGNORE_INDEX", "Collator", "EpochSampler", "PackedDataset", "pack_examples", "pack_groups", "ChatEncoder",
-    "EmpatheticDialogueDataModule", "ENCODING_VERSION", "EncodeOptions", "OnTooLong", "RowEncoder", "TrainOn",
+    "EmpatheticDialogueDataModule", "LoaderSettings", "PredictSettings", "ENCODING_VERSION", "EncodeOptions",
+    "EncodingSettings", "OnTooLong", "RowEncoder", "SplitSettings", "TrainOn", "CorpusColumns",
     "bundled_corpus_path", "corpus_files", "diagnose", "load_file", "DEFAULT_SYSTEM_PROMPT", "SPLITS",
     "Conversation", "CorpusFormat", "Objective", "Split", "split_of", "CorpusSplits", "InMemorySplits", "StreamedSplits",
     "StreamSplit", "KEPT", "flat_stats", "format_stats", "split_stats", "StreamCounts",

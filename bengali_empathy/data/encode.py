@@ -22,7 +22,7 @@ import unicodedata
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Literal, Optional
 
-from ..errors import UserError
+from ..errors import UserError, check_ranges
 from .chat_format import ChatEncoder
 from .files import diagnose, load_file
 from .formats import CorpusFormat, Turns, split_of
@@ -55,18 +55,52 @@ class EncodeOptions:
     seed: int
 
 
-def check_options(batch_size: int, max_seq_length: int, val_fraction: float, test_fraction: float,
-                  deduplicate: bool, streaming: bool) -> None:
+@dataclass(frozen=True)
+class EncodingSettings:
+    """How a conversation becomes tokens and labels (``data.encoding``).
+
+    Args:
+        on_too_long: a conversation longer than ``data.max_seq_length`` is an ``error``; ``drop`` the row;
+            ``truncate`` its tail; or ``truncate_history``: drop the oldest whole turns (keeping the system
+            prompt and the final exchange), then cut the reply's tail.
+        train_on: loss on ``all_assistant`` replies or only the ``last_assistant`` one.
+    """
+
+    on_too_long: OnTooLong = "error"
+    train_on: TrainOn = "all_assistant"
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """The stable hash split into train, val and test (``data.split``).
+
+    Args:
+        val_fraction / test_fraction / seed: the shares of val and test, and the seed of the hash.
+        deduplicate: drop conversations identical to an earlier one (same system prompt and turns after NFC
+            and white-space normalisation) before the split; counted as ``dropped_duplicate``. In memory only.
+    """
+
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 42
+    deduplicate: bool = False
+
+    def __post_init__(self) -> None:
+        check_ranges("data.split", self, {"val_fraction": (0 <= self.val_fraction < 1, "in [0, 1)"),
+                                          "test_fraction": (0 <= self.test_fraction < 1, "in [0, 1)")})
+        if self.val_fraction + self.test_fraction >= 1:
+            raise UserError(f"data.split.val_fraction ({self.val_fraction}) and data.split.test_fraction "
+                            f"({self.test_fraction}) must sum below 1")
+
+
+def check_options(batch_size: int, max_seq_length: int, deduplicate: bool, streaming: bool) -> None:
     """Refuse data options that cannot work, before anything is read."""
     if batch_size < 1:
-        raise UserError(f"batch_size must be >= 1, not {batch_size}")
+        raise UserError(f"data.batch_size must be at least 1, not {batch_size}")
     if max_seq_length < 16:
-        raise UserError(f"max_seq_length must be >= 16, not {max_seq_length}")
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise UserError(f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) "
-                        "must be in [0, 1) and sum below 1")
+        raise UserError(f"data.max_seq_length must be at least 16, not {max_seq_length}")
     if deduplicate and streaming:
-        raise UserError("data.deduplicate needs the corpus in memory: set data.streaming to false")
+        raise UserError("data.split.deduplicate needs the corpus in memory: set data.streaming to false")
 
 
 @dataclass
@@ -261,7 +295,8 @@ def too_long_error(first: str, raw_tokens: int, limit: int, counted: Optional[tu
     how_many = (f"; {counted[0]} of {counted[1]} rows are longer (p50 {counted[2]}, p99 {counted[3]} tokens)"
                 if counted else "; the first of the stream (data-stats counts them all)")
     return UserError(f"{first}: conversation is {raw_tokens} tokens, longer than max_seq_length={limit}{how_many} "
-                     "(raise data.max_seq_length or set data.on_too_long to drop, truncate or truncate_history)")
+                     "(raise data.max_seq_length or set data.encoding.on_too_long to drop, truncate or "
+                     "truncate_history)")
 
 
 def encode_in_memory(encoders: dict, opts: EncodeOptions, num_proc: Optional[int]):

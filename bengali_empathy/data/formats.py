@@ -43,6 +43,44 @@ SPLITS = ("train", "val", "test")
 Split = Literal["train", "val", "test"]
 # What a run trains for: the replies themselves (sft), or preferences between them (see ..preference).
 Objective = Literal["sft", "dpo", "kto"]
+
+
+@dataclass(frozen=True)
+class CorpusColumns:
+    """Where a corpus row's parts are (``data.columns``): the columns and templates of :class:`CorpusFormat`.
+
+    Args:
+        prompt / response: one exchange per row from these two columns.
+        messages: a column of ``{role, content}`` turns (or ShareGPT ``{from, value}``); auto-detected as
+            ``messages`` / ``conversations`` when the prompt column is absent.
+        prompt_template / response_template: build the turns from several columns,
+            e.g. ``"{Question-Title}\\n{Questions}"``.
+        system: per-row system prompt (empty cells use ``data.system_prompt``).
+        id: row id (default ``id``; a hash of the text when absent).
+        group: rows of one group always share a split (auto: ``conversation_id`` / ``dialogue_id`` /
+            ``conv_id`` when present).
+        category: a category/emotion label carried to predictions.
+        text: raw text, one document per row (continued pretraining): ``<|begin_of_text|>`` + text +
+            ``<|end_of_text|>``, the loss on every token, no chat format (with ``data.pack``: rows of
+            ``max_seq_length``).
+    """
+
+    prompt: str = "prompt"
+    response: str = "response"
+    messages: Optional[str] = None
+    prompt_template: Optional[str] = None
+    response_template: Optional[str] = None
+    system: Optional[str] = None
+    id: Optional[str] = "id"
+    group: Optional[str] = None
+    category: Optional[str] = None
+    text: Optional[str] = None
+
+    def format_of(self, columns: list[str], where: str, objective: Objective) -> "CorpusFormat":
+        """The format of a file with these ``columns`` (bad columns or templates fail here)."""
+        return CorpusFormat(columns, where, self.prompt, self.response, self.messages, self.prompt_template,
+                            self.response_template, self.system, self.id, self.group, self.category, self.text,
+                            objective)
 MESSAGE_COLUMNS = ("messages", "conversations")
 GROUP_COLUMNS = ("conversation_id", "dialogue_id", "conv_id")
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
@@ -163,7 +201,8 @@ class TextToTurns:
 class CorpusFormat:
     """Reads one row into a :class:`Conversation` (the "rows -> messages" transform of a file).
 
-    Args mirror the ``data.*`` options of the same names; ``columns`` are the corpus's
+    Args mirror the ``data.columns`` options (``prompt_column`` is ``data.columns.prompt``, ...; see
+    :class:`CorpusColumns`); ``columns`` are the corpus's
     column names, used to auto-detect the layout and to reject unknown columns early.
     """
 
@@ -180,7 +219,7 @@ class CorpusFormat:
         self.replies = None
         if objective != "sft":
             if text_column is not None:
-                raise UserError(f"data.text_column is raw text for objective sft, not {objective}")
+                raise UserError(f"data.columns.text is raw text for objective sft, not {objective}")
             self.layout = "pairs" if objective == "dpo" else "labelled"
             self.to_turns = (MessagesToTurns(messages_column, ends_with="user") if messages_column is not None
                              else PromptToTurns(prompt_column))
@@ -196,16 +235,16 @@ class CorpusFormat:
             self.to_turns = TemplatesToTurns(prompt_template or "{" + prompt_column + "}",
                                              response_template or "{" + response_column + "}")
             if any(not name for name in self.to_turns.fields):
-                raise UserError("data.prompt_template/response_template: name every field, e.g. '{Questions}'")
+                raise UserError("data.columns.prompt_template/response_template: name every field, e.g. '{Questions}'")
         needed = self.to_turns.fields + (self.replies.fields if self.replies else []) \
             + [c for c in (system_column, group_column, category_column) if c is not None]
         missing = [c for c in dict.fromkeys(needed) if c not in cols]
         if missing:
             hint = {"pairs": "DPO rows: prompt or messages, chosen, rejected",
                     "labelled": "KTO rows: prompt or messages, completion, label",
-                    "text": "set data.text_column to the raw-text column"}.get(self.layout, (
-                        "set data.messages_column, or data.prompt_column / data.response_column, "
-                        "or data.prompt_template / data.response_template"))
+                    "text": "set data.columns.text to the raw-text column"}.get(self.layout, (
+                        "set data.columns.messages, or data.columns.prompt / data.columns.response, "
+                        "or data.columns.prompt_template / data.columns.response_template"))
             raise UserError(f"{where}: missing column(s) {', '.join(repr(c) for c in missing)}; "
                             f"found {', '.join(repr(c) for c in columns)} ({hint})")
         self.system_column = system_column

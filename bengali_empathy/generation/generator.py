@@ -7,7 +7,7 @@ batch that does not fit shows up at once), left-padded per batch, every row
 stops at ``<|eot_id|>``, and the replies come back in input order. A batch that
 runs out of GPU memory is retried at half the size.
 
-Three engines run the decoding (``model.generation_engine``): ``eager`` is transformers' ``generate``
+Three engines run the decoding (``model.generation.engine``): ``eager`` is transformers' ``generate``
 with its dynamic KV cache and SDPA attention. ``static`` prefills all but the last token of every
 prompt (:func:`.decoder.prefill`, in slices of rows of at most ``PREFILL_TOKENS``) into a static KV cache of
 the batch's longest prompt plus ``max_new_tokens``, and ``generate`` decodes from there with the
@@ -17,7 +17,7 @@ of ``generate``'s Python loop. Both need the ``hf`` backend (Unsloth generates w
 ``auto`` is ``compiled`` on CUDA with it, else ``eager``.
 
 Where the memory allows, validate/test/predict generate on a merged 16-bit copy of the model
-(:mod:`.merged`, ``model.generation_weights``); :func:`plan_generation` decides, and checks that the
+(:mod:`.merged`, ``model.generation.weights``); :func:`plan_generation` decides, and checks that the
 KV cache of one row and the prefill fit before anything runs.
 
 :class:`Generator` is that for a loaded model (mode switches, cache and batch size kept across
@@ -35,7 +35,7 @@ from typing import Callable, Iterator, Literal, Optional, Sequence
 import torch
 
 from .decoder import PREFILL_TOKENS, GraphDecoder, cache_slots, head_dim, left_padded, prefill, synchronized_time
-from ..errors import UserError
+from ..errors import UserError, check_ranges
 from ..models.memory import MemoryBudget, resolve_budget_gib
 
 GenerationEngine = Literal["auto", "compiled", "static", "eager"]
@@ -44,7 +44,9 @@ GenerationWeights = Literal["auto", "merged", "adapter"]
 
 @dataclass(frozen=True)
 class Decoding:
-    """Decoding settings: greedy when ``temperature`` is 0, else sampling with ``seed``."""
+    """Decoding settings (``model.decoding``): greedy when ``temperature`` is 0, else sampling with ``top_p`` /
+    ``top_k`` (0 = off) and ``seed``; ``repetition_penalty`` (1 = off) and ``no_repeat_ngram_size`` (0 = off)
+    apply to both. ``max_new_tokens``: the reply length for validation samples, test, predict and chat."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -53,6 +55,14 @@ class Decoding:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_ranges("model.decoding", self, {
+            "max_new_tokens": (self.max_new_tokens >= 1, "at least 1"),
+            "temperature": (self.temperature >= 0, "at least 0 (0 = greedy)"),
+            "top_p": (0 < self.top_p <= 1, "in (0, 1]"), "top_k": (self.top_k >= 0, "at least 0 (0 = off)"),
+            "repetition_penalty": (self.repetition_penalty > 0, "positive (1 = off)"),
+            "no_repeat_ngram_size": (self.no_repeat_ngram_size >= 0, "at least 0 (0 = off)")})
 
     def generate_kwargs(self) -> dict:
         kwargs: dict = {"max_new_tokens": self.max_new_tokens, "do_sample": self.temperature > 0}
@@ -114,7 +124,7 @@ def resolve_engine(engine: GenerationEngine, backend_name: str) -> str:
     if engine == "auto":
         return "compiled" if backend_name == "hf" and torch.cuda.is_available() else "eager"
     if engine in ("compiled", "static") and backend_name != "hf":
-        raise UserError(f"model.generation_engine '{engine}' needs model.backend 'hf' ({backend_name} generates "
+        raise UserError(f"model.generation.engine '{engine}' needs model.backend 'hf' ({backend_name} generates "
                         "with its own kernels); use 'auto' or 'eager'")
     return engine
 
@@ -191,14 +201,14 @@ def plan_generation(config, longest: int, max_new_tokens: int, batch_size: int, 
         if slots >= min(batch_size, MERGED_MIN_ROWS) * row_slots or (merge and slots >= row_slots):
             return GenerationPlan(True, batch_size, int(slots), tokens)
         if merge:
-            raise UserError(f"model.generation_weights 'merged' needs {merged_bytes / 2**30:.1f} GiB for the merged "
+            raise UserError(f"model.generation.weights 'merged' needs {merged_bytes / 2**30:.1f} GiB for the merged "
                             f"copy beside the {free_bytes / 2**30:.1f} GiB free for generation; use 'auto' or 'adapter'")
     tokens, fixed, slots = layout(free_bytes - adapter_bytes)
     if slots < row_slots:
-        raise UserError(f"model.max_new_tokens {max_new_tokens} after prompts of up to {longest} tokens needs "
+        raise UserError(f"model.decoding.max_new_tokens {max_new_tokens} after prompts of up to {longest} tokens needs "
                         f"{row_slots * per_token / 2**30:.2f} GiB of KV cache per row and {fixed / 2**30:.1f} GiB "
                         f"for the prefill, but {free_bytes / 2**30:.1f} GiB are free for generation: lower "
-                        "model.max_new_tokens or data.max_seq_length, or raise model.memory_budget_gib")
+                        "model.decoding.max_new_tokens or data.max_seq_length, or raise model.memory.budget_gib")
     return GenerationPlan(False, batch_size, int(slots), tokens)
 
 
@@ -359,7 +369,7 @@ class Generator:
         # which a plain copy would then run through.
         self.merge = {"merged": True, "adapter": False}.get(
             weights, None if backend.name == "hf" and torch.cuda.is_available() else False)
-        self.memory_budget = memory_budget  # the run's (model.memory_budget_gib): generation keeps to it too
+        self.memory_budget = memory_budget  # the run's (model.memory.budget_gib): generation keeps to it too
         self.report = report
         self.stop_ids = stop_token_ids(tokenizer)
         self.last_plan: Optional[GenerationPlan] = None

@@ -1,48 +1,50 @@
 """LoRA settings: one type from the command line or an adapter directory to peft and the run records.
 
-The module's options ``lora_r`` / ``lora_alpha`` / ``lora_dropout`` / ``target_modules`` /
-``modules_to_save`` are the fields of :class:`LoraSettings` under the names in :data:`OPTIONS`;
-their defaults are :data:`DEFAULT_LORA`'s.
+The module's ``model.lora`` options (``model.lora.r``, ``model.lora.target_modules``, ...) are the fields
+of :class:`LoraSettings`; their defaults are :data:`DEFAULT_LORA`'s.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..errors import UserError
+from ..errors import UserError, check_ranges
 
-# field -> the module's option (``model.<option>`` on the command line)
-OPTIONS = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules",
-           "modules_to_save": "modules_to_save"}
 ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """Rank, scale, dropout and the modules adapted (LoRA) or trained in full beside it."""
+    """Rank, scale, dropout and the modules adapted (LoRA) or trained in full beside it (``model.lora``).
+
+    Args:
+        r / alpha / dropout / target_modules: the LoRA adapters: rank, scale, dropout, the linear layers adapted.
+        modules_to_save: modules trained in full beside LoRA (peft ``modules_to_save``), e.g. ``[lm_head]``:
+            the embedded tiny model's random head must learn for it to speak Bengali.
+        seed: the seed of the adapters' initialisation. Not part of what an adapter is: two adapters that
+            differ only in it are compared equal.
+    """
 
     r: int = 16
     alpha: int = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     modules_to_save: tuple[str, ...] = ()
+    seed: int = field(default=3407, compare=False)
 
     def __post_init__(self) -> None:
         # Lists from the command line or JSON become tuples: the settings are compared and hashed.
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save))
-
-    @classmethod
-    def from_options(cls, **options) -> "LoraSettings":
-        """From the module's option names (``lora_r=8, target_modules=[...]``, ...)."""
-        return cls(**{name: options[option] for name, option in OPTIONS.items() if option in options})
-
-    def options(self) -> dict:
-        """The module's options of these settings (the inverse of :meth:`from_options`)."""
-        return {OPTIONS[k]: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        # (jsonargparse's PositiveInt-style types would check these at parse time, but their values are
+        # subclasses of int and float that Lightning's hparams.yaml cannot store as plain numbers.)
+        check_ranges("model.lora", self, {"r": (self.r >= 1, "a positive integer"),
+                                          "alpha": (self.alpha > 0, "positive"),
+                                          "dropout": (0 <= self.dropout < 1, "in [0, 1)"),
+                                          "target_modules": (len(self.target_modules) > 0, "a non-empty list")})
 
     @classmethod
     def from_adapter(cls, adapter: str | os.PathLike) -> "LoraSettings":
@@ -79,8 +81,8 @@ class LoraSettings:
                 want, have = sorted(want), sorted(have)
             if have != want:
                 shown = list(getattr(self, key)) if isinstance(want, list) else want
-                raise UserError(f"adapter {adapter} has {key} {have}, but model.{OPTIONS[key]} is {shown}: "
-                                f"set model.{OPTIONS[key]} to the adapter's value")
+                raise UserError(f"adapter {adapter} has {key} {have}, but model.lora.{key} is {shown}: "
+                                f"set model.lora.{key} to the adapter's value")
 
 
 DEFAULT_LORA = LoraSettings()
@@ -92,7 +94,7 @@ def check_modules_trained(model, modules_to_save: tuple[str, ...]) -> None:
     trained = {n for n, p in model.named_parameters() if p.requires_grad and ".modules_to_save." in n}
     frozen = [m for m in modules_to_save if not any(f".{m}.modules_to_save." in f".{n}" for n in trained)]
     if frozen:
-        raise UserError(f"model.modules_to_save names {', '.join(frozen)}, but no trainable copy of "
+        raise UserError(f"model.lora.modules_to_save names {', '.join(frozen)}, but no trainable copy of "
                         f"{'it' if len(frozen) == 1 else 'them'} is in the loaded model (a module name of the "
                         "model, e.g. embed_tokens or lm_head, that the backend trains in full)")
 

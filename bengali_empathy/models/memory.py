@@ -106,10 +106,32 @@ def resolve_budget_gib(budget: MemoryBudget, device: torch.device) -> Optional[f
     return float(budget)
 
 
+@dataclass(frozen=True)
+class MemorySettings:
+    """How training fits the GPU (``model.memory``).
+
+    Args:
+        load_in_4bit: 4-bit NF4 base weights (CUDA only; ignored with a warning on CPU).
+        gradient_checkpointing: recompute activations in the backward pass (on as many decoder layers as
+            ``budget_gib`` requires; false: on none).
+        budget_gib: GPU memory that training may take (GiB, peak reserved by this process): before training a
+            short probe measures the worst-case batch and leaves as many decoder layers without recompute as
+            fit (faster steps). ``auto``: 92% of what the card has free; null: checkpoint every layer (least
+            memory). Applies to fit on CUDA.
+    """
+
+    load_in_4bit: bool = True
+    gradient_checkpointing: bool = True
+    budget_gib: MemoryBudget = 14.0
+
+    def __post_init__(self) -> None:
+        check_budget_value(self.budget_gib)
+
+
 def check_budget_value(budget: MemoryBudget) -> None:
     """A number must be positive (``auto`` and None pass): one error line otherwise."""
     if budget is not None and budget != "auto" and not budget > 0:
-        raise UserError(f"model.memory_budget_gib must be a positive number of GiB, 'auto' or null, not {budget!r}")
+        raise UserError(f"model.memory.budget_gib must be a positive number of GiB, 'auto' or null, not {budget!r}")
 
 
 def check_budget(budget: MemoryBudget, model_dir: Optional[Path], quantized: bool, checkpointing: bool) -> None:
@@ -164,7 +186,7 @@ def cap_reserved_memory(budget_gib: Optional[float], device: torch.device) -> No
 
 def below_minimum(budget_gib: float, minimum_gib: float, what: str) -> UserError:
     """The one-line error for a budget under ``minimum_gib``, which ``what`` explains."""
-    return UserError(f"model.memory_budget_gib {budget_gib:.2f} is below the {minimum_gib:.2f} GiB {what}; "
+    return UserError(f"model.memory.budget_gib {budget_gib:.2f} is below the {minimum_gib:.2f} GiB {what}; "
                      f"give at least {math.ceil(minimum_gib * 10) / 10:.1f}, 'auto', or a smaller batch or "
                      f"max_seq_length")
 

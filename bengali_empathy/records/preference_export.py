@@ -3,13 +3,13 @@
 * ``--objective dpo``: the blind tuned-vs-base judgements of the web rating page (``serve``; read
   through :func:`~.judgements.judgements_of`, the table's one reader) become pairs: chosen = the
   preferred reply, rejected = the other, with the system prompt both were generated under (``system``,
-  for ``data.system_column``); ties are skipped.
+  for ``data.columns.system``); ties are skipped.
 * ``--objective kto``: the 1-5 ratings of ``rate`` (``HumanRatings``) become labelled replies: a reply
   whose ratings average at least ``desirable_at`` over every aspect and rater is desirable, one at most
   ``undesirable_at`` undesirable; those between are skipped.
 
 Rows carry ``conversation_id`` (a hash of the prompt), so every row of one prompt lands in the same
-split. The file is the corpus of ``fit --config configs/dpo.yaml`` (or ``--model.objective kto``).
+split. The file is the corpus of ``fit --config configs/dpo.yaml`` (or ``--model.objective.name kto``).
 """
 from __future__ import annotations
 

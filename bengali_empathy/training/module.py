@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -20,18 +21,70 @@ import torch
 from ..models.backends import Backend, BackendName, checkpointed_layer_count, make_backend
 from ..models.checkpoints import AdapterInfo, check_adapter, lora_state_from_ckpt, save_adapter
 from ..data import DEFAULT_SYSTEM_PROMPT, flat_stats
-from ..errors import UserError
+from ..errors import UserError, check_ranges
 from ..evaluation.evaluator import Evaluation, Evaluator
 from ..generation.generator import Decoding, GenerationEngine, GenerationStats, GenerationWeights, Generator, resolve_engine
 from ..models.lora import DEFAULT_LORA, LoraSettings, parameter_groups
-from ..models.memory import CheckpointPlan, MemoryBudget, cap_reserved_memory, check_budget, plan_training_memory
+from ..models.memory import CheckpointPlan, MemorySettings, cap_reserved_memory, check_budget, plan_training_memory
 from ..models.modeling import TINY_MODEL, resolve_model_path
-from .preference import Objective, PreferenceObjective
+from .preference import ObjectiveSettings, PreferenceObjective
 from ..records.run import RunInfo, write_fit_records
 from ..schema import CorpusFacts
 
 Optimizer = Literal["auto", "adamw_8bit", "adamw"]
 MAX_SEQ_LENGTH = 2048
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The optimizer and its schedule beside ``model.learning_rate`` (``model.optimization``).
+
+    Args:
+        optimizer: ``auto`` (8-bit AdamW on CUDA with bitsandbytes, else AdamW), ``adamw_8bit`` or ``adamw``.
+        weight_decay / warmup_ratio / min_lr_ratio: AdamW's weight decay; the cosine schedule's linear warmup
+            (a share of the steps) and its floor (a share of the learning rate).
+        embedding_learning_rate: the learning rate of ``model.lora.modules_to_save`` (see :mod:`.lora`);
+            null: ``model.learning_rate``.
+    """
+
+    optimizer: Optimizer = "auto"
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1
+    embedding_learning_rate: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        check_ranges("model.optimization", self, {
+            "weight_decay": (self.weight_decay >= 0, "at least 0"),
+            "warmup_ratio": (0 <= self.warmup_ratio < 1, "in [0, 1)"),
+            "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            "embedding_learning_rate": (self.embedding_learning_rate is None or self.embedding_learning_rate > 0,
+                                        "positive or null (= model.learning_rate)")})
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How validation, test and predict generate replies (``model.generation``).
+
+    Args:
+        batch_size: rows per generation batch (prompts sorted by length; halved on out-of-memory). Larger than
+            the loss batches: a decoding step costs about the same at 8 rows as at 128.
+        engine / weights: how replies are generated and on which weights (the merged 16-bit copy where memory
+            allows, outside fit); see :mod:`.generation`.
+        val_batches / log_samples: validation batches whose replies are generated (-1: all) and replies logged
+            to TensorBoard; see :class:`~.evaluation.Evaluator`.
+    """
+
+    batch_size: int = 64
+    engine: GenerationEngine = "auto"
+    weights: GenerationWeights = "auto"
+    val_batches: int = 2
+    log_samples: int = 4
+
+    def __post_init__(self) -> None:
+        check_ranges("model.generation", self, {"batch_size": (self.batch_size >= 1, "at least 1"),
+                                                "val_batches": (self.val_batches >= -1, "at least -1 (-1 = all)"),
+                                                "log_samples": (self.log_samples >= 0, "at least 0")})
 
 
 class EmpathyLM(L.LightningModule):
@@ -41,84 +94,63 @@ class EmpathyLM(L.LightningModule):
         model_name_or_path: local Hugging Face checkpoint directory (e.g. Llama-3.1-8B-Instruct),
             or ``tiny-random-llama`` for the embedded 2-layer random model.
         backend: ``auto`` (Unsloth on CUDA when installed, else ``hf``), ``unsloth`` or ``hf``.
-        load_in_4bit: 4-bit NF4 base weights (CUDA only; ignored with a warning on CPU).
         max_seq_length: longest sequence the model is prepared for (linked from ``data.max_seq_length``).
-        lora_r / lora_alpha / lora_dropout / target_modules: LoRA settings (:class:`~.lora.LoraSettings`).
-        modules_to_save: modules trained in full beside LoRA (peft ``modules_to_save``), e.g.
-            ``[lm_head]``: the embedded tiny model's random head must learn for it to speak Bengali.
-        gradient_checkpointing: recompute activations in the backward pass (on as many decoder layers as
-            ``memory_budget_gib`` requires; false: on none).
-        memory_budget_gib: GPU memory that training may take (GiB, peak reserved by this process):
-            before training a short probe measures the worst-case batch and leaves as many decoder
-            layers without recompute as fit (faster steps). ``auto``: 92% of what the card has free;
-            null: checkpoint every layer (least memory). Applies to fit on CUDA; see :mod:`.memory`.
         train_batch_size: rows per training batch, which the memory probe measures (linked from
             ``data.batch_size``; null: no probe).
         system_prompt: the system prompt of the training data, recorded in the adapter for chat (linked
             from ``data.system_prompt``).
         adapter_path: LoRA adapter directory to start from (for validate/predict/chat or to resume).
-        optimizer: ``auto`` (8-bit AdamW on CUDA with bitsandbytes, else AdamW), ``adamw_8bit`` or ``adamw``.
-        learning_rate / weight_decay / warmup_ratio / min_lr_ratio: cosine schedule with linear warmup.
-        max_new_tokens: generation length for validation samples, test and predict.
-        generation_batch_size: rows per generation batch (prompts sorted by length; halved on out-of-memory).
-            Larger than the loss batches: a decoding step costs about the same at 8 rows as at 128.
-        generation_engine / generation_weights: how replies are generated and on which weights (the
-            merged 16-bit copy where memory allows, outside fit); see :mod:`.generation`.
-        temperature: 0 = greedy decoding; above 0, sampling with ``top_p`` / ``top_k`` (0 = off) and
-            ``generation_seed``. ``repetition_penalty`` (1 = off) and ``no_repeat_ngram_size`` (0 = off)
-            apply to both.
-        compare_base / val_generate_batches / log_samples: see :class:`~.evaluation.Evaluator`
-            (``base_prediction`` in predictions.jsonl, ``base`` and ``delta`` in metrics.json).
+        learning_rate: the peak of the cosine schedule with linear warmup (see ``optimization``).
+        compare_base: also score the base model (``base_prediction`` in predictions.jsonl, ``base`` and
+            ``delta`` in metrics.json); see :class:`~.evaluation.Evaluator`.
         save_adapter_on_fit_end: write ``<log_dir>/adapter`` when fit ends.
-        objective / dpo_beta / kto_desirable_weight / kto_undesirable_weight: ``sft``, ``dpo`` or ``kto`` and their
-            settings (:class:`~.preference.PreferenceObjective`); embedding_learning_rate: see :mod:`.lora`.
+        lora: :class:`~.lora.LoraSettings`. memory: :class:`~.memory.MemorySettings` (4-bit weights,
+            gradient checkpointing, the GPU memory budget). objective: :class:`~.preference.ObjectiveSettings`.
+        optimization: :class:`OptimizerSettings`. decoding: :class:`~.generation.Decoding`.
+        generation: :class:`GenerationSettings`.
     """
 
     def __init__(
         self,
         model_name_or_path: str = TINY_MODEL,
         backend: BackendName = "auto",
-        load_in_4bit: bool = True,
         max_seq_length: int = MAX_SEQ_LENGTH,
-        lora_r: int = DEFAULT_LORA.r, lora_alpha: int = DEFAULT_LORA.alpha, lora_dropout: float = DEFAULT_LORA.dropout,
-        target_modules: list[str] = list(DEFAULT_LORA.target_modules),
-        modules_to_save: list[str] = list(DEFAULT_LORA.modules_to_save),
-        gradient_checkpointing: bool = True,
-        memory_budget_gib: MemoryBudget = 14.0,
         train_batch_size: Optional[int] = None,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         adapter_path: Optional[str] = None,
-        optimizer: Optimizer = "auto",
-        learning_rate: float = 2e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.05, min_lr_ratio: float = 0.1,
-        max_new_tokens: int = 128, generation_batch_size: int = 64, generation_engine: GenerationEngine = "auto",
-        generation_weights: GenerationWeights = "auto",
-        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-        repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, generation_seed: int = 0,
-        compare_base: bool = False, val_generate_batches: int = 2, log_samples: int = 4,
-        save_adapter_on_fit_end: bool = True, lora_seed: int = 3407, objective: Objective = "sft", dpo_beta: float = 0.1,
-        kto_desirable_weight: float = 1.0, kto_undesirable_weight: float = 1.0, embedding_learning_rate: Optional[float] = None,
+        learning_rate: float = 2e-4,
+        compare_base: bool = False,
+        save_adapter_on_fit_end: bool = True,
+        lora: LoraSettings = DEFAULT_LORA,
+        memory: MemorySettings = MemorySettings(),
+        objective: ObjectiveSettings = ObjectiveSettings(),
+        optimization: OptimizerSettings = OptimizerSettings(),
+        decoding: Decoding = Decoding(),
+        generation: GenerationSettings = GenerationSettings(),
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        check_options(self.hparams)
-        self.lora = LoraSettings.from_options(**self.hparams)
+        # The groups as given: under the CLI, hparams hold them as the config's plain dicts.
+        self.lora, self.memory, self.objective, self.optimization = lora, memory, objective, optimization
+        self.decoding, self.generation = decoding, generation
+        check_options(max_seq_length, learning_rate, lora, optimization)
         if adapter_path:
-            check_adapter(adapter_path, model_name_or_path, self.lora)
+            check_adapter(adapter_path, model_name_or_path, lora)
         self.model_path = resolve_model_path(model_name_or_path) if model_name_or_path != TINY_MODEL else None
-        check_budget(memory_budget_gib, self.model_path, load_in_4bit, gradient_checkpointing)
-        self.backend: Backend = make_backend(backend, load_in_4bit=load_in_4bit,
-                                             gradient_checkpointing=gradient_checkpointing, seed=lora_seed)
-        self.generation_engine = resolve_engine(generation_engine, self.backend.name)
+        check_budget(memory.budget_gib, self.model_path, memory.load_in_4bit, memory.gradient_checkpointing)
+        self.backend: Backend = make_backend(backend, load_in_4bit=memory.load_in_4bit,
+                                             gradient_checkpointing=memory.gradient_checkpointing, seed=lora.seed)
+        self.generation_engine = resolve_engine(generation.engine, self.backend.name)
         self.model = self.tokenizer = self.generator = None
         self.strict_loading = False  # only LoRA weights go into checkpoints (see on_save_checkpoint)
-        self.decoding = Decoding(max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                                 no_repeat_ngram_size, generation_seed)
-        self.evaluator = Evaluator(compare_base, val_generate_batches, log_samples) if objective == "sft" else \
-            PreferenceObjective(objective, dpo_beta, kto_desirable_weight, kto_undesirable_weight, adapter_path)
+        self.evaluator = Evaluator(compare_base, generation.val_batches, generation.log_samples) \
+            if objective.name == "sft" else PreferenceObjective(objective.name, objective.dpo_beta,
+                                                                objective.kto_desirable_weight,
+                                                                objective.kto_undesirable_weight, adapter_path)
         self.eval_losses = self.evaluator.losses  # a child module: the loss states follow the model's device
         self.facts: Optional[CorpusFacts] = None
         self.param_counts: tuple[int, int] = (0, 0)
-        self.optimizer_name: str = optimizer
+        self.optimizer_name: str = optimization.optimizer
         self.memory_plan: Optional[CheckpointPlan] = None
         self._capped_device: Optional[torch.device] = None
 
@@ -137,9 +169,9 @@ class EmpathyLM(L.LightningModule):
         self.model, self.tokenizer = self.backend.load(path, h.max_seq_length, self.lora, h.adapter_path)
         # peft counts a 4-bit weight's packed uint8 storage as the parameters it holds
         self.param_counts = tuple(self.model.get_nb_trainable_parameters())
-        self.generator = Generator(self.model, self.tokenizer, self.backend, self.decoding, h.generation_batch_size,
-                                   engine=self.generation_engine, weights=h.generation_weights,
-                                   memory_budget=h.memory_budget_gib)
+        self.generator = Generator(self.model, self.tokenizer, self.backend, self.decoding, self.generation.batch_size,
+                                   engine=self.generation_engine, weights=self.generation.weights,
+                                   memory_budget=self.memory.budget_gib)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self.backend.loss(self.model, batch)
@@ -158,9 +190,9 @@ class EmpathyLM(L.LightningModule):
         self._fit_started = time.time()
         h = self.hparams
         if self.memory_plan is None and h.train_batch_size:
-            self.memory_plan = plan_training_memory(self.model, self.backend, h.memory_budget_gib, h.train_batch_size,
-                                                    h.max_seq_length, self.trainer.precision_plugin.forward_context,
-                                                    report=self.print)
+            self.memory_plan = plan_training_memory(self.model, self.backend, self.memory.budget_gib,
+                                                    h.train_batch_size, h.max_seq_length,
+                                                    self.trainer.precision_plugin.forward_context, report=self.print)
         if self.memory_plan is not None:
             self._capped_device = self.device
             cap_reserved_memory(self.memory_plan.budget_gib, self._capped_device)
@@ -189,7 +221,7 @@ class EmpathyLM(L.LightningModule):
         self.backend.for_training(self.model)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if batch_idx == 0 and self.hparams.gradient_checkpointing:
+        if batch_idx == 0 and self.memory.gradient_checkpointing:
             if not self.backend.checkpointing_as_planned(self.model):  # never train silently without it
                 self.backend.for_training(self.model)
             self.log("train/checkpointed_layers", float(checkpointed_layer_count(self.model)), on_step=True,
@@ -235,7 +267,8 @@ class EmpathyLM(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        optimization, self.optimizer_name = make_optimization(self.model, self.hparams, total)
+        optimization, self.optimizer_name = make_optimization(self.model, self.hparams.learning_rate,
+                                                              self.optimization, total)
         return optimization
 
     # ------------------------------------------------------------------ checkpoints / adapters / records
@@ -262,7 +295,7 @@ class EmpathyLM(L.LightningModule):
             model_name_or_path=h.model_name_or_path, base_model=str(self.model_path or h.model_name_or_path),
             backend=self.backend.name, quantized=self.backend.quantized, lora=self.lora,
             trainable_params=self.param_counts[0], total_params=self.param_counts[1], max_seq_length=h.max_seq_length,
-            gradient_checkpointing=h.gradient_checkpointing, memory_budget_gib=h.memory_budget_gib,
+            gradient_checkpointing=self.memory.gradient_checkpointing, memory_budget_gib=self.memory.budget_gib,
             optimizer=self.optimizer_name, learning_rate=h.learning_rate, adapter_path=h.adapter_path,
             batch_size=h.train_batch_size, memory_plan=self.memory_plan, corpus=self.facts or CorpusFacts(""))
 
@@ -286,15 +319,16 @@ class EmpathyLM(L.LightningModule):
             self.print(f"adapter of the best checkpoint ({Path(best).name}) saved to {out}")
 
 
-def make_optimization(model, h, total_steps: int) -> tuple[dict, str]:
+def make_optimization(model, learning_rate: float, settings: OptimizerSettings,
+                      total_steps: int) -> tuple[dict, str]:
     """Lightning's optimizer dict (the optimizer, its parameter groups, the warmup + cosine schedule stepped per
-    step) for the module's options ``h``, and the optimizer's resolved name."""
+    step) for the module's ``learning_rate`` and optimization ``settings``, and the optimizer's resolved name."""
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    params = parameter_groups(model, h.learning_rate, h.embedding_learning_rate)
-    opt, name = make_optimizer(params, h.optimizer, h.learning_rate, h.weight_decay)
-    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, int(h.warmup_ratio * total_steps), total_steps,
-                                                        min_lr_rate=h.min_lr_ratio)
+    params = parameter_groups(model, learning_rate, settings.embedding_learning_rate)
+    opt, name = make_optimizer(params, settings.optimizer, learning_rate, settings.weight_decay)
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, int(settings.warmup_ratio * total_steps), total_steps,
+                                                        min_lr_rate=settings.min_lr_ratio)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}, name
 
 
@@ -329,35 +363,15 @@ def log_final_hparams(logger, final: dict) -> None:
         logger.log_hyperparams(dict(logger.hparams), metrics)
 
 
-def check_options(h) -> None:
-    """The first option out of range is a one-line error, before anything runs.
-
-    (jsonargparse's PositiveInt-style types would check these at parse time, but their values are
-    subclasses of int and float that Lightning's hparams.yaml cannot store as plain numbers.)"""
-    checks = {
-        "lora_r": (h.lora_r >= 1, "a positive integer"), "lora_alpha": (h.lora_alpha > 0, "positive"),
-        "lora_dropout": (0 <= h.lora_dropout < 1, "in [0, 1)"),
-        "max_seq_length": (h.max_seq_length >= 16, "at least 16"),
-        "learning_rate": (h.learning_rate > 0, "positive"), "weight_decay": (h.weight_decay >= 0, "at least 0"),
-        "warmup_ratio": (0 <= h.warmup_ratio < 1, "in [0, 1)"), "min_lr_ratio": (0 <= h.min_lr_ratio <= 1, "in [0, 1]"),
-        "max_new_tokens": (h.max_new_tokens >= 1, "at least 1"),
-        "generation_batch_size": (h.generation_batch_size >= 1, "at least 1"),
-        "temperature": (h.temperature >= 0, "at least 0 (0 = greedy)"), "top_p": (0 < h.top_p <= 1, "in (0, 1]"),
-        "top_k": (h.top_k >= 0, "at least 0 (0 = off)"),
-        "repetition_penalty": (h.repetition_penalty > 0, "positive (1 = off)"),
-        "no_repeat_ngram_size": (h.no_repeat_ngram_size >= 0, "at least 0 (0 = off)"),
-        "val_generate_batches": (h.val_generate_batches >= -1, "at least -1 (-1 = all)"),
-        "log_samples": (h.log_samples >= 0, "at least 0"),
-        "target_modules": (len(h.target_modules) > 0, "a non-empty list"),
-        "dpo_beta": (h.dpo_beta > 0, "positive"),
-        "kto_desirable_weight": (h.kto_desirable_weight > 0, "positive"),
-        "kto_undesirable_weight": (h.kto_undesirable_weight > 0, "positive"),
-        "embedding_learning_rate": (h.embedding_learning_rate is None or h.embedding_learning_rate > 0,
-                                    "positive or null (= learning_rate)"),
-    }
-    for name, (ok, what) in checks.items():
-        if not ok:
-            raise UserError(f"model.{name} must be {what}, not {h[name]!r}")
-    if h.embedding_learning_rate is not None and not h.modules_to_save:
-        raise UserError("model.embedding_learning_rate is the learning rate of model.modules_to_save, which is empty: "
-                        "set model.modules_to_save (e.g. [embed_tokens, lm_head])")
+def check_options(max_seq_length: int, learning_rate: float, lora: LoraSettings,
+                  optimization: OptimizerSettings) -> None:
+    """The module's own options out of range, and settings of two groups that do not go together, are a
+    one-line error before anything runs (each group checks its own values)."""
+    if max_seq_length < 16:
+        raise UserError(f"model.max_seq_length must be at least 16, not {max_seq_length!r}")
+    if not learning_rate > 0:
+        raise UserError(f"model.learning_rate must be positive, not {learning_rate!r}")
+    if optimization.embedding_learning_rate is not None and not lora.modules_to_save:
+        raise UserError("model.optimization.embedding_learning_rate is the learning rate of "
+                        "model.lora.modules_to_save, which is empty: set model.lora.modules_to_save "
+                        "(e.g. [embed_tokens, lm_head])")

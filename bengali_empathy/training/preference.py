@@ -19,6 +19,7 @@ so an untrained policy scores 0.5 rather than 0.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 from ..models.backends import Backend
 from ..data.formats import Objective
-from ..errors import UserError
+from ..errors import UserError, check_ranges
 from ..evaluation.evaluator import Evaluation
 
 REFERENCE_ADAPTER = "reference"
@@ -82,6 +83,22 @@ def labelled_metrics(rewards: torch.Tensor, desirable: torch.Tensor) -> dict[str
             "chosen_reward": chosen, "rejected_reward": rejected}
 
 
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """What training optimises (``model.objective``): ``sft`` (the reply tokens' loss), or ``dpo`` / ``kto`` (a
+    :class:`PreferenceObjective` with ``dpo_beta``, the KL weight of either, and the KTO weights)."""
+
+    name: Objective = "sft"
+    dpo_beta: float = 0.1
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_ranges("model.objective", self, {"dpo_beta": (self.dpo_beta > 0, "positive"),
+                                               "kto_desirable_weight": (self.kto_desirable_weight > 0, "positive"),
+                                               "kto_undesirable_weight": (self.kto_undesirable_weight > 0, "positive")})
+
+
 class PreferenceObjective:
     """The DPO or KTO steps of :class:`~.module.EmpathyLM`: policy and reference passes, loss, logged rewards.
 
@@ -90,7 +107,7 @@ class PreferenceObjective:
     the pass and across ranks) and generates nothing; ``validate`` and ``test`` end with an
     :class:`~.evaluation.Evaluation` of the pass's means (``metrics.json``, the registry row) and no rows.
 
-    Args mirror the module's options: ``objective`` (``dpo`` or ``kto``), ``beta`` (``model.dpo_beta``,
+    Args mirror the module's options: ``objective`` (``dpo`` or ``kto``), ``beta`` (``model.objective.dpo_beta``,
     the KL weight of either objective), the KTO weights and the adapter the run starts from.
     """
 
@@ -150,8 +167,8 @@ class PreferenceObjective:
     def step(self, host, stage: str, batch: dict, batch_idx: int, fitting: bool) -> torch.Tensor:
         """Loss and rewards of one batch, logged as ``<stage>/loss`` and ``<stage>/reward_*``."""
         if stage == "predict":
-            raise UserError(f"predict generates replies to conversations; model.objective {self.objective} scores "
-                            "preferences: run predict with model.objective sft on a dialogue corpus")
+            raise UserError(f"predict generates replies to conversations; model.objective.name {self.objective} "
+                            "scores preferences: run predict with model.objective.name sft on a dialogue corpus")
         loss, metrics = self.loss(host.backend, host.model, batch)
         rows = int(batch["pairs"]) if self.objective == "dpo" else int(batch["input_ids"].shape[0])
         train = stage == "train"

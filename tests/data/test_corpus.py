@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from bengali_empathy.data import CorpusFormat, EmpatheticDialogueDataModule, corpus_files, load_file, split_of
+from bengali_empathy.data import (
+    CorpusFormat, EmpatheticDialogueDataModule, EncodingSettings, corpus_files, load_file, split_of,
+)
 from bengali_empathy.errors import UserError
 from conftest import SHARED_DATA, requires_shared
 
@@ -86,7 +88,7 @@ def test_group_column_keeps_a_dialogue_in_one_split(tmp_path):
 @requires_shared
 def test_dailydialog_turn_rows_never_straddle_splits():
     dm = EmpatheticDialogueDataModule(corpus_path=str(SHARED_DATA / "dialogues.jsonl"), max_seq_length=4096,
-                                      on_too_long="drop")
+                                      encoding=EncodingSettings(on_too_long="drop"))
     cols = dm.encoded().select_columns(["group", "split"])[:]
     by_group: dict = {}
     for g, s in zip(cols["group"], cols["split"]):

@@ -7,7 +7,9 @@ from collections import Counter
 import pytest
 
 from bengali_empathy.cli import main
-from bengali_empathy.data import CorpusFormat, EmpatheticDialogueDataModule, StreamCounts
+from bengali_empathy.data import (
+    CorpusFormat, EmpatheticDialogueDataModule, EncodingSettings, LoaderSettings, SplitSettings, StreamCounts,
+)
 from bengali_empathy.errors import UserError
 from bengali_empathy.schema import CorpusFacts, EvalRow
 from conftest import ROOT
@@ -32,8 +34,8 @@ def _unpadded(loader):
 def test_eval_rows_are_unpadded_prompts_with_file_and_line(tmp_path, streaming):
     rows = _pairs(40)
     path = write_jsonl(tmp_path / "p.jsonl", rows)
-    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=streaming, shuffle_buffer=0, eval_batch_size=4,
-                                      val_fraction=0.3)
+    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=streaming, eval_batch_size=4,
+                                      loading=LoaderSettings(shuffle_buffer=0), split=SplitSettings(val_fraction=0.3))
     dm.setup()
     examples = list(dm.splits.datasets["val"])
     batches = list(dm.val_dataloader())
@@ -74,11 +76,13 @@ def test_streamed_training_split_follows_the_trainers_epoch(tmp_path):
     class Trainer:  # what the loader reads of Lightning's trainer
         global_rank, world_size, current_epoch = 0, 1, 0
 
-    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, shuffle_buffer=40, batch_size=1)
+    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, batch_size=1,
+                                      loading=LoaderSettings(shuffle_buffer=40))
     dm.setup()
     passes = dm.train_dataloader()
     epoch0, epoch1 = _unpadded(passes), _unpadded(passes)
-    resumed = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, shuffle_buffer=40, batch_size=1)
+    resumed = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, batch_size=1,
+                                           loading=LoaderSettings(shuffle_buffer=40))
     resumed.trainer = Trainer()
     resumed.setup()
     loader = resumed.train_dataloader()
@@ -92,8 +96,9 @@ def test_stream_counts_callback_prints_and_logs_the_epochs_rows(tmp_path, capsys
     rows = _pairs(20) + [{"id": "long", "prompt": "দীর্ঘ " * 300, "response": "খ"}, {"id": "e", "prompt": "ক",
                                                                                       "response": ""}]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
-    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, on_too_long="drop", max_seq_length=256,
-                                      val_fraction=0.0, test_fraction=0.0)
+    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, max_seq_length=256,
+                                      encoding=EncodingSettings(on_too_long="drop"),
+                                      split=SplitSettings(val_fraction=0.0, test_fraction=0.0))
     dm.setup()
     list(dm.train_dataloader())
     logged = {}
@@ -111,7 +116,8 @@ def test_stream_counts_callback_prints_and_logs_the_epochs_rows(tmp_path, capsys
     assert "streamed train rows this epoch: 20 kept, 0 truncated, 1 dropped as too long, 1 dropped as empty" \
         in capsys.readouterr().out
     assert logged == {"data/train_truncated_rows": 0.0, "data/train_too_long_rows": 1.0, "data/train_empty_rows": 1.0}
-    in_memory = EmpatheticDialogueDataModule(corpus_path=path, on_too_long="drop", max_seq_length=256)
+    in_memory = EmpatheticDialogueDataModule(corpus_path=path, max_seq_length=256,
+                                             encoding=EncodingSettings(on_too_long="drop"))
     in_memory.setup()
     Trainer.datamodule = in_memory
     StreamCounts().on_train_epoch_end(Trainer(), Module())  # counted before the run: nothing to report
@@ -128,8 +134,8 @@ def test_each_row_is_parsed_once(tmp_path, monkeypatch, streaming):
         calls[where] += 1
         return parse(self, row, where)
 
-    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=streaming, shuffle_buffer=0, val_fraction=0.0,
-                                      test_fraction=0.0)
+    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=streaming, loading=LoaderSettings(shuffle_buffer=0),
+                                      split=SplitSettings(val_fraction=0.0, test_fraction=0.0))
     monkeypatch.setattr(CorpusFormat, "conversation", counted)
     dm.setup()
     assert len(list(dm.splits.datasets["train"])) == 30
@@ -166,7 +172,8 @@ def test_non_utf8_corpus_is_one_line_naming_file_and_line(tmp_path, monkeypatch,
     assert f"{p.name}:{line}: not UTF-8 text" in _fit_error(tmp_path, monkeypatch, capsys, "--data.corpus_path",
                                                              str(p))
     with pytest.raises(UserError, match=f"{p.name}:{line}: not UTF-8 text"):  # a .json fails on its first row
-        streamed = EmpatheticDialogueDataModule(corpus_path=str(p), streaming=True, shuffle_buffer=0)
+        streamed = EmpatheticDialogueDataModule(corpus_path=str(p), streaming=True,
+                                                loading=LoaderSettings(shuffle_buffer=0))
         streamed.setup()
         for split in ("train", "val", "test"):
             list(streamed.splits.datasets[split])
@@ -178,7 +185,7 @@ def test_row_without_the_response_key_is_a_broken_row(tmp_path, monkeypatch, cap
     p = write_jsonl(tmp_path / "missing.jsonl", rows)
     message = _fit_error(tmp_path, monkeypatch, capsys, "--data.corpus_path", p)
     assert "missing.jsonl: row 6: no value for 'response' (the key is missing or null" in message
-    streamed = EmpatheticDialogueDataModule(corpus_path=p, streaming=True, shuffle_buffer=0)
+    streamed = EmpatheticDialogueDataModule(corpus_path=p, streaming=True, loading=LoaderSettings(shuffle_buffer=0))
     streamed.setup()
     with pytest.raises(UserError, match="missing.jsonl: row 6: no value for 'response'"):
         list(streamed.splits.datasets["train"])
@@ -191,9 +198,10 @@ def test_too_long_error_counts_the_rows_over_the_limit(tmp_path, monkeypatch, ca
     p = write_jsonl(tmp_path / "long.jsonl", rows)
     message = _fit_error(tmp_path, monkeypatch, capsys, "--data.corpus_path", p, "--data.max_seq_length", "300")
     assert "long.jsonl: row 4: conversation is" in message and "longer than max_seq_length=300" in message
-    assert "3 of 20 rows are longer (p50 " in message and "p99 " in message and "data.on_too_long" in message
-    streamed = EmpatheticDialogueDataModule(corpus_path=p, streaming=True, shuffle_buffer=0, max_seq_length=300,
-                                            val_fraction=0.0, test_fraction=0.0)
+    assert "3 of 20 rows are longer (p50 " in message and "p99 " in message and "data.encoding.on_too_long" in message
+    streamed = EmpatheticDialogueDataModule(corpus_path=p, streaming=True, max_seq_length=300,
+                                            loading=LoaderSettings(shuffle_buffer=0),
+                                            split=SplitSettings(val_fraction=0.0, test_fraction=0.0))
     streamed.setup()
     with pytest.raises(UserError, match="long.jsonl: row 4: conversation is .* the first of the stream"):
         list(streamed.splits.datasets["train"])

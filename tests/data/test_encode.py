@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from bengali_empathy.data import (
-    DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, Collator, EmpatheticDialogueDataModule, bundled_corpus_path, format_stats,
-    pack_examples, pack_groups,
+    DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, Collator, EmpatheticDialogueDataModule, EncodingSettings, LoaderSettings,
+    PredictSettings, SplitSettings, bundled_corpus_path, format_stats, pack_examples, pack_groups,
 )
 from bengali_empathy.errors import UserError
 from conftest import TWO_PAIRS, encode_pairs
@@ -67,7 +67,8 @@ def _tokenized(chat, system, turns):
 
 @pytest.mark.parametrize("train_on", ["all_assistant", "last_assistant"])
 def test_labels_cover_exactly_the_trained_replies(tmp_path, tokenizer, train_on):
-    dm = dm_for(tmp_path, [{"messages": LONG_CONV}], val_fraction=0.0, test_fraction=0.0, train_on=train_on)
+    dm = dm_for(tmp_path, [{"messages": LONG_CONV}], split=SplitSettings(val_fraction=0.0, test_fraction=0.0),
+                encoding=EncodingSettings(train_on=train_on))
     ex = dm.splits.datasets["train"][0]
     batch = dm.collator()([ex])
     labels, ids = batch["labels"][0], batch["input_ids"][0]
@@ -79,7 +80,8 @@ def test_labels_cover_exactly_the_trained_replies(tmp_path, tokenizer, train_on)
 
 
 def test_eval_prompt_is_history_up_to_the_final_reply(tmp_path, tokenizer):
-    dm = dm_for(tmp_path, [{"id": "c", "messages": LONG_CONV}], val_fraction=0.0, test_fraction=0.0)
+    dm = dm_for(tmp_path, [{"id": "c", "messages": LONG_CONV}],
+                split=SplitSettings(val_fraction=0.0, test_fraction=0.0))
     ex = dm.encoded()[0]
     prompt = tokenizer.decode(ex["input_ids"][: ex["prompt_len"]])
     assert prompt.endswith(LONG_CONV[4]["content"] + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
@@ -93,21 +95,23 @@ def test_too_long_policies(tmp_path, tokenizer, chat):
     rows = [{"id": "long", "messages": LONG_CONV}, {"id": "short", "messages": [
         {"role": "user", "content": "ক"}, {"role": "assistant", "content": "খ"}]}]
     limit = final_only + 5
-    common = dict(max_seq_length=limit, val_fraction=0.0, test_fraction=0.0)
+    common = dict(max_seq_length=limit, split=SplitSettings(val_fraction=0.0, test_fraction=0.0))
     with pytest.raises(UserError, match=f"row 1: conversation is {full} tokens, longer than max_seq_length={limit}"):
         dm_for(tmp_path, rows, **common)
-    dm = dm_for(tmp_path, rows, on_too_long="drop", **common)
+    dm = dm_for(tmp_path, rows, **common, encoding=EncodingSettings(on_too_long="drop"))
     st = dm.facts.stats["train"]
     assert (st["rows"], st["kept"], st["dropped_too_long"], st["dropped_empty"]) == (2, 1, 1, 0)
     assert "dropped_too_long" in format_stats(dm.facts.stats, limit)
     empty = dm_for(tmp_path, [{"prompt": "গ", "response": " "}, {"prompt": "ক", "response": "খ"}], **common)
     assert (empty.facts.stats["train"]["dropped_empty"], empty.facts.stats["train"]["kept"]) == (1, 1)
-    dm = dm_for(tmp_path, rows, on_too_long="truncate", **common)  # the cut would remove the whole final reply
+    dm = dm_for(tmp_path, rows, **common,
+                encoding=EncodingSettings(on_too_long="truncate"))  # the cut would remove the whole final reply
     assert (dm.facts.stats["train"]["truncated"], dm.facts.stats["train"]["dropped_too_long"]) == (0, 1)
-    dm = dm_for(tmp_path, rows, on_too_long="truncate", max_seq_length=full - 5, val_fraction=0.0, test_fraction=0.0)
+    dm = dm_for(tmp_path, rows, max_seq_length=full - 5, encoding=EncodingSettings(on_too_long="truncate"),
+                split=SplitSettings(val_fraction=0.0, test_fraction=0.0))
     assert dm.facts.stats["train"]["truncated"] == 1
     assert max(len(ex["input_ids"]) for ex in dm.splits.datasets["train"]) == full - 5
-    dm = dm_for(tmp_path, rows, on_too_long="truncate_history", **common)
+    dm = dm_for(tmp_path, rows, **common, encoding=EncodingSettings(on_too_long="truncate_history"))
     enc = dm.encoded()
     long = enc[0]
     assert long["status"] == "truncated" and long["n_tokens"] == final_only and long["n_turns"] == 2
@@ -115,8 +119,8 @@ def test_too_long_policies(tmp_path, tokenizer, chat):
     assert DEFAULT_SYSTEM_PROMPT in text and LONG_CONV[4]["content"] in text and LONG_CONV[0]["content"] not in text
     # with room for two exchanges, only the oldest one goes
     two = len(chat.assemble(*_tokenized(chat, DEFAULT_SYSTEM_PROMPT, LONG_CONV[2:]))[0])
-    dm = dm_for(tmp_path, rows, on_too_long="truncate_history", max_seq_length=two, val_fraction=0.0,
-                test_fraction=0.0)
+    dm = dm_for(tmp_path, rows, max_seq_length=two, encoding=EncodingSettings(on_too_long="truncate_history"),
+                split=SplitSettings(val_fraction=0.0, test_fraction=0.0))
     assert dm.encoded()[0]["n_turns"] == 4
 
 
@@ -176,9 +180,10 @@ def _pairs(n):
 
 def test_streaming_split_equals_in_memory_and_predict_cap(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", _pairs(200))
-    mem = EmpatheticDialogueDataModule(corpus_path=path, max_predict_samples=5)
+    mem = EmpatheticDialogueDataModule(corpus_path=path, predict=PredictSettings(max_samples=5))
     mem.setup()
-    st = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, shuffle_buffer=0, max_predict_samples=5)
+    st = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, loading=LoaderSettings(shuffle_buffer=0),
+                                      predict=PredictSettings(max_samples=5))
     st.setup()
     for split in ("val", "test"):
         assert [ex["id"] for ex in st.splits.datasets[split]] == list(mem.splits.datasets[split]["id"])
@@ -190,8 +195,9 @@ def test_streaming_split_equals_in_memory_and_predict_cap(tmp_path):
 @pytest.mark.parametrize("streaming", [False, True])
 def test_predict_on_the_training_split_has_prompts_even_when_packed(tmp_path, streaming):
     path = write_jsonl(tmp_path / "p.jsonl", _pairs(60))
-    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=streaming, shuffle_buffer=0, pack=True,
-                                      predict_split="train", max_predict_samples=6, eval_batch_size=4)
+    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=streaming, pack=True, eval_batch_size=4,
+                                      loading=LoaderSettings(shuffle_buffer=0),
+                                      predict=PredictSettings(split="train", max_samples=6))
     dm.setup()
     batches = list(dm.predict_dataloader())
     assert sum(len(b["eval_rows"]) for b in batches) == 6
@@ -205,7 +211,8 @@ def _unpadded(loader):
 
 def test_streaming_order_changes_every_epoch_and_ranks_are_disjoint(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", _pairs(120))
-    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, shuffle_buffer=50, batch_size=1)
+    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, batch_size=1,
+                                      loading=LoaderSettings(shuffle_buffer=50))
     dm.setup()
     loader = dm.train_dataloader()  # nobody calls set_epoch: the loader counts its passes
     first = _unpadded(loader)
@@ -218,7 +225,7 @@ def test_streaming_order_changes_every_epoch_and_ranks_are_disjoint(tmp_path):
 
     seen = []
     for r in (0, 1):
-        dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, shuffle_buffer=50)
+        dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, loading=LoaderSettings(shuffle_buffer=50))
         dm.trainer = Rank(r)
         dm.setup()
         seen.append({tuple(ex["input_ids"]) for ex in dm.splits.datasets["train"]})
@@ -246,8 +253,9 @@ def test_fast_tokenize_equals_the_tokenizer(tokenizer, chat):
 def test_streaming_counts_dropped_and_truncated_rows(tmp_path):
     rows = _pairs(30) + [{"id": "long", "prompt": "দীর্ঘ " * 300, "response": "খ"}, {"id": "e", "prompt": "ক", "response": ""}]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
-    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, on_too_long="drop", max_seq_length=256,
-                                      val_fraction=0.0, test_fraction=0.0)
+    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, max_seq_length=256,
+                                      encoding=EncodingSettings(on_too_long="drop"),
+                                      split=SplitSettings(val_fraction=0.0, test_fraction=0.0))
     dm.setup()
     assert len(list(dm.splits.datasets["train"])) == 30
     assert dm.splits.counts("train") == {"ok": 30, "too_long": 1, "empty": 1}
@@ -262,12 +270,12 @@ def test_deduplicate_drops_normalised_repeats_before_the_split(tmp_path):
     kept = lambda dm: sum(s["kept"] for s in dm.facts.stats.values())  # noqa: E731
     plain = EmpatheticDialogueDataModule(corpus_path=path)
     plain.setup()
-    dedup = EmpatheticDialogueDataModule(corpus_path=path, deduplicate=True)
+    dedup = EmpatheticDialogueDataModule(corpus_path=path, split=SplitSettings(deduplicate=True))
     dedup.setup()
     assert kept(plain) == 33 and kept(dedup) == 31
     assert sum(s["dropped_duplicate"] for s in dedup.facts.stats.values()) == 2
     with pytest.raises(UserError, match="deduplicate needs the corpus in memory"):
-        EmpatheticDialogueDataModule(corpus_path=path, deduplicate=True, streaming=True)
+        EmpatheticDialogueDataModule(corpus_path=path, streaming=True, split=SplitSettings(deduplicate=True))
 
 
 def test_reference_inside_the_prompt_is_refused_but_short_repeats_are_not(tmp_path):
@@ -277,11 +285,12 @@ def test_reference_inside_the_prompt_is_refused_but_short_repeats_are_not(tmp_pa
                                          {"role": "user", "content": "ঠিক আছে।"},  # a short reply said before: fine
                                          {"role": "assistant", "content": "ঠিক আছে।"}]} for i in range(40)]
     path = write_jsonl(tmp_path / "ok.jsonl", rows)
-    EmpatheticDialogueDataModule(corpus_path=path, predict_split="train").prepare()
+    EmpatheticDialogueDataModule(corpus_path=path, predict=PredictSettings(split="train")).prepare()
     rows[5]["messages"][2]["content"] = f"আপনি বলেছিলেন: {echo}।"
     rows[5]["messages"][3]["content"] = echo + "।"
     path = write_jsonl(tmp_path / "echo.jsonl", rows)
-    dm = EmpatheticDialogueDataModule(corpus_path=path, predict_split="train")  # every split is evaluated
+    dm = EmpatheticDialogueDataModule(corpus_path=path,
+                                      predict=PredictSettings(split="train"))  # every split is evaluated
     with pytest.raises(UserError, match="echo.jsonl: row 6: the reference reply already occurs earlier"):
         dm.prepare()
 
@@ -297,7 +306,7 @@ def test_streams_prepared_before_ddp_are_sharded_once_ranks_are_known(tmp_path):
 
     seen = []
     for r in (0, 1):
-        dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, shuffle_buffer=0)
+        dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, loading=LoaderSettings(shuffle_buffer=0))
         dm.setup()  # the CLI's prepare(): one process, no ranks yet
         dm.trainer = Rank(r)
         dm.setup("fit")  # Lightning's setup inside the DDP process

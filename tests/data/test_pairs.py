@@ -17,14 +17,14 @@ HISTORY = [{"role": "user", "content": "আজ মনটা ভারী।"}, {
 
 
 def test_pairs_of_both_layouts_encode_chosen_and_rejected(tmp_path, chat):
-    from bengali_empathy.data import DEFAULT_SYSTEM_PROMPT, EmpatheticDialogueDataModule
+    from bengali_empathy.data import DEFAULT_SYSTEM_PROMPT, EmpatheticDialogueDataModule, SplitSettings
 
     rows = [{"messages": HISTORY, "chosen": "খুব কষ্টের খবর। আমি শুনছি।", "rejected": "ঠিক আছে।", "conversation_id": "c1"},
             {"messages": HISTORY, "chosen": "খুব কষ্টের খবর। আমি শুনছি।", "rejected": "ঠিক আছে।", "conversation_id": "c1"}]
     write(tmp_path / "a.jsonl", rows)
     write(tmp_path / "b.jsonl", [{"prompt": "আমি একা।", "chosen": "আমি আছি।", "rejected": "জানি না।"}])
-    dm = EmpatheticDialogueDataModule(corpus_path=str(tmp_path), objective="dpo", val_fraction=0, test_fraction=0,
-                                      batch_size=2, deduplicate=True)
+    dm = EmpatheticDialogueDataModule(corpus_path=str(tmp_path), objective="dpo", batch_size=2,
+                                      split=SplitSettings(val_fraction=0, test_fraction=0, deduplicate=True))
     dm.setup()
     assert dm.facts.stats["train"]["kept"] == 2 and dm.facts.stats["train"]["dropped_duplicate"] == 1
     batch = next(iter(dm.train_dataloader()))
@@ -69,23 +69,23 @@ def test_bad_pair_rows_are_one_line_naming_the_row(tmp_path, row, message):
 
 def test_data_stats_reads_pairs_as_the_config_trains_on_them(tmp_path):
     write(tmp_path / "prefs.jsonl", [{"prompt": "আমি একা।", "chosen": "আমি আছি।", "rejected": "জানি না।"}] * 3)
-    r = run_cli(["data-stats", "--config", ROOT / "configs" / "dpo.yaml", "--data.val_fraction", "0",
-                 "--data.test_fraction", "0"], cwd=tmp_path)
+    r = run_cli(["data-stats", "--config", ROOT / "configs" / "dpo.yaml", "--data.split.val_fraction", "0",
+                 "--data.split.test_fraction", "0"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-1500:]
     train = next(line.split() for line in r.stdout.splitlines() if line.split()[:1] == ["train"])
     assert train[1] == "3" and train[3] == "6"  # rows, turns (prompt + chosen reply)
 
 
 def test_kto_rows_carry_their_labels_and_train(tmp_path, tiny_lora):
-    from bengali_empathy.data import EmpatheticDialogueDataModule
+    from bengali_empathy.data import EmpatheticDialogueDataModule, SplitSettings
     from bengali_empathy.training.preference import PreferenceObjective
 
     rows = [{"prompt": "আমি একা।", "completion": "আমি আছি, বলুন।", "label": True},
             {"prompt": "আমি একা।", "completion": "তো?", "label": "false"},
             {"prompt": "ঘুম আসে না।", "completion": "কবে থেকে এমন হচ্ছে?", "label": 1}]
     write(tmp_path / "kto.jsonl", rows)
-    dm = EmpatheticDialogueDataModule(corpus_path=str(tmp_path / "kto.jsonl"), objective="kto", val_fraction=0,
-                                      test_fraction=0, batch_size=3)
+    dm = EmpatheticDialogueDataModule(corpus_path=str(tmp_path / "kto.jsonl"), objective="kto", batch_size=3,
+                                      split=SplitSettings(val_fraction=0, test_fraction=0))
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
     assert batch["desirable"].dtype == torch.bool and sorted(batch["desirable"].tolist()) == [False, True, True]
@@ -95,6 +95,6 @@ def test_kto_rows_carry_their_labels_and_train(tmp_path, tiny_lora):
     # a fresh LoRA (B = 0) is its base: every reward 0, each term 1 - sigmoid(0) = 0.5
     assert loss.item() == pytest.approx(0.5) and metrics["reward_accuracy"].item() == 0.5
     write(tmp_path / "kto.jsonl", rows + [{"prompt": "আমি একা।", "completion": "হুম।", "label": "maybe"}])
-    r = run_cli(["fit", "--config", ROOT / "configs" / "dpo.yaml", "--model.objective", "kto", "--data.corpus_path",
-                 "kto.jsonl"], cwd=tmp_path)
+    r = run_cli(["fit", "--config", ROOT / "configs" / "dpo.yaml", "--model.objective.name", "kto",
+                 "--data.corpus_path", "kto.jsonl"], cwd=tmp_path)
     assert r.stderr.strip().splitlines()[-1] == "error: kto.jsonl: row 4: 'label' must be true or false, not 'maybe'"

@@ -100,12 +100,13 @@ def test_predictions_that_begin_by_echoing_the_prompt_are_counted():
 def test_per_turn_corpus_split_by_row_leaks_its_test_replies_and_by_dialogue_does_not(tmp_path, group_column):
     """DailyDialog-bn as one row per turn: split by row id, nearly every test reply is a later training
     row's prompt; split by dialogue, (almost) none is."""
-    from bengali_empathy.data import EmpatheticDialogueDataModule
+    from bengali_empathy.data import CorpusColumns, EmpatheticDialogueDataModule, EncodingSettings
 
     lines = (SHARED_DATA / "dialogues.jsonl").read_text(encoding="utf-8").splitlines()[:600]
     (tmp_path / "turns.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    dm = EmpatheticDialogueDataModule(corpus_path=str(tmp_path / "turns.jsonl"), group_column=group_column,
-                                      max_seq_length=1024, on_too_long="drop")
+    dm = EmpatheticDialogueDataModule(corpus_path=str(tmp_path / "turns.jsonl"), max_seq_length=1024,
+                                      columns=CorpusColumns(group=group_column),
+                                      encoding=EncodingSettings(on_too_long="drop"))
     dm.setup()
     rows = [r.output() for batch in dm.test_dataloader() for r in batch["eval_rows"]]
     overlap = train_overlap(rows, dm.facts.training_texts())["reference"]

@@ -137,7 +137,8 @@ def test_batches_of_long_prompts_hold_fewer_rows_within_the_kv_budget(tiny_lora,
 
 
 def test_a_2048_token_reply_gets_a_cache_for_prompt_and_reply(tiny_lora, random_prompts, monkeypatch):
-    """model.max_new_tokens 2,048: the cache holds prompt + reply (in buckets), every step writes its slot."""
+    """model.decoding.max_new_tokens 2,048: the cache holds prompt + reply (in buckets), every step writes its
+    slot."""
     backend, model, tok = tiny_lora
     made = []
     real = decoder_module.DecodeStep.__init__

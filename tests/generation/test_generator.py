@@ -205,8 +205,8 @@ def test_generation_plan_merges_where_it_fits_and_sizes_batches_to_the_kv_cache(
     # A batch of shorter prompts holds more rows, in multiples of 8 from 8 up; never more than the batch size
     assert batch_rows(1000, 2048, 64, 100_000) == 32 and batch_rows(100, 28, 64, 100_000) == 64
     assert batch_rows(1000, 2048, 64, 13 * row_slots) == 8 and batch_rows(1000, 2048, 64, None) == 64
-    with pytest.raises(UserError, match=r"model.max_new_tokens 2048 after prompts of up to 1000 tokens needs "
+    with pytest.raises(UserError, match=r"model.decoding.max_new_tokens 2048 after prompts of up to 1000 tokens needs "
                                         r"0.38 GiB of KV cache per row .* but 0.5 GiB are free for generation"):
         plan_generation(config, 1000, 2048, 64, gib // 2, merged, None)
-    with pytest.raises(UserError, match=r"model.generation_weights 'merged' needs 15.0 GiB"):
+    with pytest.raises(UserError, match=r"model.generation.weights 'merged' needs 15.0 GiB"):
         plan_generation(config, 1000, 2048, 64, 12 * gib, merged, True)

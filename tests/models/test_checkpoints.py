@@ -13,7 +13,8 @@ from bengali_empathy.models.checkpoints import check_adapter, lora_state_from_ck
 from bengali_empathy.data import EmpatheticDialogueDataModule
 from bengali_empathy.errors import UserError
 from bengali_empathy.models.lora import LoraSettings
-from bengali_empathy.training.module import EmpathyLM
+from bengali_empathy.models.memory import MemorySettings
+from bengali_empathy.training.module import EmpathyLM, GenerationSettings, OptimizerSettings
 
 LORA = LoraSettings(r=16, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], modules_to_save=[])
 
@@ -24,9 +25,10 @@ def fitted(tmp_path_factory, tiny_model_path):
     root = tmp_path_factory.mktemp("fit")
     dm = EmpatheticDialogueDataModule(max_seq_length=768, batch_size=2, system_prompt="তুমি সহমর্মী সহায়ক।")
     # The system prompt reaches the model as the CLI links it (data.system_prompt -> model.system_prompt).
-    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False, max_seq_length=768,
-                   gradient_checkpointing=False, val_generate_batches=0, learning_rate=0.01, optimizer="adamw",
-                   system_prompt="তুমি সহমর্মী সহায়ক।")
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", max_seq_length=768, learning_rate=0.01,
+                   system_prompt="তুমি সহমর্মী সহায়ক।",
+                   memory=MemorySettings(load_in_4bit=False, gradient_checkpointing=False),
+                   generation=GenerationSettings(val_batches=0), optimization=OptimizerSettings(optimizer="adamw"))
     ckpt = ModelCheckpoint(dirpath=root / "ckpt", monitor="val/loss", mode="min", save_top_k=1)
     trainer = L.Trainer(accelerator="cpu", max_steps=4, val_check_interval=2, limit_val_batches=1,
                         num_sanity_val_steps=0, logger=TensorBoardLogger(root, name="logs"),
@@ -62,8 +64,9 @@ def test_export_from_a_checkpoint_merges_its_weights(fitted, tmp_path):
     log_dir, best, _ = fitted
     merged = merge_adapter(log_dir / "adapter", tmp_path / "merged", dtype="float32", ckpt=best)
     mm = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
-    lm = EmpathyLM(model_name_or_path=read_info(log_dir / "adapter").base_model, backend="hf", load_in_4bit=False,
-                   adapter_path=str(log_dir / "adapter-best"), gradient_checkpointing=False)
+    lm = EmpathyLM(model_name_or_path=read_info(log_dir / "adapter").base_model, backend="hf",
+                   adapter_path=str(log_dir / "adapter-best"),
+                   memory=MemorySettings(load_in_4bit=False, gradient_checkpointing=False))
     lm.configure_model()
     lm.model.eval()
     ids = torch.tensor([[128000, 11372, 228, 11372, 106, 62456]])
@@ -77,7 +80,7 @@ def test_adapter_checks(fitted, tmp_path):
     adapter = str(fitted[0] / "adapter")
     base = read_info(adapter).base_model
     check_adapter(adapter, base, LORA)
-    with pytest.raises(UserError, match="has r 16, but model.lora_r is 8"):
+    with pytest.raises(UserError, match="has r 16, but model.lora.r is 8"):
         check_adapter(adapter, base, replace(LORA, r=8))
     with pytest.raises(UserError, match="has target_modules"):
         check_adapter(adapter, base, replace(LORA, target_modules=["q_proj", "v_proj"]))

@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-from bengali_empathy.models.memory import weights_gib
-from bengali_empathy.training.module import EmpathyLM
+from bengali_empathy.generation.generator import Decoding
+from bengali_empathy.models.memory import MemorySettings, weights_gib
+from bengali_empathy.training.module import EmpathyLM, GenerationSettings
 
 
 def test_weights_floor_counts_the_parameters_of_the_checkpoint(tiny_model_path):
@@ -117,8 +118,8 @@ def test_budget_below_the_weights_is_refused_before_loading(monkeypatch, tiny_mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the budget applies on CUDA only
     floor = weights_gib(tiny_model_path, quantized=True)
     with pytest.raises(UserError, match=f"below the {floor:.2f} GiB the weights of .* alone take in 4 bits"):
-        EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", memory_budget_gib=floor / 2)
-    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", memory_budget_gib=floor * 2)
+        EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", memory=MemorySettings(budget_gib=floor / 2))
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", memory=MemorySettings(budget_gib=floor * 2))
     assert lm.model is None  # nothing loaded yet: the check reads config.json only
 
 
@@ -161,9 +162,10 @@ def test_fit_plans_from_the_datamodule_and_keeps_the_split_through_validation(mo
     recorder = SplitRecorder()
     dm = EmpatheticDialogueDataModule(max_seq_length=768, batch_size=3)
     # The batch size reaches the model as the CLI links it (data.batch_size -> model.train_batch_size).
-    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False, max_seq_length=768,
-                   memory_budget_gib=5.0, max_new_tokens=2, val_generate_batches=1, save_adapter_on_fit_end=False,
-                   train_batch_size=3)
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", max_seq_length=768,
+                   save_adapter_on_fit_end=False, train_batch_size=3,
+                   memory=MemorySettings(load_in_4bit=False, budget_gib=5.0), decoding=Decoding(max_new_tokens=2),
+                   generation=GenerationSettings(val_batches=1))
     trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=1, val_check_interval=2,
                         num_sanity_val_steps=1, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[recorder], default_root_dir=tmp_path)

@@ -7,7 +7,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from bengali_empathy.records import registry
 from bengali_empathy.records import run as records
 from bengali_empathy.data import EmpatheticDialogueDataModule
-from bengali_empathy.training.module import EmpathyLM
+from bengali_empathy.models.memory import MemorySettings
+from bengali_empathy.training.module import EmpathyLM, GenerationSettings, OptimizerSettings
 from bengali_empathy.records.registry import ExperimentRegistry, connect
 from bengali_empathy.schema import CorpusFacts
 
@@ -28,8 +29,9 @@ def test_fit_writes_the_adapter_then_run_json_then_the_registry_row(monkeypatch,
     monkeypatch.setattr(records, "write_run_record", run_json)
     monkeypatch.setattr(registry, "record_run", registry_row)
     db = tmp_path / "experiments.db"
-    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False, max_seq_length=768,
-                   gradient_checkpointing=False, val_generate_batches=0, optimizer="adamw", train_batch_size=2)
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", max_seq_length=768, train_batch_size=2,
+                   memory=MemorySettings(load_in_4bit=False, gradient_checkpointing=False),
+                   generation=GenerationSettings(val_batches=0), optimization=OptimizerSettings(optimizer="adamw"))
     # What the CLI hands over once the data module is prepared (no reaching into the trainer's data module).
     lm.connect(CorpusFacts("corpus.jsonl", {"train": {"rows": 12, "kept": 12}}, batching={"pack": True}))
     trainer = L.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=0, num_sanity_val_steps=0,

@@ -7,7 +7,7 @@ import pytest
 from conftest import ROOT, run_cli, run_module
 
 DDP = ["--config", str(ROOT / "configs" / "default.yaml"), "--trainer.devices", "2", "--trainer.strategy", "ddp",
-       "--trainer.accelerator", "cpu", "--model.max_new_tokens", "4"]
+       "--trainer.accelerator", "cpu", "--model.decoding.max_new_tokens", "4"]
 
 
 @pytest.mark.slow
@@ -32,14 +32,14 @@ def test_two_process_fit_validate_predict(tmp_path):
     assert math.log(ppl) == pytest.approx(loss, rel=1e-5)  # one token-weighted loss, reduced over both ranks
 
     # 9 rows over 2 ranks: the distributed sampler's split is uneven; every row must come back once.
-    r = run_module(["predict", *DDP, "--model.adapter_path", adapter, "--data.max_predict_samples", "9",
+    r = run_module(["predict", *DDP, "--model.adapter_path", adapter, "--data.predict.max_samples", "9",
                     "--model.compare_base", "true"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     pdir = logs / "version_2"
     assert not list(pdir.glob("rank*"))
     rows = [json.loads(x) for x in (pdir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
-    single = run_cli(["predict", *DDP[:2], "--trainer.accelerator", "cpu", "--model.max_new_tokens", "4",
-                      "--model.adapter_path", adapter, "--data.max_predict_samples", "9"], cwd=tmp_path)
+    single = run_cli(["predict", *DDP[:2], "--trainer.accelerator", "cpu", "--model.decoding.max_new_tokens", "4",
+                      "--model.adapter_path", adapter, "--data.predict.max_samples", "9"], cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
     one = [json.loads(x) for x in (logs / "version_3" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [row["id"] for row in rows] == [row["id"] for row in one]  # the same rows, once each, in input order

@@ -14,10 +14,11 @@ needs_unsloth = pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, 
 
 @needs_unsloth
 def test_unsloth_backend_trains_generates_and_keeps_checkpointing(tiny_model_path):
+    from bengali_empathy.generation.generator import Decoding
     from bengali_empathy.training.module import EmpathyLM
 
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="unsloth", max_seq_length=1024,
-                   max_new_tokens=4)
+                   decoding=Decoding(max_new_tokens=4))
     lm.configure_model()
     assert lm.backend.name == "unsloth" and lm.backend.quantized
     assert lm.param_counts[0] == 14336  # LoRA r=16 on q,k,v,o of the tiny model
@@ -128,15 +129,16 @@ def test_memory_budget_buys_layers_without_recompute_and_is_kept(mid_model_path,
     import gc
 
     from bengali_empathy.errors import UserError
-    from bengali_empathy.models.memory import GIB, decoder_layers, plan_training_memory, probe_batch
+    from bengali_empathy.generation.generator import Decoding
+    from bengali_empathy.models.memory import GIB, MemorySettings, decoder_layers, plan_training_memory, probe_batch
     from bengali_empathy.training.module import EmpathyLM
 
     if backend == "hf":
         pytest.importorskip("bitsandbytes")
-    lm = EmpathyLM(model_name_or_path=str(mid_model_path), backend=backend, max_seq_length=2048, max_new_tokens=2,
-                   memory_budget_gib=1000.0)
+    lm = EmpathyLM(model_name_or_path=str(mid_model_path), backend=backend, max_seq_length=2048,
+                   decoding=Decoding(max_new_tokens=2), memory=MemorySettings(budget_gib=1000.0))
     lm.configure_model()
-    roomy = plan_training_memory(lm.model, lm.backend, lm.hparams.memory_budget_gib, 2, 2048)
+    roomy = plan_training_memory(lm.model, lm.backend, lm.memory.budget_gib, 2, 2048)
     assert roomy.checkpointed_layers == 0 and roomy.layers == 12  # everything fits: no recompute at all
     all_unflagged = roomy.probe_peak_gib  # measured with no layer checkpointed
     opt = lm.configure_optimizers()["optimizer"]
@@ -144,8 +146,7 @@ def test_memory_budget_buys_layers_without_recompute_and_is_kept(mid_model_path,
     chosen = []
     for share in (0.3, 0.7):
         budget = roomy.minimum_gib + share * (all_unflagged - roomy.minimum_gib)
-        lm.hparams.memory_budget_gib = budget
-        plan = plan_training_memory(lm.model, lm.backend, lm.hparams.memory_budget_gib, 2, 2048)
+        plan = plan_training_memory(lm.model, lm.backend, budget, 2, 2048)
         lm.generate_texts([[128000, 9906]], progress=False)  # generation clears Unsloth's flags ...
         # ... and the planned split comes back, not every layer
         assert [bool(x.gradient_checkpointing) for x in decoder_layers(lm.model)] == \
@@ -162,9 +163,8 @@ def test_memory_budget_buys_layers_without_recompute_and_is_kept(mid_model_path,
         assert 0 < plan.checkpointed_layers < plan.layers, plan
         chosen.append(plan.checkpointed_layers)
     assert chosen[1] < chosen[0]
-    lm.hparams.memory_budget_gib = 0.8 * roomy.minimum_gib
     with pytest.raises(UserError, match="with every layer checkpointed"):
-        plan_training_memory(lm.model, lm.backend, lm.hparams.memory_budget_gib, 2, 2048)
+        plan_training_memory(lm.model, lm.backend, 0.8 * roomy.minimum_gib, 2, 2048)
     del lm, opt
     gc.collect()
     torch.cuda.empty_cache()
@@ -183,6 +183,7 @@ def test_compiled_engine_replays_cuda_graphs_equal_to_the_step_run_directly(tiny
         pytest.importorskip("bitsandbytes")
     from bengali_empathy.generation import decoder
     from bengali_empathy.generation.generator import Decoding, Generator
+    from bengali_empathy.models.memory import MemorySettings
     from bengali_empathy.training.module import EmpathyLM
 
     # peft asks torchao whether it quantised an unquantised layer, and refuses a torchao older than 0.16
@@ -191,7 +192,7 @@ def test_compiled_engine_replays_cuda_graphs_equal_to_the_step_run_directly(tiny
 
     monkeypatch.setattr(peft.tuners.lora.torchao, "is_torchao_available", lambda: False)
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", max_seq_length=1024,
-                   load_in_4bit=load_in_4bit, memory_budget_gib=None, gradient_checkpointing=False)
+                   memory=MemorySettings(load_in_4bit=load_in_4bit, budget_gib=None, gradient_checkpointing=False))
     lm.configure_model()
     model = lm.model if load_in_4bit else lm.model.to("cuda")
     g = torch.Generator().manual_seed(2)

@@ -16,13 +16,14 @@ def bengali_texts() -> list[dict]:
 
 
 def test_a_text_row_trains_every_token(tmp_path, tokenizer):
-    from bengali_empathy.data import EmpatheticDialogueDataModule
+    from bengali_empathy.data import CorpusColumns, EmpatheticDialogueDataModule, SplitSettings
 
     texts = [{"text": "আজ মনটা ভারী।"}, {"text": "  "}, {"text": "চাকরিটা চলে গেল। Okay 123"}]
     (tmp_path / "raw.jsonl").write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in texts),
                                         encoding="utf-8")
-    dm = EmpatheticDialogueDataModule(corpus_path=str(tmp_path / "raw.jsonl"), text_column="text", val_fraction=0,
-                                      test_fraction=0, max_seq_length=64, pack=True, batch_size=1)
+    dm = EmpatheticDialogueDataModule(corpus_path=str(tmp_path / "raw.jsonl"), max_seq_length=64, pack=True,
+                                      batch_size=1, columns=CorpusColumns(text="text"),
+                                      split=SplitSettings(val_fraction=0, test_fraction=0))
     dm.setup()
     assert dm.facts.stats["train"]["dropped_empty"] == 1
     batch = next(iter(dm.train_dataloader()))  # both texts packed into one row
@@ -69,21 +70,23 @@ def test_pretraining_lowers_val_loss_with_two_learning_rates(pretrain_fit):
 
 
 def test_modules_to_save_that_train_nothing_are_one_line(tmp_path):
-    r = run_cli(["fit", "--config", ROOT / "configs" / "pretrain.yaml", "--model.modules_to_save", "[embed_tokenz]",
-                 "--registry.db_path", "null", "--data.corpus_path", SAMPLE, "--data.text_column", "id",
+    r = run_cli(["fit", "--config", ROOT / "configs" / "pretrain.yaml",
+                 "--model.lora.modules_to_save", "[embed_tokenz]", "--registry.db_path", "null", "--data.corpus_path", SAMPLE, "--data.columns.text", "id",
                  "--trainer.max_steps", "1"], cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (
-        "error: model.modules_to_save names embed_tokenz, but no trainable copy of it is in the loaded model (a module "
-        "name of the model, e.g. embed_tokens or lm_head, that the backend trains in full)")
+        "error: model.lora.modules_to_save names embed_tokenz, but no trainable copy of it is in the loaded model "
+        "(a module name of the model, e.g. embed_tokens or lm_head, that the backend trains in full)")
 
 
 def test_embedding_learning_rate_needs_modules_to_save(tmp_path):
-    r = run_cli(["fit", "--config", ROOT / "configs" / "default.yaml", "--model.embedding_learning_rate", "0.1",
-                 "--model.modules_to_save", "[]"], cwd=tmp_path)
+    r = run_cli(["fit", "--config", ROOT / "configs" / "default.yaml",
+                 "--model.optimization.embedding_learning_rate", "0.1", "--model.lora.modules_to_save", "[]"],
+                cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith(
-        "error: model.embedding_learning_rate is the learning rate of model.modules_to_save, which is empty")
+        "error: model.optimization.embedding_learning_rate is the learning rate of model.lora.modules_to_save, "
+        "which is empty")
 
 
 def test_tied_embeddings_stay_tied():

@@ -6,7 +6,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from bengali_empathy.data import EmpatheticDialogueDataModule
-from bengali_empathy.training.module import EmpathyLM
+from bengali_empathy.models.memory import MemorySettings
+from bengali_empathy.training.module import EmpathyLM, GenerationSettings
 
 
 class BatchRecorder(L.Callback):
@@ -28,8 +29,9 @@ def _short_corpus(tmp_path):
 
 def _fit(tmp_path, tiny_model_path, callbacks, max_steps, ckpt_path=None):
     dm = EmpatheticDialogueDataModule(corpus_path=_short_corpus(tmp_path), max_seq_length=768, batch_size=2)
-    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False,
-                   gradient_checkpointing=False, save_adapter_on_fit_end=False, val_generate_batches=0)
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", save_adapter_on_fit_end=False,
+                   memory=MemorySettings(load_in_4bit=False, gradient_checkpointing=False),
+                   generation=GenerationSettings(val_batches=0))
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, limit_train_batches=4, limit_val_batches=0,
                         num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=callbacks, default_root_dir=tmp_path)

@@ -53,8 +53,9 @@ def test_llama31_8b_lora_has_13_6m_trainable_params_with_the_project_defaults():
 def test_schedule_warms_up_then_decays_to_the_floor(tiny_model_path):
     from types import SimpleNamespace
 
-    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False, learning_rate=1e-3,
-                   warmup_ratio=0.1, min_lr_ratio=0.1, optimizer="adamw")
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", learning_rate=1e-3,
+                   memory=MemorySettings(load_in_4bit=False),
+                   optimization=OptimizerSettings(warmup_ratio=0.1, min_lr_ratio=0.1, optimizer="adamw"))
     lm.configure_model()
     lm.trainer = SimpleNamespace(estimated_stepping_batches=100)
     out = lm.configure_optimizers()
@@ -71,8 +72,8 @@ def test_schedule_warms_up_then_decays_to_the_floor(tiny_model_path):
 
 
 def test_checkpoint_keeps_only_lora_weights(tiny_model_path):
-    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False,
-                   gradient_checkpointing=False)
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf",
+                   memory=MemorySettings(load_in_4bit=False, gradient_checkpointing=False))
     lm.configure_model()
     ckpt = {"state_dict": lm.state_dict()}
     lm.on_save_checkpoint(ckpt)
@@ -83,7 +84,8 @@ def test_checkpoint_keeps_only_lora_weights(tiny_model_path):
 def test_hf_checkpointing_split_survives_eval_and_generate(tiny_model_path):
     from bengali_empathy.models.backends import checkpointed_layer_count, decoder_layers
 
-    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False, max_new_tokens=2)
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", memory=MemorySettings(load_in_4bit=False),
+                   decoding=Decoding(max_new_tokens=2))
     lm.configure_model()
     lm.backend.for_training(lm.model)
     assert checkpointed_layer_count(lm.model) == 2 and lm.backend.checkpointing_as_planned(lm.model)
@@ -100,7 +102,7 @@ def test_hf_checkpointing_split_survives_eval_and_generate(tiny_model_path):
 
 
 def test_reply_characters_are_those_of_the_reference_replies(tiny_model_path):
-    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False)
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", memory=MemorySettings(load_in_4bit=False))
     lm.configure_model()
     from bengali_empathy.evaluation.evaluator import reply_chars
 
@@ -116,14 +118,14 @@ def test_every_registered_backend_is_a_choice_and_auto_resolves_to_one():
 
 
 @pytest.mark.parametrize("option,value,message", [
-    ("generation_batch_size", 0, "model.generation_batch_size must be at least 1, not 0"),
-    ("temperature", -0.5, "model.temperature must be at least 0"),
-    ("top_p", 0.0, "model.top_p must be in (0, 1]"),
-    ("top_k", -1, "model.top_k must be at least 0"),
-    ("repetition_penalty", 0.0, "model.repetition_penalty must be positive"),
-    ("no_repeat_ngram_size", -2, "model.no_repeat_ngram_size must be at least 0"),
-    ("max_new_tokens", 0, "model.max_new_tokens must be at least 1"),
-    ("val_generate_batches", -2, "model.val_generate_batches must be at least -1"),
+    ("generation_batch_size", 0, "model.generation.batch_size must be at least 1, not 0"),
+    ("temperature", -0.5, "model.decoding.temperature must be at least 0"),
+    ("top_p", 0.0, "model.decoding.top_p must be in (0, 1]"),
+    ("top_k", -1, "model.decoding.top_k must be at least 0"),
+    ("repetition_penalty", 0.0, "model.decoding.repetition_penalty must be positive"),
+    ("no_repeat_ngram_size", -2, "model.decoding.no_repeat_ngram_size must be at least 0"),
+    ("max_new_tokens", 0, "model.decoding.max_new_tokens must be at least 1"),
+    ("val_generate_batches", -2, "model.generation.val_batches must be at least -1"),
 ])
 def test_generation_options_out_of_range_are_user_errors(tiny_model_path, option, value, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -144,8 +146,8 @@ def test_generation_keeps_the_batch_size_it_halved_to(monkeypatch, tiny_model_pa
         return [""] * len(prompts), generation.GenerationStats()
 
     monkeypatch.setattr(generation, "generate_replies", small_card)
-    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False,
-                   generation_batch_size=16)
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", memory=MemorySettings(load_in_4bit=False),
+                   generation=GenerationSettings(batch_size=16))
     lm.configure_model()
     lm.generate_texts([[128000, 9906]] * 3, progress=False)
     lm.generate_texts([[128000, 9906]] * 3, progress=False)

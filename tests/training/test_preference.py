@@ -155,8 +155,8 @@ def dpo_fit(tmp_path_factory):
     lines = (cwd / "all.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     (cwd / "prefs.jsonl").write_text("".join(lines[:32]), encoding="utf-8")
     r = run_cli(["fit", "--config", ROOT / "configs" / "dpo.yaml", "--data.system_prompt", "সহমর্মী হোন।",
-                 "--data.max_seq_length", "128", "--data.on_too_long", "truncate", "--trainer.max_steps", "10",
-                 "--trainer.val_check_interval", "5", "--trainer.log_every_n_steps", "1"], cwd=cwd)
+                 "--data.max_seq_length", "128", "--data.encoding.on_too_long", "truncate",
+                 "--trainer.max_steps", "10", "--trainer.val_check_interval", "5", "--trainer.log_every_n_steps", "1"], cwd=cwd)
     assert r.returncode == 0, r.stderr[-3000:]
     return cwd, cwd / "lightning_logs" / "version_0"
 
@@ -187,7 +187,7 @@ def test_dpo_adapter_loads_like_any_other(dpo_fit):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip()
     r = run_cli(["predict", "--config", ROOT / "configs" / "default.yaml", "--model.adapter_path", run_dir / "adapter",
-                 "--data.max_predict_samples", "2", "--model.max_new_tokens", "2",
+                 "--data.predict.max_samples", "2", "--model.decoding.max_new_tokens", "2",
                  "--trainer.default_root_dir", cwd / "predict"], cwd=cwd)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (cwd / "predict" / "lightning_logs" / "version_0" / "predictions.jsonl").is_file()
@@ -205,10 +205,11 @@ def test_report_shows_the_rewards(dpo_fit):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model.dpo_beta", "0"], "error: model.dpo_beta must be positive, not 0.0"),
+    (["--model.objective.dpo_beta", "0"], "error: model.objective.dpo_beta must be positive, not 0.0"),
     (["--data.pack", "true"], "error: data.pack packs dialogues and raw text; objective dpo compares whole replies"),
-    (["--data.text_column", "text"], "error: data.text_column is raw text for objective sft, not dpo"),
-    (["--model.kto_undesirable_weight", "-1"], "error: model.kto_undesirable_weight must be positive, not -1.0"),
+    (["--data.columns.text", "text"], "error: data.columns.text is raw text for objective sft, not dpo"),
+    (["--model.objective.kto_undesirable_weight", "-1"],
+     "error: model.objective.kto_undesirable_weight must be positive, not -1.0"),
 ])
 def test_bad_preference_options_are_one_line(tmp_path, args, message):
     (tmp_path / "prefs.jsonl").write_text('{"prompt": "আমি একা।", "chosen": "আমি আছি।", "rejected": "জানি না।"}\n',
@@ -220,7 +221,7 @@ def test_bad_preference_options_are_one_line(tmp_path, args, message):
 def test_validate_and_test_write_the_rewards(dpo_fit):
     cwd, run_dir = dpo_fit
     r = run_cli(["test", "--config", ROOT / "configs" / "dpo.yaml", "--model.adapter_path", run_dir / "adapter",
-                 "--data.system_prompt", "সহমর্মী হোন।", "--data.max_seq_length", "128", "--data.on_too_long",
+                 "--data.system_prompt", "সহমর্মী হোন।", "--data.max_seq_length", "128", "--data.encoding.on_too_long",
                  "truncate"], cwd=cwd)
     assert r.returncode == 0, r.stderr[-2000:]
     test_dir = cwd / "lightning_logs" / "version_1"
