@@ -220,6 +220,9 @@ def test_dailydialog_conversations_fit_validate_predict(tmp_path):
     (["--model.model_name_or_path", "/no/such/model"], "model directory not found"),
     (["--model.memory.budget_gib", "-2"], "model.memory.budget_gib must be a positive number of GiB"),
     (["--model.memory.budget_gib", "lots"], "model.memory.budget_gib"),
+    (["--data.split.val_fraction", "1.5"], "data.split.val_fraction must be in [0, 1), not 1.5"),
+    (["--model.objective.name", "dpo", "--model.objective.dpo_beta", "0"],
+     "model.objective.dpo_beta must be positive, not 0.0"),
     pytest.param(["--model.optimization.optimizer", "adamw_8bit"], "needs a CUDA GPU",  # found once the run has begun
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only error")),
 ])
@@ -371,3 +374,65 @@ def test_a_trainer_option_lightning_rejects_is_one_line(tmp_path):
     err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "`val_check_interval` (4) must be less than or equal" in err[0], r.stderr[-2000:]
     assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_print_config_shows_the_option_groups(tmp_path):
+    import yaml
+
+    r = run_cli(["fit", *DEFAULT, "--print_config"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    config = yaml.safe_load(r.stdout)
+    model, data = config["model"], config["data"]
+    assert {"lora", "memory", "objective", "optimization", "decoding", "generation"} <= set(model)
+    assert model["lora"]["modules_to_save"] == ["lm_head"] and model["decoding"]["max_new_tokens"] == 24
+    assert model["learning_rate"] == 0.02 and model["objective"]["name"] == "sft"
+    assert {"columns", "encoding", "split", "loading", "predict"} <= set(data)
+    assert data["columns"]["prompt"] == "prompt" and data["predict"]["max_samples"] == 16
+
+
+@pytest.mark.parametrize("command", ["fit", "data-stats"])
+@pytest.mark.parametrize("old,value,new", [
+    ("model.lora_r", "8", "model.lora.r"),
+    ("model.max_new_tokens", "8", "model.decoding.max_new_tokens"),
+    ("model.objective", "dpo", "model.objective.name"),
+    ("data.prompt_column", "question", "data.columns.prompt"),
+    ("data.val_fraction", "0.2", "data.split.val_fraction"),
+])
+def test_an_old_flat_option_names_its_new_place(tmp_path, command, old, value, new):
+    import yaml
+
+    section, key = old.split(".")
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump({section: {key: yaml.safe_load(value)}}), encoding="utf-8")
+    for args in ([*DEFAULT, f"--{old}", value], [*DEFAULT, f"--{old}={value}"], [*DEFAULT, "--config", "old.yaml"]):
+        r = run_cli([command, *args], cwd=tmp_path)
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
+        assert err == [f"error: {old} is now {new}"], (args, r.stderr[-2000:])
+        assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_every_moved_option_has_a_place_that_the_parser_knows(tmp_path):
+    from bengali_empathy.cli import MOVED_OPTIONS, lightning_cli
+
+    cli = lightning_cli([*DEFAULT, "--trainer.logger", "false"], run=False)
+    config = cli.config.as_dict() if hasattr(cli.config, "as_dict") else cli.config
+    for old, new in MOVED_OPTIONS.items():
+        section, group, field = new.split(".")
+        assert field in config[section][group], (old, new)
+        assert old.split(".")[1] not in config[section] or old == "model.objective", old
+
+
+def test_no_init_in_the_package_takes_more_than_15_parameters():
+    import ast
+
+    from conftest import ROOT
+
+    too_many = []
+    for path in sorted((ROOT / "bengali_empathy").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef) and node.name == "__init__":
+                a = node.args
+                count = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) - 1  # not self
+                if count > 15:
+                    too_many.append(f"{path.relative_to(ROOT)}:{node.lineno} ({count})")
+    assert not too_many, too_many

@@ -107,7 +107,8 @@ def run(args) -> dict:
     cuda = torch.cuda.is_available()
     path = model_path_for(args.arch, args.model_path)
     t_load = time.perf_counter()
-    lm = EmpathyLM(model_name_or_path=path, backend=args.backend, max_seq_length=args.seq_len, save_adapter_on_fit_end=False,
+    lm = EmpathyLM(model_name_or_path=path, backend=args.backend, max_seq_length=args.seq_len,
+                   save_adapter_on_fit_end=False,
                    memory=MemorySettings(load_in_4bit=not args.no_4bit,
                                          gradient_checkpointing=not args.no_gradient_checkpointing,
                                          budget_gib=parse_budget(args.memory_budget)),

@@ -71,8 +71,8 @@ def test_pretraining_lowers_val_loss_with_two_learning_rates(pretrain_fit):
 
 def test_modules_to_save_that_train_nothing_are_one_line(tmp_path):
     r = run_cli(["fit", "--config", ROOT / "configs" / "pretrain.yaml",
-                 "--model.lora.modules_to_save", "[embed_tokenz]", "--registry.db_path", "null", "--data.corpus_path", SAMPLE, "--data.columns.text", "id",
-                 "--trainer.max_steps", "1"], cwd=tmp_path)
+                 "--model.lora.modules_to_save", "[embed_tokenz]", "--registry.db_path", "null",
+                 "--data.corpus_path", SAMPLE, "--data.columns.text", "id", "--trainer.max_steps", "1"], cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (
         "error: model.lora.modules_to_save names embed_tokenz, but no trainable copy of it is in the loaded model "

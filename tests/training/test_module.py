@@ -3,9 +3,13 @@ import re
 import pytest
 import torch
 
-from bengali_empathy.models.backends import preimport_unsloth, resolve_backend
 from bengali_empathy.errors import UserError
-from bengali_empathy.training.module import EmpathyLM
+from bengali_empathy.generation.generator import Decoding
+from bengali_empathy.models.backends import preimport_unsloth, resolve_backend
+from bengali_empathy.models.lora import LoraSettings
+from bengali_empathy.models.memory import MemorySettings
+from bengali_empathy.training.module import EmpathyLM, GenerationSettings, OptimizerSettings
+from bengali_empathy.training.preference import ObjectiveSettings
 from conftest import TWO_PAIRS, two_pair_batch
 
 
@@ -41,8 +45,8 @@ def test_llama31_8b_lora_has_13_6m_trainable_params_with_the_project_defaults():
     from bengali_empathy.models.lora import LoraSettings
     from bengali_empathy.models.modeling import LLAMA31_8B_ARCH, llama31_config
 
-    defaults = {k: p.default for k, p in inspect.signature(EmpathyLM).parameters.items()}
-    lora = LoraSettings.from_options(**defaults)
+    lora = inspect.signature(EmpathyLM).parameters["lora"].default
+    assert lora == LoraSettings()
     with torch.device("meta"):
         model = LlamaForCausalLM(llama31_config(LLAMA31_8B_ARCH))
     assert sum(p.numel() for p in model.parameters()) == 8_030_261_248  # Llama-3.1-8B
@@ -117,19 +121,24 @@ def test_every_registered_backend_is_a_choice_and_auto_resolves_to_one():
     assert resolve_backend("auto") in REGISTRY
 
 
-@pytest.mark.parametrize("option,value,message", [
-    ("generation_batch_size", 0, "model.generation.batch_size must be at least 1, not 0"),
-    ("temperature", -0.5, "model.decoding.temperature must be at least 0"),
-    ("top_p", 0.0, "model.decoding.top_p must be in (0, 1]"),
-    ("top_k", -1, "model.decoding.top_k must be at least 0"),
-    ("repetition_penalty", 0.0, "model.decoding.repetition_penalty must be positive"),
-    ("no_repeat_ngram_size", -2, "model.decoding.no_repeat_ngram_size must be at least 0"),
-    ("max_new_tokens", 0, "model.decoding.max_new_tokens must be at least 1"),
-    ("val_generate_batches", -2, "model.generation.val_batches must be at least -1"),
+@pytest.mark.parametrize("group,option,value,message", [
+    (GenerationSettings, "batch_size", 0, "model.generation.batch_size must be at least 1, not 0"),
+    (Decoding, "temperature", -0.5, "model.decoding.temperature must be at least 0"),
+    (Decoding, "top_p", 0.0, "model.decoding.top_p must be in (0, 1]"),
+    (Decoding, "top_k", -1, "model.decoding.top_k must be at least 0"),
+    (Decoding, "repetition_penalty", 0.0, "model.decoding.repetition_penalty must be positive"),
+    (Decoding, "no_repeat_ngram_size", -2, "model.decoding.no_repeat_ngram_size must be at least 0"),
+    (Decoding, "max_new_tokens", 0, "model.decoding.max_new_tokens must be at least 1"),
+    (GenerationSettings, "val_batches", -2, "model.generation.val_batches must be at least -1"),
+    (LoraSettings, "r", 0, "model.lora.r must be a positive integer, not 0"),
+    (LoraSettings, "target_modules", [], "model.lora.target_modules must be a non-empty list, not []"),
+    (OptimizerSettings, "warmup_ratio", 1.0, "model.optimization.warmup_ratio must be in [0, 1), not 1.0"),
+    (ObjectiveSettings, "dpo_beta", 0.0, "model.objective.dpo_beta must be positive, not 0.0"),
+    (MemorySettings, "budget_gib", -1.0, "model.memory.budget_gib must be a positive number of GiB"),
 ])
-def test_generation_options_out_of_range_are_user_errors(tiny_model_path, option, value, message):
+def test_group_options_out_of_range_are_user_errors_with_the_dotted_name(group, option, value, message):
     with pytest.raises(UserError, match=re.escape(message)):
-        EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", **{option: value})
+        group(**{option: value})
 
 
 def test_generation_keeps_the_batch_size_it_halved_to(monkeypatch, tiny_model_path):

@@ -156,7 +156,8 @@ def dpo_fit(tmp_path_factory):
     (cwd / "prefs.jsonl").write_text("".join(lines[:32]), encoding="utf-8")
     r = run_cli(["fit", "--config", ROOT / "configs" / "dpo.yaml", "--data.system_prompt", "সহমর্মী হোন।",
                  "--data.max_seq_length", "128", "--data.encoding.on_too_long", "truncate",
-                 "--trainer.max_steps", "10", "--trainer.val_check_interval", "5", "--trainer.log_every_n_steps", "1"], cwd=cwd)
+                 "--trainer.max_steps", "10", "--trainer.val_check_interval", "5", "--trainer.log_every_n_steps", "1"],
+                cwd=cwd)
     assert r.returncode == 0, r.stderr[-3000:]
     return cwd, cwd / "lightning_logs" / "version_0"
 
