@@ -4,7 +4,7 @@ import json
 import pytest
 
 from bengali_empathy.data import (
-    CorpusFormat, EmpatheticDialogueDataModule, EncodingSettings, corpus_files, load_file, split_of,
+    CorpusColumns, CorpusFormat, EmpatheticDialogueDataModule, EncodingSettings, corpus_files, load_file, split_of,
 )
 from bengali_empathy.errors import UserError
 from conftest import SHARED_DATA, requires_shared
@@ -106,7 +106,7 @@ def test_dailydialog_turn_rows_never_straddle_splits():
     ([{"messages": [{"role": "user", "content": "ক"}, {"role": "user", "content": "খ"},
                     {"role": "assistant", "content": "গ"}]}], {}, "turns 1 and 2 are both user turns"),
     ([{"messages": CONV[:3]}], {}, "ends with a user turn"),
-    ([{"q": "ক", "a": "খ"}], {"prompt_template": "{q} {title}", "response_template": "{a}"},
+    ([{"q": "ক", "a": "খ"}], {"columns": CorpusColumns(prompt_template="{q} {title}", response_template="{a}")},
      "missing column(s) 'title'"),
 ])
 def test_bad_rows_name_file_and_row(tmp_path, rows, kwargs, message):
