@@ -15,6 +15,13 @@ def test_configs_are_shipped():
                                          "pretrain.yaml"}
 
 
+def flat(options) -> dict:
+    """An options section with its groups' keys dotted (``lora.r``)."""
+    options = options.as_dict() if hasattr(options, "as_dict") else dict(options)
+    return {f"{key}.{k}" if isinstance(value, dict) else key: v
+            for key, value in options.items() for k, v in (value.items() if isinstance(value, dict) else [(key, value)])}
+
+
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_shipped_config_parses(tmp_path, cfg):
     r = run_cli(["fit", "--config", cfg, "--print_config"], cwd=tmp_path)
@@ -22,8 +29,8 @@ def test_shipped_config_parses(tmp_path, cfg):
     assert "model_name_or_path" in r.stdout and "group_by_length" in r.stdout
     printed = yaml.safe_load(r.stdout)
     for section in ("model", "data"):
-        for key, value in yaml.safe_load(cfg.read_text())[section].items():
-            assert printed[section][key] == value, (cfg.name, section, key)
+        for key, value in flat(yaml.safe_load(cfg.read_text())[section]).items():
+            assert flat(printed[section])[key] == value, (cfg.name, section, key)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[c.stem for c in CONFIGS])
@@ -48,19 +55,19 @@ def test_shipped_config_instantiates(tmp_path, monkeypatch, cfg):
     if corpus is not None and not corpus.is_file():  # the config names the user's corpus, relative to cwd
         corpus.parent.mkdir(parents=True, exist_ok=True)
         row = {"prompt": "আমি একা।", "response": "আমি আছি।"}  # a row of the config's layout
-        if raw["model"].get("objective") == "dpo":
+        if raw["model"].get("objective", {}).get("name") == "dpo":
             row = {"prompt": "আমি একা।", "chosen": "আমি আছি।", "rejected": "জানি না।"}
-        if raw["data"].get("text_column"):
-            row = {raw["data"]["text_column"]: "আমি একা। আমি আছি।"}
+        if raw["data"].get("columns", {}).get("text"):
+            row = {raw["data"]["columns"]["text"]: "আমি একা। আমি আছি।"}
         corpus.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
     args = ["--config", str(cfg)] + [x for k, v in replaced.items() for x in (f"--{k}", v)]
     monkeypatch.setattr("sys.argv", ["bengali_empathy"])  # the arguments are lightning_cli's, not pytest's
     cli = lightning_cli(args, run=False)
-    for key, value in raw["model"].items():
+    for key, value in flat(raw["model"]).items():
         if f"model.{key}" not in replaced:
-            assert cli.model.hparams[key] == value, (cfg.name, key)
-    for key, value in raw["data"].items():
-        assert cli.datamodule.hparams[key] == value, (cfg.name, key)
+            assert flat(cli.model.hparams)[key] == value, (cfg.name, key)
+    for key, value in flat(raw["data"]).items():
+        assert flat(cli.datamodule.hparams)[key] == value, (cfg.name, key)
     trainer = cli.trainer
     assert trainer.max_steps == raw["trainer"].get("max_steps", -1)
     assert trainer.max_epochs == raw["trainer"].get("max_epochs", None if "max_steps" in raw["trainer"] else 1000)
