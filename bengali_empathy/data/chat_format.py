@@ -56,7 +56,9 @@ class ChatEncoder:
         self.fast = llama3_tiktoken(tokenizer)
         self._memo: dict[str, list[int]] = {}
         self._layouts: dict[tuple[str, ...], Layout] = {}
-        self.trimmed = self._trimmed_roles()
+        self._specials = sorted({*tokenizer.all_special_tokens,
+                                 *(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)} - {""})
+        self.trimmed, self.glued = self._content_rules()
         self.check(PROBE_SYSTEM, PROBE_TURNS, "the tokenizer's chat template")
 
     def _ids(self, text: str) -> list[int]:
@@ -87,6 +89,11 @@ class ChatEncoder:
         if roles not in self._layouts:
             marks = [_MARK.format(i) for i in range(len(roles))]
             pieces, order, header = self._pieces(roles, marks, marks)
+            for k, i in enumerate(order):
+                if self._text_run(pieces[k + 1]) != self.glued[roles[i]]:
+                    raise UserError(f"the tokenizer's chat template writes different text after {roles[i]} texts in "
+                                    f"different turns (roles {', '.join(roles)}): texts cannot be tokenised alike")
+                pieces[k + 1] = pieces[k + 1][len(self.glued[roles[i]]):]  # tokenised with the text before it
             ids = tuple(tuple(self._ids(p)) for p in pieces)
             for k, i in enumerate(order):
                 if roles[i] == "assistant" and ids[k + 1][:1] != (self.eot,):
@@ -95,15 +102,23 @@ class ChatEncoder:
             self._layouts[roles] = Layout(ids, tuple(order), tuple(self._ids(header)))
         return self._layouts[roles]
 
-    def _trimmed_roles(self) -> dict[str, bool]:
-        """Per role, whether the template trims message texts (Llama 3's ``| trim``); any other change is refused.
+    def _text_run(self, piece: str) -> str:
+        """The start of ``piece`` up to its first special token."""
+        return piece[:min([piece.find(t) for t in self._specials if t in piece], default=len(piece))]
 
-        Every caller passes texts without surrounding white space (the corpus formats and the chat strip
-        them), which both leave alone; :meth:`content` applies the rule to any other text."""
+    def _content_rules(self) -> tuple[dict[str, bool], dict[str, str]]:
+        """Per role, whether the template trims message texts (Llama 3's ``| trim``; any other change is refused),
+        and the plain text it writes right after one (Gemma's ``\\n\\n`` after the system text, which opens the
+        first user turn; none where a special token follows).
+
+        That text is tokenised with the message's (:meth:`content`): a tokenizer may merge the two (Llama 3's
+        BPE writes ``।\\n\\n`` as one token). Every caller passes texts without surrounding white space (the corpus
+        formats and the chat strip them), which trimming leaves alone."""
         roles = ("system", "user", "assistant", "user", "assistant")
         marks = [_MARK.format(i) for i in range(len(roles))]
         plain, order, _ = self._pieces(roles, marks, marks)
         trimmed: dict[str, bool] = {}
+        glued: dict[str, str] = {}
         for i, role in enumerate(roles):
             padded, _, _ = self._pieces(roles, marks[:i] + [f" \n{marks[i]}\n "] + marks[i + 1:], marks)
             k = order.index(i)
@@ -113,11 +128,14 @@ class ChatEncoder:
                 raise UserError(f"the tokenizer's chat template changes {role} texts otherwise than trimming them: "
                                 "its format cannot be assembled from separately tokenised texts")
             trimmed[role] = verdict
-        return trimmed
+            glued.setdefault(role, self._text_run(plain[k + 1]))
+        return trimmed, glued
 
     def content(self, role: str, text: str) -> str:
-        """``text`` as the template writes it for ``role`` (trimmed where it trims)."""
-        return text.strip() if self.trimmed.get(role) else text
+        """``text`` as it is tokenised for a message of ``role``: trimmed where the template trims, followed by the
+        plain text the template writes after it (see :meth:`_content_rules`); an empty text stays empty."""
+        text = text.strip() if self.trimmed.get(role) else text
+        return text + self.glued.get(role, "") if text else ""
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids of many texts (tiktoken when the tokenizer is Llama-3's BPE, else the fast tokenizer's batch).
@@ -200,4 +218,5 @@ class ChatEncoder:
     def cache_key(self) -> str:
         probe = self._ids("আমি আজ খুব একা বোধ করছি। Hello 123\n")
         template = hashlib.sha256(self.tokenizer.chat_template.encode("utf-8")).hexdigest()
-        return json.dumps([len(self.tokenizer), template, self.bos, self.end_of_text, self.eot, self.trimmed, probe])
+        return json.dumps([len(self.tokenizer), template, self.bos, self.end_of_text, self.eot, self.trimmed, self.glued,
+                           probe])

@@ -4,6 +4,9 @@ The ``llama-models`` package ships Meta's tiktoken BPE file; we convert it with
 transformers' :class:`TikTokenConverter` into a fast tokenizer with the 256
 Llama-3.1 special tokens and the Llama-3.1 chat template, and cache the result
 on disk (conversion takes a few seconds, loading the cache a fraction of one).
+
+For any tokenizer it also says what its chat template ends turns and texts with
+(:func:`end_of_turn_id`, :func:`stop_token_ids`, :func:`document_end_id`).
 """
 from __future__ import annotations
 
@@ -262,9 +265,11 @@ def end_of_turn_id(tok) -> int:
 
     Read from the template: a reply rendered as a marker, and the first token after it.
     """
-    marker = "\x07reply\x07"
-    text = render_chat(tok, [{"role": "user", "content": "\x07"}, {"role": "assistant", "content": marker}])
-    after = text.partition(marker)[2]
+    marker = "\x071\x07"  # BEL and a digit: no template changes them (``| trim``, ``| upper``)
+    text = render_chat(tok, [{"role": "user", "content": "\x070\x07"}, {"role": "assistant", "content": marker}])
+    _, found, after = text.partition(marker)
+    if not found:
+        raise UserError("the tokenizer's chat template does not write an assistant reply as it is given")
     ids = tok(after, add_special_tokens=False)["input_ids"] if after else []
     if not ids or not is_special(tok, ids[0]):
         raise UserError(f"the tokenizer's chat template does not close an assistant reply with a special token "

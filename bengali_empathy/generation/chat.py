@@ -135,7 +135,8 @@ class Replier:
 
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.encoder = ChatEncoder(tokenizer)  # built once: it checks the whole vocabulary
-        self.stop_ids = stop_token_ids(tokenizer)
+        generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.stop_ids = stop_token_ids(tokenizer, generation_eos)
         self.system_prompt, self.max_seq_length, self.decoding = system_prompt, max_seq_length, decoding
         self.engine = engine
         self._decoders: dict = {}  # base (adapter disabled) or not -> GraphDecoder: a graph records one of them
