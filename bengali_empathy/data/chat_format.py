@@ -43,9 +43,10 @@ class ChatEncoder:
     ``<|im_end|>``, ``<end_of_turn>``, ``</s>``), none of the template's own text.
 
     Tokenising texts on their own is exact when the template's text never merges with a message's
-    into one token (special tokens and new lines around the texts): the constructor compares the
-    assembly with ``tokenizer.apply_chat_template`` on :data:`PROBE_TURNS`, :meth:`check` on any
-    conversation, and a template that fails is refused.
+    into one token: a special token follows every text, or the plain text that does is tokenised with
+    it (:meth:`content`), and what precedes a text (a header's new line) does not merge with it. The
+    constructor compares the assembly with ``tokenizer.apply_chat_template`` on :data:`PROBE_TURNS`
+    (and :meth:`check` on any conversation): a template that fails is refused.
     """
 
     def __init__(self, tokenizer) -> None:
@@ -90,10 +91,11 @@ class ChatEncoder:
             marks = [_MARK.format(i) for i in range(len(roles))]
             pieces, order, header = self._pieces(roles, marks, marks)
             for k, i in enumerate(order):
-                if self._text_run(pieces[k + 1]) != self.glued[roles[i]]:
+                glued = self.glued.get(roles[i], "")
+                if self._text_run(pieces[k + 1]) != glued:
                     raise UserError(f"the tokenizer's chat template writes different text after {roles[i]} texts in "
                                     f"different turns (roles {', '.join(roles)}): texts cannot be tokenised alike")
-                pieces[k + 1] = pieces[k + 1][len(self.glued[roles[i]]):]  # tokenised with the text before it
+                pieces[k + 1] = pieces[k + 1][len(glued):]  # tokenised with the text before it
             ids = tuple(tuple(self._ids(p)) for p in pieces)
             for k, i in enumerate(order):
                 if roles[i] == "assistant" and ids[k + 1][:1] != (self.eot,):
