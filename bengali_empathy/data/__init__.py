@@ -6,7 +6,7 @@ Lower modules first (each imports only from those above it):
 * :mod:`.formats` -- rows -> :class:`Conversation` (the layouts, one transform each; raw text) and the
   stable hash split;
 * :mod:`.files` -- which files a corpus path names, how each is read, what a reader failure means;
-* :mod:`.chat_format` -- :class:`ChatEncoder`, the Llama-3.1 chat format as token ids;
+* :mod:`.chat_format` -- :class:`ChatEncoder`, the tokenizer's own chat format as token ids;
 * :mod:`.encode` -- conversation -> ids + reply label spans + the length policy (:class:`RowEncoder`);
 * :mod:`.stats` -- per-split statistics;
 * :mod:`.batching` -- packing, the per-epoch order, :class:`Collator` (loss tensors + ``eval_rows``);

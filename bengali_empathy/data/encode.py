@@ -210,7 +210,7 @@ class RowEncoder:
     def __init__(self, fmt: CorpusFormat, chat: ChatEncoder, opts: EncodeOptions, file: str) -> None:
         self.fmt, self.chat, self.opts, self.file = fmt, chat, opts, file
         self.final_reply_opts = replace(opts, train_on="last_assistant")  # what a preference row trains on
-        chat.remember(opts.system_prompt)
+        chat.remember(chat.content("system", opts.system_prompt))
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:
         return self.encode(self.parse(batch, indices))
@@ -240,10 +240,12 @@ class RowEncoder:
     def encode(self, batch: dict) -> dict:
         """Parsed columns -> :data:`ENCODED_COLUMNS` (one tokenizer call for the whole batch)."""
         systems = [self.opts.system_prompt if s is None else s for s in batch["system"]]
+        content = self.chat.content
         texts = []
         for system, turns, rejected in zip(systems, batch["turns"], batch["rejected"]):
             if turns:
-                texts += [system] + [t["content"] for t in turns] + ([rejected] if rejected is not None else [])
+                texts += ([content("system", system)] + [content(t["role"], t["content"]) for t in turns]
+                          + ([content("assistant", rejected)] if rejected is not None else []))
         ids = iter(self.chat.tokenize(texts))
         out: dict = {k: [] for k in ENCODED_COLUMNS}
         for j, turns in enumerate(batch["turns"]):

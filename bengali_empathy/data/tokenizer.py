@@ -4,6 +4,9 @@ The ``llama-models`` package ships Meta's tiktoken BPE file; we convert it with
 transformers' :class:`TikTokenConverter` into a fast tokenizer with the 256
 Llama-3.1 special tokens and the Llama-3.1 chat template, and cache the result
 on disk (conversion takes a few seconds, loading the cache a fraction of one).
+
+For any tokenizer it also says what its chat template ends turns and texts with
+(:func:`end_of_turn_id`, :func:`stop_token_ids`, :func:`document_end_id`).
 """
 from __future__ import annotations
 
@@ -187,7 +190,9 @@ def _parsed_tokenizer(path: str, files: tuple):
             tok.pad_token = PAD
         else:
             tok.pad_token = tok.eos_token
-    if not tok.chat_template:
+    # A Llama-3 base checkpoint ships no template, but its vocabulary has the header tokens of Llama 3.1's
+    # format; any other tokenizer without one is refused by the ChatEncoder, which cannot guess a format.
+    if not tok.chat_template and START_HEADER in tok.get_vocab():
         tok.chat_template = LLAMA31_CHAT_TEMPLATE
     tok.padding_side = "right"
     return tok
@@ -221,20 +226,75 @@ def llama3_tiktoken(tok):
     return enc
 
 
-def stop_token_ids(tok) -> list[int]:
-    """Token ids that end an assistant turn (<|eot_id|>, <|eom_id|>, <|end_of_text|>, eos)."""
-    vocab = tok.get_vocab()
-    ids = [vocab[t] for t in (EOT, EOM, END_OF_TEXT) if t in vocab]
-    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
-        ids.append(tok.eos_token_id)
-    return ids
+def apply_chat_template_override(tok, template_or_path: str) -> None:
+    """Give ``tok`` the chat template ``template_or_path`` (Jinja text, or the path of a ``.jinja`` file).
+
+    For a checkpoint without a template, or to train a model in another format than its own; the data
+    module's options do not expose it yet.
+    """
+    if "{{" in template_or_path or "{%" in template_or_path:
+        tok.chat_template = template_or_path
+        return
+    path = Path(template_or_path).expanduser()
+    if not path.is_file():
+        raise UserError(f"chat template {template_or_path!r} is neither Jinja text nor a file")
+    tok.chat_template = path.read_text(encoding="utf-8")
+
+
+def render_chat(tok, messages: list[dict], generation_prompt: bool = False) -> str:
+    """``messages`` as the tokenizer's chat template writes them (text), or one :class:`UserError` line."""
+    if not getattr(tok, "chat_template", None):
+        raise UserError("the tokenizer has no chat template: add a chat_template.jinja to its directory")
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as exc:  # noqa: BLE001 - jinja's errors (and the template's raise_exception) as one line
+        roles = ", ".join(m["role"] for m in messages)
+        raise UserError(f"the tokenizer's chat template cannot render a conversation of roles ({roles}): "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+
+
+def is_special(tok, token_id: int) -> bool:
+    """Whether ``token_id`` is one of the tokenizer's special (control) tokens."""
+    added = tok.added_tokens_decoder.get(token_id)
+    return token_id in tok.all_special_ids or (added is not None and added.special)
 
 
 def end_of_turn_id(tok) -> int:
-    """Id appended after every reply: <|eot_id|> for Llama 3, else eos."""
+    """The special token the chat template closes an assistant reply with (``<|eot_id|>`` for Llama 3,
+    ``<|im_end|>`` for ChatML, ``<end_of_turn>`` for Gemma, ``</s>`` for Mistral).
+
+    Read from the template: a reply rendered as a marker, and the first token after it.
+    """
+    marker = "\x071\x07"  # BEL and a digit: no template changes them (``| trim``, ``| upper``)
+    text = render_chat(tok, [{"role": "user", "content": "\x070\x07"}, {"role": "assistant", "content": marker}])
+    _, found, after = text.partition(marker)
+    if not found:
+        raise UserError("the tokenizer's chat template does not write an assistant reply as it is given")
+    ids = tok(after, add_special_tokens=False)["input_ids"] if after else []
+    if not ids or not is_special(tok, ids[0]):
+        raise UserError(f"the tokenizer's chat template does not close an assistant reply with a special token "
+                        f"(it writes {after[:20]!r} after one): replies could not learn to end")
+    return ids[0]
+
+
+def document_end_id(tok) -> int:
+    """The token that ends a raw text (continued pretraining): ``<|end_of_text|>`` for Llama 3 (whose instruct
+    tokenizers call ``<|eot_id|>`` their eos), else the tokenizer's eos."""
     vocab = tok.get_vocab()
-    if EOT in vocab:
-        return vocab[EOT]
+    if END_OF_TEXT in vocab:
+        return vocab[END_OF_TEXT]
     if tok.eos_token_id is None:
-        raise UserError("the tokenizer has neither <|eot_id|> nor an eos token")
+        raise UserError("the tokenizer has no eos token to end a raw text with")
     return tok.eos_token_id
+
+
+def stop_token_ids(tok, generation_eos=None) -> list[int]:
+    """Token ids that end a reply: the template's end of turn, Llama 3's <|eom_id|> and <|end_of_text|> where
+    the vocabulary has them, the tokenizer's eos and ``generation_eos`` (a generation config's ``eos_token_id``:
+    one id, a list or ``None``). Without a chat template (a base model), the eos ones only."""
+    vocab = tok.get_vocab()
+    ids = [end_of_turn_id(tok)] if getattr(tok, "chat_template", None) else []
+    ids += [vocab[t] for t in (EOM, END_OF_TEXT) if t in vocab]
+    ids += [tok.eos_token_id]
+    ids += generation_eos if isinstance(generation_eos, (list, tuple)) else [generation_eos]
+    return list(dict.fromkeys(i for i in ids if i is not None))

@@ -107,6 +107,7 @@ def adapter_chat(adapter: Path):
     from ..models.checkpoints import read_info
     from ..data import ChatEncoder
     from ..data.tokenizer import load_tokenizer
+    from .modelfile import ollama_template
 
     if not (adapter / "tokenizer.json").is_file():
         raise UserError(f"{adapter} has no tokenizer (tokenizer.json): a GGUF must carry the vocabulary the adapter "
@@ -122,7 +123,8 @@ def adapter_chat(adapter: Path):
     tokenizer = load_tokenizer(adapter)
     if template is not None:
         tokenizer.chat_template = template
-    chat = ChatEncoder(tokenizer)  # refuses a template that is not Llama 3's format
+    chat = ChatEncoder(tokenizer)  # refuses a template it cannot assemble
+    ollama_template(tokenizer)  # and, before any weights are converted, one that is not Llama 3's format
     if chat.fast is None:
         raise UserError(f"{adapter}'s tokenizer is not Llama 3's BPE: GGUF export writes the llama-bpe vocabulary only")
     return chat

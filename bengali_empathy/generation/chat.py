@@ -135,7 +135,8 @@ class Replier:
 
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.encoder = ChatEncoder(tokenizer)  # built once: it checks the whole vocabulary
-        self.stop_ids = stop_token_ids(tokenizer)
+        generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.stop_ids = stop_token_ids(tokenizer, generation_eos)
         self.system_prompt, self.max_seq_length, self.decoding = system_prompt, max_seq_length, decoding
         self.engine = engine
         self._decoders: dict = {}  # base (adapter disabled) or not -> GraphDecoder: a graph records one of them
@@ -146,14 +147,12 @@ class Replier:
         earlier turns left out; an empty or too-long message is a :class:`UserError`."""
         if not turns or turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
             raise UserError("the message is empty: type something to send")
-        texts = self.encoder.tokenize([self.system_prompt] + [t["content"] for t in turns])
-        system_ids = texts[0] if self.system_prompt else []
+        system_ids, tokenized = self.encoder.tokenized(self.system_prompt, turns)
         room = self.max_seq_length - max_new_tokens
 
         def ids_of(kept: list) -> list[int]:
             return self.encoder.assemble(system_ids, kept, generation_prompt=True)[0]
 
-        tokenized = [(t["role"], ids) for t, ids in zip(turns, texts[1:])]
         kept = drop_oldest_exchanges(tokenized, lambda kept: len(ids_of(kept)) > room)
         ids = ids_of(kept)
         if len(ids) > room:

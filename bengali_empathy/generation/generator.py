@@ -371,7 +371,8 @@ class Generator:
             weights, None if backend.name == "hf" and torch.cuda.is_available() else False)
         self.memory_budget = memory_budget  # the run's (model.memory.budget_gib): generation keeps to it too
         self.report = report
-        self.stop_ids = stop_token_ids(tokenizer)
+        generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.stop_ids = stop_token_ids(tokenizer, generation_eos)
         self.last_plan: Optional[GenerationPlan] = None
         self._merged_bytes: Optional[int] = None
 
