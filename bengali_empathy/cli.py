@@ -111,8 +111,18 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
             parser.link_arguments("data.system_prompt", "model.system_prompt")
 
         def instantiate_trainer(self, **kwargs):
+            import importlib.util
+
+            from lightning.pytorch.callbacks import ProgressBar
             from lightning.pytorch.loggers import TensorBoardLogger
 
+            from .training.callbacks import StepBoundedProgressBar
+
+            # Where Lightning's default bar is its rich one (rich installed), the same bar with the epoch right.
+            config = self.config_init[self.subcommand].trainer
+            if importlib.util.find_spec("rich") and config.get("enable_progress_bar") is not False and not any(
+                    isinstance(c, ProgressBar) for c in config.get("callbacks") or []):
+                kwargs["callbacks"] = [*(config.get("callbacks") or []), StepBoundedProgressBar()]
             trainer = super().instantiate_trainer(**kwargs)
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
@@ -128,6 +138,24 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
             self.model.connect(dm.facts)
 
         before_fit = before_validate = before_test = before_predict = _prepare_data
+
+        def after_fit(self) -> None:
+            self._say_next("fit")
+
+        def after_validate(self) -> None:
+            self._say_next("validate")
+
+        def after_test(self) -> None:
+            self._say_next("test")
+
+        def after_predict(self) -> None:
+            self._say_next("predict")
+
+        def _say_next(self, subcommand: str) -> None:
+            if self.trainer.is_global_zero and self.trainer.log_dir:
+                configs = [str(c) for c in self.config[subcommand].get("config") or []]
+                print(next_steps(subcommand, _shown(Path(self.trainer.log_dir)), configs,
+                                 self.config[subcommand].model.adapter_path), file=sys.stderr)
 
         def _run_subcommand(self, subcommand: str) -> None:
             # Some bad input only shows once the run has begun (a memory budget below the measured
@@ -166,6 +194,52 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
         parser_kwargs={"description": "Fine-tune Llama-3.1 to reply with empathy in Bengali (QLoRA + Lightning).",
                        "exit_on_error": False},
     )
+
+
+def _shown(path: Path) -> Path:
+    """``path`` as a user would type it here: relative to the working directory when inside it."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
+
+
+def next_steps(subcommand: str, log_dir: Path, configs: list[str], adapter_path: Optional[str]) -> str:
+    """What a finished run wrote and the commands a user runs next, with this run's real paths."""
+    run = "python -m bengali_empathy"
+    config = " ".join(f"--config {c}" for c in configs)
+    if subcommand == "fit":
+        adapter = log_dir / "adapter"
+        if not adapter.is_dir():
+            return f"run directory: {log_dir} (no adapter saved)\nnext: {run} report {log_dir}"
+        return "\n".join([
+            f"adapter: {adapter}",
+            "next:",
+            f"  {run} predict {config} --model.adapter_path {adapter} --model.compare_base true"
+            "   # replies and scores, tuned against base",
+            f"  {run} report {log_dir}   # REPORT.md and plots",
+            f"  {run} chat --adapter {adapter}   # talk to it",
+            f"  {run} serve --adapter {adapter}   # web page: chat, side by side, blind rating",
+            f"  {run} export --adapter {adapter} --output {log_dir / 'merged'}   # merged weights (--format gguf for llama.cpp)",
+            f"  tensorboard --logdir {log_dir.parent}"])
+    written = [log_dir / name for name in ("predictions.jsonl", "metrics.json") if (log_dir / name).is_file()]
+    lines = [f"{subcommand} wrote: " + ", ".join(map(str, written)) if written else f"run directory: {log_dir}"]
+    report_of = Path(adapter_path).parent if adapter_path and Path(adapter_path).name.startswith("adapter") else log_dir
+    lines.append(f"next: {run} report {report_of}   # REPORT.md with these scores, plots and sample replies")
+    return "\n".join(lines)
+
+
+def quiet_known_warnings() -> None:
+    """Silence the third-party notices a run would print that say nothing about the run (each matched narrowly)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning,
+                            module="torchdata")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("💡 Tip:"))
 
 
 def _new_log_dir(trainer) -> Optional[Path]:
@@ -597,6 +671,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     cli_args = argv  # None: LightningCLI reads sys.argv itself
     argv = sys.argv[1:] if argv is None else argv
+    quiet_known_warnings()
     try:
         if argv and argv[0] in EXTRA_COMMANDS:
             return EXTRA_COMMANDS[argv[0]](argv[1:])

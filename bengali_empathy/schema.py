@@ -17,8 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-# What predictions.jsonl holds per row, in this order (``None`` fields are left out).
+# What predictions.jsonl holds per row, in this order (``None`` fields are left out); each reply is
+# followed by ``<field>_empty``, true where the model ended its turn without text.
 OUTPUT_FIELDS = ("id", "prompt", "reference", "prediction", "base_prediction", "category")
+REPLY_FIELDS = ("prediction", "base_prediction")
 
 
 @dataclass
@@ -47,7 +49,14 @@ class EvalRow:
 
     def output(self) -> dict:
         """The row as ``predictions.jsonl`` writes it."""
-        return {k: getattr(self, k) for k in OUTPUT_FIELDS if getattr(self, k) is not None}
+        out = {}
+        for k in OUTPUT_FIELDS:
+            value = getattr(self, k)
+            if value is not None:
+                out[k] = value
+                if k in REPLY_FIELDS:
+                    out[f"{k}_empty"] = not value.strip()
+        return out
 
 
 TrainingTexts = list[str]  # every turn (user and assistant) of the training split's conversations

@@ -29,7 +29,7 @@ from typing import Optional
 
 import gradio as gr
 
-from ..generation.chat import Replier, Reply
+from ..generation.chat import EMPTY_REPLY, Replier, Reply
 from ..errors import UserError
 from ..generation.generator import Decoding
 from ..records.judgements import Judgement, blind_pair, record_judgement, sampled_prompts, win_rate
@@ -56,6 +56,8 @@ def describe(reply: Reply, max_seq_length: int) -> str:
     parts = [f"prompt {reply.prompt_tokens} tokens: system prompt + {reply.history_turns} earlier turns + this message"]
     if reply.dropped_turns:
         parts.append(f"the {reply.dropped_turns} oldest turns were left out to fit max_seq_length {max_seq_length}")
+    if reply.empty:
+        parts.append(EMPTY_REPLY)
     if reply.done:
         parts.append(f"{reply.new_tokens} new tokens in {reply.seconds:.1f} s")
     if reply.seed is not None:

@@ -113,6 +113,14 @@ class Reply:
     seed: Optional[int] = None  # of a sampled reply
     done: bool = False
 
+    @property
+    def empty(self) -> bool:
+        """A finished reply without text: the model ended its turn at once (an undertrained model often does)."""
+        return self.done and not self.text.strip()
+
+
+EMPTY_REPLY = "(empty reply: the model ended its turn at once)"
+
 
 class Replier:
     """Replies of one loaded model (tuned, or its base with the adapter disabled) to conversations, one at a time.
@@ -273,6 +281,8 @@ def chat_loop(replier: Replier, messages: Iterable[str], out: TextIO, note: Call
             continue
         out.write("\n")
         out.flush()
+        if reply.empty:
+            note(EMPTY_REPLY)
         if reply.dropped_turns:
             note(f"note: the {reply.dropped_turns} oldest turns were left out of the prompt "
                  f"(max_seq_length {replier.max_seq_length})")

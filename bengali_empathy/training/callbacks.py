@@ -1,4 +1,4 @@
-"""Callbacks: training throughput and memory logging, and the evaluation writer."""
+"""Callbacks: training throughput and memory logging, the evaluation writer, the progress bar."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 
 from ..generation.decoder import synchronized_time
 from ..models.memory import peak_rss_gib
@@ -78,6 +79,10 @@ class EvaluationWriter(L.Callback):
         m = evaluation.metrics
         scores = ", ".join(f"{k}={m[k]:.4f}" for k in SCORE_NAMES if isinstance(m.get(k), float))
         pl_module.print(f"wrote {len(evaluation.rows)} predictions and metrics to {out_dir}: {scores}")
+        empty = m.get("checks", {}).get("degenerate", {}).get("empty", 0)
+        if empty:
+            pl_module.print(f"{empty} of {len(evaluation.rows)} replies are empty (the model ended its turn at once): "
+                            "prediction_empty in predictions.jsonl")
         if "delta" in m:
             pl_module.print("tuned - base: " + ", ".join(f"{k}={v:+.4f}" for k, v in m["delta"].items()))
         gen = m.get("generation")
@@ -91,3 +96,13 @@ class EvaluationWriter(L.Callback):
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self._write(trainer, pl_module)
+
+
+class StepBoundedProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, without the ``Epoch 0/-2`` it shows for a run bounded by ``max_steps``
+    (``max_epochs`` is then -1, "no limit"): such a run's bar reads ``Epoch 0``."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs == -1:
+            return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
+        return super()._get_train_description(current_epoch)

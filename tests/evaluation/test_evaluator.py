@@ -7,7 +7,7 @@ import torch
 from bengali_empathy.evaluation.evaluator import Evaluator, merge_ranks
 from bengali_empathy.generation.generator import Decoding, GenerationStats
 from bengali_empathy.evaluation.metrics import SCORE_NAMES, TEXT_SCORES, score_texts
-from bengali_empathy.schema import OUTPUT_FIELDS, EvalRow
+from bengali_empathy.schema import EvalRow
 
 A = "আপনার মন খারাপের কথা শুনে আমারও খারাপ লাগছে।"
 B = "পরীক্ষার ফল ভালো হয়নি বলে মন খারাপ।"
@@ -98,7 +98,10 @@ def test_a_pass_scores_tuned_and_base_summarises_and_logs_the_score_names():
     evaluation = evaluator.finish(host, "test", fitting=False)
     assert [r.line for r in evaluation.rows] == [1, 2, 3] and evaluator.last is evaluation
     assert [r.prediction for r in evaluation.rows] == [A, B, C] and {r.base_prediction for r in evaluation.rows} == {C}
-    assert list(evaluation.output_rows()[0]) == [k for k in OUTPUT_FIELDS]  # every field, in file order
+    # every field in file order, each reply followed by whether it is empty
+    assert list(evaluation.output_rows()[0]) == ["id", "prompt", "reference", "prediction", "prediction_empty",
+                                                 "base_prediction", "base_prediction_empty", "category"]
+    assert [r["prediction_empty"] for r in evaluation.output_rows()] == [False, False, False]
     m = evaluation.metrics
     assert m["loss"] == pytest.approx(2.0) and m["base"]["loss"] == pytest.approx(3.0)
     assert m["delta"]["loss"] == pytest.approx(-1.0) and m["reply_tokens"] == 9 and m["reply_chars"] == 9
