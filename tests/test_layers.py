@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bengali_empathy"
 LAYERS = [["errors"], ["_io"], ["schema"], ["text"], ["data.tokenizer"], ["models.modeling"], ["models.attention"],
           ["data"], ["models.lora"], ["generation.merged"], ["models.backends"], ["models.memory"],
           ["evaluation.metrics"], ["evaluation.checks"], ["generation.decoder"], ["generation.generator"],
-          ["generation.chat"], ["evaluation.evaluator"], ["training.preference"], ["models.checkpoints"],
+          ["generation.chat"], ["evaluation.evaluator"], ["training.objectives"], ["training.preference"], ["models.checkpoints"],
           ["records.run"], ["training.module"], ["training.callbacks"], ["records.registry"], ["records.judgements"],
           ["records.report"], ["records.rating"], ["apps.serve"], ["records.preference_export"], ["export.hf"],
           ["export.modelfile"], ["export.gguf"], ["apps.benchmark"], ["cli"],

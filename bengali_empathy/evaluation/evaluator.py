@@ -19,7 +19,7 @@ import math
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Literal, Optional, Protocol
+from typing import Literal, Optional, Protocol
 
 import torch
 
@@ -71,6 +71,8 @@ class EvalHost(Protocol):
     def log(self, name: str, value: float, **kwargs) -> None: ...
 
     def print(self, *args) -> None: ...
+
+    def training_texts(self) -> Optional[TrainingTexts]: ...  # the training split's turns (overlap check), or None
 
 
 def reply_chars(tokenizer, batch: dict) -> int:
@@ -146,8 +148,6 @@ class Evaluator:
         self.losses = torch.nn.ModuleDict({k: TokenWeightedLoss() for s in STAGES for k in (s, f"{s}_base")})
         self.pending: list[EvalRow] = []
         self.last: Optional[Evaluation] = None
-        # The training split's texts for the overlap check, set by EmpathyLM.connect.
-        self.training_texts: Callable[[], Optional[TrainingTexts]] = lambda: None
 
     def comparing(self, fitting: bool) -> bool:
         return self.compare_base and not fitting
@@ -177,7 +177,7 @@ class Evaluator:
         generation = self._generate(host, stage, rows, comparing, progress=not fitting) if rows else None
         rows, generation = gather(rows, generation, world_size)
         # The honesty checks are for a finished model, not for fit's validations.
-        train_texts = None if fitting else self.training_texts()
+        train_texts = None if fitting else host.training_texts()
         outputs = [r.output() for r in rows]
         metrics = summarize(outputs, loss, base_loss, train_texts, generation, checks=not fitting) \
             if (rows or loss) else {}

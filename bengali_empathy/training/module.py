@@ -1,7 +1,7 @@
 """The LightningModule: QLoRA fine-tuning of a Llama-3.1 chat model for empathetic Bengali replies.
 
 It loads the model through a backend (:mod:`.backends`), plans and holds the GPU memory budget
-(:mod:`.memory`), trains, and hands evaluation to an :class:`~.evaluation.Evaluator` and a fit's
+(:mod:`.memory`), trains, and hands its loss and evaluation passes to an :class:`~.objectives.Objective` and a fit's
 records to :func:`~.records.write_fit_records`. What it needs from the data arrives as options
 linked by the CLI (``max_seq_length``, ``train_batch_size``, ``system_prompt``) and, at run time,
 as :class:`~.schema.CorpusFacts` through :meth:`EmpathyLM.connect`.
@@ -27,9 +27,10 @@ from ..generation.generator import Decoding, GenerationEngine, GenerationStats, 
 from ..models.lora import DEFAULT_LORA, LoraSettings, parameter_groups
 from ..models.memory import CheckpointPlan, MemorySettings, cap_reserved_memory, check_budget, plan_training_memory
 from ..models.modeling import TINY_MODEL, resolve_model_path
+from .objectives import Objective, SupervisedObjective
 from .preference import ObjectiveSettings, PreferenceObjective
 from ..records.run import RunInfo, write_fit_records
-from ..schema import CorpusFacts
+from ..schema import CorpusFacts, TrainingTexts
 
 Optimizer = Literal["auto", "adamw_8bit", "adamw"]
 MAX_SEQ_LENGTH = 2048
@@ -131,7 +132,7 @@ class EmpathyLM(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         # The groups as given: under the CLI, hparams hold them as the config's plain dicts.
-        self.lora, self.memory, self.objective, self.optimization = lora, memory, objective, optimization
+        self.lora, self.memory, self.optimization = lora, memory, optimization
         self.decoding, self.generation = decoding, generation
         check_options(max_seq_length, learning_rate, lora, optimization)
         if adapter_path:
@@ -143,11 +144,11 @@ class EmpathyLM(L.LightningModule):
         self.generation_engine = resolve_engine(generation.engine, self.backend.name)
         self.model = self.tokenizer = self.generator = None
         self.strict_loading = False  # only LoRA weights go into checkpoints (see on_save_checkpoint)
-        self.evaluator = Evaluator(compare_base, generation.val_batches, generation.log_samples) \
-            if objective.name == "sft" else PreferenceObjective(objective.name, objective.dpo_beta,
-                                                                objective.kto_desirable_weight,
-                                                                objective.kto_undesirable_weight, adapter_path)
-        self.eval_losses = self.evaluator.losses  # a child module: the loss states follow the model's device
+        self.objective: Objective = (
+            SupervisedObjective(Evaluator(compare_base, generation.val_batches, generation.log_samples))
+            if objective.name == "sft" else
+            PreferenceObjective(objective.name, objective.dpo_beta, objective.kto_desirable_weight,
+                                objective.kto_undesirable_weight, adapter_path))
         self.facts: Optional[CorpusFacts] = None
         self.param_counts: tuple[int, int] = (0, 0)
         self.optimizer_name: str = optimization.optimizer
@@ -158,7 +159,11 @@ class EmpathyLM(L.LightningModule):
         """The corpus of this run (statistics for the logs and run.json, training texts for the overlap
         check); the CLI calls it once the data module is prepared. Without it, neither is there."""
         self.facts = facts
-        self.evaluator.training_texts = functools.cache(facts.training_texts)
+        self._training_texts = functools.cache(facts.training_texts)
+
+    def training_texts(self) -> Optional[TrainingTexts]:
+        """The training split's turns, for the evaluation's overlap check (None before :meth:`connect`)."""
+        return self._training_texts() if self.facts is not None else None
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -229,40 +234,34 @@ class EmpathyLM(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if isinstance(self.evaluator, PreferenceObjective):  # the objective's own loss and rewards
-            return self.evaluator.step(self, "train", batch, batch_idx, True)
-        loss, n = self(batch)
-        bs = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
-        self.log("train/reply_tokens", n.float(), on_step=True, on_epoch=False, reduce_fx="sum", batch_size=bs)
-        return loss
+        return self.objective.training_loss(self, batch)
 
     def _fitting(self) -> bool:
         return self._trainer is not None and self.trainer.state.fn == "fit"
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.evaluator.step(self, "val", batch, batch_idx, self._fitting())
+        self.objective.evaluation_step(self, "val", batch, batch_idx, self._fitting())
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.evaluator.step(self, "test", batch, batch_idx, self._fitting())
+        self.objective.evaluation_step(self, "test", batch, batch_idx, self._fitting())
 
     def predict_step(self, batch: dict, batch_idx: int) -> None:
         """Score the reference replies' loss; replies are generated for all rows at the epoch's end."""
-        self.evaluator.step(self, "predict", batch, batch_idx, self._fitting())
+        self.objective.evaluation_step(self, "predict", batch, batch_idx, self._fitting())
 
     def on_validation_epoch_end(self) -> None:
-        self.evaluator.finish(self, "val", self._fitting(), self.trainer.world_size)
+        self.objective.finish(self, "val", self._fitting(), self.trainer.world_size)
 
     def on_test_epoch_end(self) -> None:
-        self.evaluator.finish(self, "test", self._fitting(), self.trainer.world_size)
+        self.objective.finish(self, "test", self._fitting(), self.trainer.world_size)
 
     def on_predict_epoch_end(self) -> None:
-        self.evaluator.finish(self, "predict", self._fitting(), self.trainer.world_size)
+        self.objective.finish(self, "predict", self._fitting(), self.trainer.world_size)
 
     @property
     def last_evaluation(self) -> Optional[Evaluation]:
         """The latest evaluation pass (what the writer and the registry record)."""
-        return self.evaluator.last
+        return self.objective.last
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -301,7 +300,7 @@ class EmpathyLM(L.LightningModule):
 
     def on_fit_end(self) -> None:
         record = write_fit_records(self.trainer, self.run_info(), time.time() - self._fit_started,
-                                   self._save_fit_adapters, self.evaluator.last)
+                                   self._save_fit_adapters, self.objective.last)
         if record is None:
             return
         if self.memory_plan is not None and record["peak_memory_gib"]["gpu_reserved"] is not None:

@@ -20,15 +20,16 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..models.backends import Backend
-from ..data.formats import Objective
+from ..data.formats import Objective as ObjectiveName
 from ..errors import UserError, check_ranges
 from ..evaluation.evaluator import Evaluation
+from .objectives import Objective
 
 REFERENCE_ADAPTER = "reference"
 REWARD_NAMES = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
@@ -88,7 +89,7 @@ class ObjectiveSettings:
     """What training optimises (``model.objective``): ``sft`` (the reply tokens' loss), or ``dpo`` / ``kto`` (a
     :class:`PreferenceObjective` with ``dpo_beta``, the KL weight of either, and the KTO weights)."""
 
-    name: Objective = "sft"
+    name: ObjectiveName = "sft"
     dpo_beta: float = 0.1
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
@@ -99,27 +100,24 @@ class ObjectiveSettings:
                                                "kto_undesirable_weight": (self.kto_undesirable_weight > 0, "positive")})
 
 
-class PreferenceObjective:
-    """The DPO or KTO steps of :class:`~.module.EmpathyLM`: policy and reference passes, loss, logged rewards.
+class PreferenceObjective(Objective):
+    """DPO or KTO (:class:`~.objectives.Objective`): policy and reference passes, loss, logged rewards.
 
-    It takes the place of the :class:`~.evaluation.Evaluator` (same ``step`` / ``finish`` / ``last`` /
-    ``losses``): a preference pass logs its loss and rewards batch by batch (Lightning averages them over
-    the pass and across ranks) and generates nothing; ``validate`` and ``test`` end with an
+    A preference pass logs its loss and rewards batch by batch (Lightning averages them over the pass and
+    across ranks) and generates nothing; ``validate`` and ``test`` end with an
     :class:`~.evaluation.Evaluation` of the pass's means (``metrics.json``, the registry row) and no rows.
 
     Args mirror the module's options: ``objective`` (``dpo`` or ``kto``), ``beta`` (``model.objective.dpo_beta``,
     the KL weight of either objective), the KTO weights and the adapter the run starts from.
     """
 
-    training_texts: Callable[[], None] = staticmethod(lambda: None)
-
-    def __init__(self, objective: Objective, beta: float, desirable_weight: float = 1.0,
+    def __init__(self, objective: ObjectiveName, beta: float, desirable_weight: float = 1.0,
                  undesirable_weight: float = 1.0, adapter_path: Optional[str] = None) -> None:
+        super().__init__()
         self.objective, self.beta, self.adapter_path = objective, beta, adapter_path
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
         self.reference_adapter: Optional[str] = None
-        self.losses = torch.nn.ModuleDict()  # the Evaluator's metric states; a preference pass keeps none
-        self.last: Optional[Evaluation] = None
+        self._last: Optional[Evaluation] = None
         self._sums: dict[str, list[float]] = {}  # name -> [row-weighted sum, rows] of the pass so far
 
     def attach_reference(self, model) -> None:
@@ -164,7 +162,17 @@ class PreferenceObjective:
                                  self.undesirable_weight)
         return loss, labelled_metrics(rewards, desirable)
 
-    def step(self, host, stage: str, batch: dict, batch_idx: int, fitting: bool) -> torch.Tensor:
+    @property
+    def last(self) -> Optional[Evaluation]:
+        return self._last
+
+    def training_loss(self, host, batch: dict) -> torch.Tensor:
+        return self.step(host, "train", batch)
+
+    def evaluation_step(self, host, stage: str, batch: dict, batch_idx: int, fitting: bool) -> None:
+        self.step(host, stage, batch)
+
+    def step(self, host, stage: str, batch: dict) -> torch.Tensor:
         """Loss and rewards of one batch, logged as ``<stage>/loss`` and ``<stage>/reward_*``."""
         if stage == "predict":
             raise UserError(f"predict generates replies to conversations; model.objective.name {self.objective} "
@@ -185,7 +193,7 @@ class PreferenceObjective:
                 total[0], total[1] = total[0] + float(value) * rows, total[1] + rows
         return loss
 
-    def finish(self, host, stage: str, fitting: bool, world_size: int) -> None:
+    def finish(self, host, stage: str, fitting: bool, world_size: int) -> Evaluation:
         """The pass's row-weighted means as an :class:`~.evaluation.Evaluation` (every rank's rows together)."""
         names = ("loss", *REWARD_NAMES)  # the same order on every rank, a name without rows included
         sums = torch.tensor([self._sums.get(n, [0.0, 0]) for n in names], dtype=torch.float64)
@@ -196,5 +204,6 @@ class PreferenceObjective:
             sums = sums.to(host.device)
             dist.all_reduce(sums)
         means = {n: s / k for n, (s, k) in zip(names, sums.tolist()) if k}
-        self.last = Evaluation(stage, metrics={**means, "n": int(sums[0, 1]), "objective": self.objective,
-                                               "beta": self.beta})
+        self._last = Evaluation(stage, metrics={**means, "n": int(sums[0, 1]), "objective": self.objective,
+                                                "beta": self.beta})
+        return self._last

@@ -161,3 +161,27 @@ def test_generation_keeps_the_batch_size_it_halved_to(monkeypatch, tiny_model_pa
     lm.generate_texts([[128000, 9906]] * 3, progress=False)
     lm.generate_texts([[128000, 9906]] * 3, progress=False)
     assert asked == [16, 2]
+
+
+def test_each_objective_is_one_object_the_module_calls_without_branching(tmp_path):
+    """sft and dpo/kto implement one interface (training loss, evaluation step, finish, last): the module holds it
+    as a child module and its training step calls it whatever the objective."""
+    import ast
+    import inspect
+
+    from bengali_empathy.training import module as module_file
+    from bengali_empathy.training.module import EmpathyLM
+    from bengali_empathy.training.objectives import Objective, SupervisedObjective
+    from bengali_empathy.training.preference import ObjectiveSettings, PreferenceObjective
+
+    sft = EmpathyLM()
+    dpo = EmpathyLM(objective=ObjectiveSettings(name="dpo"))
+    assert isinstance(sft.objective, SupervisedObjective) and isinstance(dpo.objective, PreferenceObjective)
+    assert isinstance(dpo.objective, Objective) and dict(sft.named_children())["objective"] is sft.objective
+    assert sft.objective.losses is sft.objective.evaluator.losses  # metric states follow the module's device
+    assert list(dpo.objective.parameters()) == [] and list(dpo.objective.buffers()) == []  # nothing stands in
+    assert sft.training_texts() is None  # before the corpus is connected
+    source = ast.parse(inspect.getsource(module_file))
+    branching = [n for n in ast.walk(source) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "isinstance"
+                 and any(getattr(a, "id", None) in ("PreferenceObjective", "SupervisedObjective") for a in n.args)]
+    assert branching == []
