@@ -187,7 +187,8 @@ def load_chat(model_name: str, adapter: Optional[str], backend: str, load_in_4bi
     from .models.backends import make_backend
     from .generation.chat import Replier
     from .data import DEFAULT_SYSTEM_PROMPT
-    from .generation.generator import Decoding, resolve_engine
+    from .generation.decoding import Decoding
+    from .generation.generator import resolve_engine
     from .models.lora import DEFAULT_LORA, LoraSettings
     from .models.modeling import resolve_model_path
     from .training.module import MAX_SEQ_LENGTH

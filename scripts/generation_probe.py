@@ -21,7 +21,8 @@ preimport_unsloth("predict")
 import torch  # noqa: E402
 
 from bengali_empathy.data import EmpatheticDialogueDataModule  # noqa: E402
-from bengali_empathy.generation.generator import Decoding, Generator  # noqa: E402
+from bengali_empathy.generation.decoding import Decoding
+from bengali_empathy.generation.generator import Generator  # noqa: E402
 from bengali_empathy.training.module import EmpathyLM  # noqa: E402
 
 

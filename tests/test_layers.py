@@ -5,11 +5,11 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "bengali_empathy"
 
 # Lower to higher. A module may import from its own layer (the data package's modules) and the ones before it.
-LAYERS = [["errors"], ["_io"], ["schema"], ["text"], ["data.tokenizer"], ["models.modeling"], ["models.attention"],
-          ["data"], ["models.lora"], ["generation.merged"], ["models.backends"], ["models.memory"],
-          ["evaluation.metrics"], ["evaluation.checks"], ["generation.decoder"], ["generation.generator"],
+LAYERS = [["errors"], ["_io"], ["schema"], ["text"], ["data.tokenizer"], ["models.modeling"], ["models.gpu"], ["models.attention"],
+          ["data"], ["models.lora"], ["models.gradient_checkpointing"], ["generation.merged"], ["models.backends"], ["models.memory"],
+          ["evaluation.metrics"], ["evaluation.checks"], ["generation.decoding"], ["generation.decoder"], ["generation.generator"],
           ["generation.chat"], ["evaluation.evaluator"], ["training.preference"], ["models.checkpoints"],
-          ["records.run"], ["training.module"], ["training.callbacks"], ["records.registry"], ["records.judgements"],
+          ["records.run"], ["training.optimization"], ["training.module"], ["training.callbacks"], ["records.registry"], ["records.judgements"],
           ["records.report"], ["records.rating"], ["apps.serve"], ["records.preference_export"], ["export.hf"],
           ["export.modelfile"], ["export.gguf"], ["apps.benchmark"], ["cli"],
           ["__main__", "__init__"]]

@@ -32,7 +32,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..data.encode import drop_oldest_exchanges
 from ..errors import UserError
-from .generator import Decoding
+from .decoding import Decoding
 
 RESET = "/reset"  # a line of terminal chat that starts a new conversation
 _END = object()

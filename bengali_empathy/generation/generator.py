@@ -29,43 +29,18 @@ import contextlib
 import gc
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal, Optional, Sequence
 
 import torch
 
-from .decoder import PREFILL_TOKENS, GraphDecoder, cache_slots, head_dim, left_padded, prefill, synchronized_time
+from .decoder import PREFILL_TOKENS, GraphDecoder, cache_slots, left_padded, prefill
 from ..errors import UserError
+from ..models.gpu import head_dim, synchronized_time
 from ..models.memory import MemoryBudget, resolve_budget_gib
 
 GenerationEngine = Literal["auto", "compiled", "static", "eager"]
 GenerationWeights = Literal["auto", "merged", "adapter"]
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """Decoding settings: greedy when ``temperature`` is 0, else sampling with ``seed``."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    seed: int = 0
-
-    def generate_kwargs(self) -> dict:
-        kwargs: dict = {"max_new_tokens": self.max_new_tokens, "do_sample": self.temperature > 0}
-        if self.temperature > 0:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
-        if self.repetition_penalty != 1.0:
-            kwargs["repetition_penalty"] = self.repetition_penalty
-        if self.no_repeat_ngram_size:
-            kwargs["no_repeat_ngram_size"] = self.no_repeat_ngram_size
-        return kwargs
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -17,8 +17,7 @@ from typing import Optional
 from .._io import atomic_write_text
 from ..evaluation.checks import MIN_OVERLAP_WORDS
 from ..errors import UserError
-from ..evaluation.metrics import SCORE_NAMES, TEXT_SCORES
-from ..training.preference import REWARD_TAGS
+from ..evaluation.metrics import REWARD_TAGS, SCORE_NAMES, TEXT_SCORES
 from .run import RUN_RECORD, read_run_record
 
 SAMPLE_ROWS = 8

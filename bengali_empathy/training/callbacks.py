@@ -7,7 +7,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
-from ..generation.decoder import synchronized_time
+from ..models.gpu import synchronized_time
 from ..models.memory import peak_rss_gib
 from ..evaluation.metrics import SCORE_NAMES
 

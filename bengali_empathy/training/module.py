@@ -12,25 +12,27 @@ import functools
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import lightning as L
 import torch
 
-from ..models.backends import Backend, BackendName, checkpointed_layer_count, make_backend
+from ..models.backends import Backend, BackendName, make_backend
+from ..models.gradient_checkpointing import checkpointed_layer_count
 from ..models.checkpoints import AdapterInfo, check_adapter, lora_state_from_ckpt, save_adapter
 from ..data import DEFAULT_SYSTEM_PROMPT, flat_stats
 from ..errors import UserError
 from ..evaluation.evaluator import Evaluation, Evaluator
-from ..generation.generator import Decoding, GenerationEngine, GenerationStats, GenerationWeights, Generator, resolve_engine
-from ..models.lora import DEFAULT_LORA, LoraSettings, parameter_groups
+from ..generation.decoding import Decoding
+from ..generation.generator import GenerationEngine, GenerationStats, GenerationWeights, Generator, resolve_engine
+from ..models.lora import DEFAULT_LORA, LoraSettings
 from ..models.memory import CheckpointPlan, MemoryBudget, cap_reserved_memory, check_budget, plan_training_memory
 from ..models.modeling import TINY_MODEL, resolve_model_path
+from .optimization import Optimizer, make_optimization
 from .preference import Objective, PreferenceObjective
 from ..records.run import RunInfo, write_fit_records
 from ..schema import CorpusFacts
 
-Optimizer = Literal["auto", "adamw_8bit", "adamw"]
 MAX_SEQ_LENGTH = 2048
 
 
@@ -71,7 +73,8 @@ class EmpathyLM(L.LightningModule):
             (``base_prediction`` in predictions.jsonl, ``base`` and ``delta`` in metrics.json).
         save_adapter_on_fit_end: write ``<log_dir>/adapter`` when fit ends.
         objective / dpo_beta / kto_desirable_weight / kto_undesirable_weight: ``sft``, ``dpo`` or ``kto`` and their
-            settings (:class:`~.preference.PreferenceObjective`); embedding_learning_rate: see :mod:`.lora`.
+            settings (:class:`~.preference.PreferenceObjective`); embedding_learning_rate: see
+            :func:`.optimization.parameter_groups`.
     """
 
     def __init__(
@@ -284,36 +287,6 @@ class EmpathyLM(L.LightningModule):
         if best and Path(best).is_file():
             out = self.save_adapter(log_dir / "adapter-best", lora_state_from_ckpt(best))
             self.print(f"adapter of the best checkpoint ({Path(best).name}) saved to {out}")
-
-
-def make_optimization(model, h, total_steps: int) -> tuple[dict, str]:
-    """Lightning's optimizer dict (the optimizer, its parameter groups, the warmup + cosine schedule stepped per
-    step) for the module's options ``h``, and the optimizer's resolved name."""
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-    params = parameter_groups(model, h.learning_rate, h.embedding_learning_rate)
-    opt, name = make_optimizer(params, h.optimizer, h.learning_rate, h.weight_decay)
-    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, int(h.warmup_ratio * total_steps), total_steps,
-                                                        min_lr_rate=h.min_lr_ratio)
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}, name
-
-
-def make_optimizer(params: list, name: Optimizer, lr: float, weight_decay: float) -> tuple[torch.optim.Optimizer, str]:
-    """The optimizer ``name`` asks for (``auto``: 8-bit AdamW on CUDA with bitsandbytes, else AdamW) and its
-    resolved name."""
-    first = params[0]["params"][0] if params and isinstance(params[0], dict) else next(iter(params), None)
-    on_cuda = first is not None and first.is_cuda
-    if name == "auto":
-        from ..models.backends import bitsandbytes_available
-
-        name = "adamw_8bit" if on_cuda and bitsandbytes_available() else "adamw"
-    if name == "adamw_8bit":
-        if not on_cuda:
-            raise UserError("optimizer 'adamw_8bit' needs a CUDA GPU (bitsandbytes); use 'adamw'")
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay), name
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=on_cuda or None), name
 
 
 def log_final_hparams(logger, final: dict) -> None:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from bengali_empathy.evaluation.evaluator import Evaluator, merge_ranks
-from bengali_empathy.generation.generator import Decoding, GenerationStats
+from bengali_empathy.generation.decoding import Decoding
+from bengali_empathy.generation.generator import GenerationStats
 from bengali_empathy.evaluation.metrics import SCORE_NAMES, TEXT_SCORES, score_texts
 from bengali_empathy.schema import OUTPUT_FIELDS, EvalRow
 

@@ -11,7 +11,7 @@ from conftest import run_cli, trained_tiny_lora
 from bengali_empathy.generation.chat import GraphemeStreamer, Replier, settled_text
 from bengali_empathy.data import DEFAULT_SYSTEM_PROMPT, ChatEncoder
 from bengali_empathy.errors import UserError
-from bengali_empathy.generation.generator import Decoding
+from bengali_empathy.generation.decoding import Decoding
 
 # A conjunct (ক্ষ), vowel signs and a nukta-like sign (য়): clusters that span several code points.
 REPLY = "ক্ষমা করবেন, কী হয়েছে?"

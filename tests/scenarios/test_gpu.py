@@ -39,7 +39,7 @@ def test_unsloth_backend_trains_generates_and_keeps_checkpointing(tiny_model_pat
         assert len(lm.generate_texts(prompts, progress=False)[0]) == 2
     # ... and generate_texts() re-arms them
     assert lm.backend.checkpointing_as_planned(lm.model)
-    from bengali_empathy.models.memory import decoder_layers
+    from bengali_empathy.models.gradient_checkpointing import decoder_layers
 
     lm.backend.checkpointed_layers = 1  # a memory plan's split is re-armed the same way
     lm.backend.for_training(lm.model)
@@ -128,7 +128,8 @@ def test_memory_budget_buys_layers_without_recompute_and_is_kept(mid_model_path,
     import gc
 
     from bengali_empathy.errors import UserError
-    from bengali_empathy.models.memory import GIB, decoder_layers, plan_training_memory, probe_batch
+    from bengali_empathy.models.gradient_checkpointing import decoder_layers
+    from bengali_empathy.models.memory import GIB, plan_training_memory, probe_batch
     from bengali_empathy.training.module import EmpathyLM
 
     if backend == "hf":
@@ -182,7 +183,8 @@ def test_compiled_engine_replays_cuda_graphs_equal_to_the_step_run_directly(tiny
     if load_in_4bit:
         pytest.importorskip("bitsandbytes")
     from bengali_empathy.generation import decoder
-    from bengali_empathy.generation.generator import Decoding, Generator
+    from bengali_empathy.generation.decoding import Decoding
+    from bengali_empathy.generation.generator import Generator
     from bengali_empathy.training.module import EmpathyLM
 
     # peft asks torchao whether it quantised an unquantised layer, and refuses a torchao older than 0.16
@@ -227,7 +229,7 @@ def test_chat_on_the_compiled_engine_replays_graphs_and_streams_the_static_engin
     from bengali_empathy.models.backends import HFPeftBackend, LoraSettings
     from bengali_empathy.generation.chat import Replier
     from bengali_empathy.data import DEFAULT_SYSTEM_PROMPT
-    from bengali_empathy.generation.generator import Decoding
+    from bengali_empathy.generation.decoding import Decoding
     import peft.tuners.lora.torchao
 
     monkeypatch.setattr(peft.tuners.lora.torchao, "is_torchao_available", lambda: False)  # as above
@@ -255,7 +257,8 @@ def test_bf16_compiled_replies_of_a_model_with_peaked_logits_equal_the_eager_eng
     next token is not its last token's: the model must attend to its prompt and the reply so far."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bengali_empathy.generation.generator import Decoding, generate_replies, grouped_decode_attention
+    from bengali_empathy.generation.decoding import Decoding
+    from bengali_empathy.generation.generator import generate_replies, grouped_decode_attention
     from bengali_empathy.data.tokenizer import stop_token_ids
 
     torch.manual_seed(0)

@@ -81,7 +81,7 @@ def test_checkpoint_keeps_only_lora_weights(tiny_model_path):
 
 
 def test_hf_checkpointing_split_survives_eval_and_generate(tiny_model_path):
-    from bengali_empathy.models.backends import checkpointed_layer_count, decoder_layers
+    from bengali_empathy.models.gradient_checkpointing import checkpointed_layer_count, decoder_layers
 
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", load_in_4bit=False, max_new_tokens=2)
     lm.configure_model()
