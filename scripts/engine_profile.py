@@ -20,7 +20,8 @@ import torch  # noqa: E402
 from bengali_empathy.generation import decoder  # noqa: E402
 from bengali_empathy.models.gpu import synchronized_time  # noqa: E402
 from bengali_empathy.generation.decoding import Decoding
-from bengali_empathy.generation.generator import Generator, grouped_decode_attention  # noqa: E402
+from bengali_empathy.generation.engines import grouped_decode_attention  # noqa: E402
+from bengali_empathy.generation.generator import Generator  # noqa: E402
 from bengali_empathy.generation.merged import merged_copy  # noqa: E402
 from bengali_empathy.training.module import EmpathyLM  # noqa: E402
 

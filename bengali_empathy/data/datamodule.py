@@ -19,6 +19,14 @@ from .formats import DEFAULT_SYSTEM_PROMPT, CorpusFormat, Objective, Split
 from .splits import Batching, CorpusSplits, InMemorySplits, StreamedSplits
 from .stats import format_stats
 
+
+def tokenizer_path_for(model_name_or_path: str) -> Optional[str]:
+    """The data module reads the tokenizer of the model being trained (the embedded one for the tiny model)."""
+    from ..models.modeling import TINY_MODEL
+
+    return None if model_name_or_path == TINY_MODEL else model_name_or_path
+
+
 class EmpatheticDialogueDataModule(L.LightningDataModule):
     """LightningDataModule for Bengali conversations (single exchanges or multi-turn).
 
@@ -157,3 +165,42 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
 
     def predict_dataloader(self):
         return self.splits.loader(self.hparams.predict_split, False, self.hparams.max_predict_samples)
+
+
+def stats_main(argv: list[str]) -> int:
+    """Print per-split corpus statistics for a config's ``data`` section (no model is loaded)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from ..models.modeling import TINY_MODEL
+
+    p = ArgumentParser(prog="python -m bengali_empathy data-stats",
+                       description="Rows, conversations, turns, token-length percentiles, % over max_seq_length "
+                                   "and reply tokens per split, for the data section of a fit config.")
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_class_arguments(EmpatheticDialogueDataModule, "data")
+    # The rest of a fit config is accepted and ignored, except the model path that selects the tokenizer.
+    p.add_argument("--model", type=dict, default={})
+    p.add_argument("--trainer", type=dict, default={})
+    p.add_argument("--seed_everything", type=Optional[int], default=None)
+    p.add_argument("--json", type=Optional[str], default=None, help="also write the statistics to this JSON file")
+    cfg = p.parse_args(argv)
+    data = cfg.data.as_dict() if hasattr(cfg.data, "as_dict") else dict(cfg.data)
+    if data.get("tokenizer_path") is None:
+        data["tokenizer_path"] = tokenizer_path_for((cfg.model or {}).get("model_name_or_path", TINY_MODEL))
+    data["objective"] = (cfg.model or {}).get("objective", "sft")  # linked in fit: the rows' layout follows it
+    counted_not_raised = data.get("on_too_long") == "error"
+    if counted_not_raised:  # count every too-long row instead of stopping at the first
+        data["on_too_long"] = "drop"
+    dm = EmpatheticDialogueDataModule(**data)
+    stats = dm.compute_stats()
+    print(format_stats(stats, dm.hparams.max_seq_length))
+    if counted_not_raised and any(s["dropped_too_long"] for s in stats.values()):
+        print("note: on_too_long=error, so fit would stop at the first of the dropped_too_long rows; "
+              "set data.on_too_long to drop, truncate or truncate_history")
+    if cfg.json:
+        import json
+
+        from .._io import atomic_write_text
+
+        atomic_write_text(Path(cfg.json), json.dumps(stats, indent=2) + "\n")
+    return 0

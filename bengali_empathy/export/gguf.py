@@ -48,7 +48,8 @@ def export_gguf(adapter: str | os.PathLike, output: str | os.PathLike, quant: Qu
                 base: Optional[str] = None, dtype: str = "bfloat16", ckpt: Optional[str] = None) -> dict:
     """Write ``output/model-<quant>.gguf`` and ``output/Modelfile`` for the merged adapter; returns what was written."""
     from ..models.checkpoints import read_info
-    from .hf import base_model_path, merged_model
+    from ..models.loading import base_model_path
+    from .hf import merged_model
     from .modelfile import MODELFILE, modelfile_text
 
     gguf, llama_cpp = _gguf_packages()

@@ -207,7 +207,7 @@ class DecodeStep:
 
 
 class GraphDecoder:
-    """Replies to batches of prompts with :class:`DecodeStep`: the ``compiled`` engine of :mod:`.generation`.
+    """Replies to batches of prompts with :class:`DecodeStep`: the ``compiled`` engine of :mod:`.engines`.
 
     Keeps the step of the last batch shape (rows, cache bucket) and records a new one when it changes.
     """

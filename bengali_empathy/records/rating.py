@@ -9,6 +9,7 @@ replies (when the run scored both) without saying which is which.
 from __future__ import annotations
 
 import random
+import sys
 from typing import Callable, TextIO
 
 from ..errors import UserError
@@ -64,3 +65,32 @@ def rate(db: str, ref: str, n: int, blind: bool, seed: int, ask: Callable[[str],
         rated += 1
     print(f"done: {rated} rated", file=out, flush=True)
     return rated
+
+
+def main(argv: list[str]) -> int:
+    """Score sampled replies of a run from the terminal (1-5 per aspect)."""
+    from jsonargparse import ArgumentParser
+
+    from .registry import DEFAULT_DB
+
+    p = ArgumentParser(prog="python -m bengali_empathy rate", exit_on_error=False,
+                       description="Rate sampled replies of a recorded run for empathy, relevance, fluency, "
+                                   "coherence and helpfulness (1-5) and an optional comment; quitting keeps "
+                                   "what was rated.")
+    p.add_argument("run", type=str, help="experiment id or the run's log directory")
+    p.add_argument("--n", type=int, default=20, help="replies to rate")
+    p.add_argument("--blind", type=bool, default=False, help="mix base and tuned replies without labels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--db", type=str, default=DEFAULT_DB, help="the registry file")
+    cfg = p.parse_args(argv)
+    if cfg.n < 1:
+        raise UserError(f"--n must be at least 1, not {cfg.n}")
+
+    def ask(prompt: str) -> str:
+        try:
+            return input(prompt)
+        except EOFError:
+            return "q"
+
+    rate(cfg.db, cfg.run, cfg.n, cfg.blind, cfg.seed, ask, sys.stdout)
+    return 0

@@ -24,8 +24,10 @@ from ..data import DEFAULT_SYSTEM_PROMPT, flat_stats
 from ..errors import UserError
 from ..evaluation.evaluator import Evaluation, Evaluator
 from ..generation.decoding import Decoding
-from ..generation.generator import GenerationEngine, GenerationStats, GenerationWeights, Generator, resolve_engine
+from ..generation.engines import GenerationEngine, resolve_engine
+from ..generation.generator import GenerationStats, GenerationWeights, Generator
 from ..models.lora import DEFAULT_LORA, LoraSettings
+from ..models.loading import load_lora_model
 from ..models.memory import CheckpointPlan, MemoryBudget, cap_reserved_memory, check_budget, plan_training_memory
 from ..models.modeling import TINY_MODEL, resolve_model_path
 from .optimization import Optimizer, make_optimization
@@ -73,8 +75,7 @@ class EmpathyLM(L.LightningModule):
             (``base_prediction`` in predictions.jsonl, ``base`` and ``delta`` in metrics.json).
         save_adapter_on_fit_end: write ``<log_dir>/adapter`` when fit ends.
         objective / dpo_beta / kto_desirable_weight / kto_undesirable_weight: ``sft``, ``dpo`` or ``kto`` and their
-            settings (:class:`~.preference.PreferenceObjective`); embedding_learning_rate: see
-            :func:`.optimization.parameter_groups`.
+            settings (:class:`~.preference.PreferenceObjective`); embedding_learning_rate: see :mod:`.optimization`.
     """
 
     def __init__(
@@ -136,8 +137,8 @@ class EmpathyLM(L.LightningModule):
         if self.model is not None:
             return
         h = self.hparams
-        path = self.model_path or resolve_model_path(h.model_name_or_path)
-        self.model, self.tokenizer = self.backend.load(path, h.max_seq_length, self.lora, h.adapter_path)
+        self.model, self.tokenizer = load_lora_model(self.backend, h.model_name_or_path, h.max_seq_length, self.lora,
+                                                     h.adapter_path)
         # peft counts a 4-bit weight's packed uint8 storage as the parameters it holds
         self.param_counts = tuple(self.model.get_nb_trainable_parameters())
         self.generator = Generator(self.model, self.tokenizer, self.backend, self.decoding, h.generation_batch_size,

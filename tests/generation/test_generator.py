@@ -141,7 +141,7 @@ def test_fast_engines_replies_equal_the_eager_engine_token_for_token(tiny_lora, 
 
 def test_fast_engines_are_refused_for_unsloth_and_auto_is_compiled_on_cuda_with_hf(monkeypatch):
     from bengali_empathy.errors import UserError
-    from bengali_empathy.generation.generator import resolve_engine
+    from bengali_empathy.generation.engines import resolve_engine
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_engine("auto", "hf") == "eager"

@@ -241,10 +241,10 @@ def test_chat_on_the_compiled_engine_replays_graphs_and_streams_the_static_engin
     for engine in ("static", "compiled"):
         replier = Replier(model, tok, backend, DEFAULT_SYSTEM_PROMPT, 768, Decoding(max_new_tokens=16), engine=engine)
         replies[engine] = replier.reply(turns).text
-    step = replier._decoders[False].step
+    step = replier._engines[False].decoder.step
     recorded = step.capture_seconds
     assert recorded > 0 and replier.reply(turns).text == replies["compiled"] == replies["static"]
-    assert replier._decoders[False].step is step and step.capture_seconds == recorded
+    assert replier._engines[False].decoder.step is step and step.capture_seconds == recorded
 
 
 def test_bf16_compiled_replies_of_a_model_with_peaked_logits_equal_the_eager_engines(tokenizer):
@@ -258,7 +258,8 @@ def test_bf16_compiled_replies_of_a_model_with_peaked_logits_equal_the_eager_eng
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bengali_empathy.generation.decoding import Decoding
-    from bengali_empathy.generation.generator import generate_replies, grouped_decode_attention
+    from bengali_empathy.generation.engines import grouped_decode_attention
+    from bengali_empathy.generation.generator import generate_replies
     from bengali_empathy.data.tokenizer import stop_token_ids
 
     torch.manual_seed(0)
