@@ -11,9 +11,10 @@ LAYERS = [["errors"], ["_io"], ["schema"], ["text"], ["data.tokenizer"], ["model
           ["generation.decoder"], ["generation.merged"], ["generation.engines"], ["generation.generator"],
           ["generation.chat"], ["evaluation.evaluator"], ["training.preference"], ["models.checkpoints"],
           ["models.loading"], ["records.run"], ["training.optimization"], ["training.module"], ["training.callbacks"],
-          ["records.registry"], ["records.judgements"], ["records.report"], ["records.rating"], ["apps.serve"],
-          ["apps.chat"], ["records.preference_export"], ["records.runs"], ["export.hf"], ["export.modelfile"],
-          ["export.gguf"], ["export.command"], ["apps.benchmark"], ["cli"], ["__main__", "__init__"]]
+          ["records.registry"], ["records.human_ratings"], ["records.judgements"], ["records.report"],
+          ["records.rating"], ["apps.serve"], ["apps.chat"], ["records.preference_export"], ["records.runs"],
+          ["export.hf"], ["export.modelfile"], ["export.gguf"], ["export.command"], ["apps.benchmark"], ["cli"],
+          ["__main__", "__init__"]]
 
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -2,7 +2,7 @@
 
 Shows sampled prompts with one reply each and records 1-5 scores for empathy,
 relevance, fluency, coherence and helpfulness (and an optional comment) in the
-registry's ``HumanRatings`` table, one committed row per answer, so quitting
+registry's ``HumanRatings`` table (:mod:`.human_ratings`), one committed row per answer, so quitting
 halfway keeps what was rated. ``--blind`` mixes the tuned and the base model's
 replies (when the run scored both) without saying which is which.
 """
@@ -13,7 +13,8 @@ import sys
 from typing import Callable, TextIO
 
 from ..errors import UserError
-from .registry import ASPECTS, connect, experiment_for, now, responses_of
+from .human_ratings import record_rating
+from .registry import ASPECTS, experiment_for, responses_of
 
 QUIT = ("q", "quit", "exit")
 
@@ -58,10 +59,7 @@ def rate(db: str, ref: str, n: int, blind: bool, seed: int, ask: Callable[[str],
                 break
             print(f"please give {len(ASPECTS)} whole numbers from 1 to 5", file=out, flush=True)
         comment = ask("comment (optional, Enter to skip): ").strip() or None
-        with connect(db) as con, con:
-            con.execute("INSERT INTO HumanRatings (response_id, shown, " + ", ".join(ASPECTS)
-                        + ", comment, timestamp) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (row["id"], shown, *scores, comment, now()))
+        record_rating(db, row["id"], shown, scores, comment)
         rated += 1
     print(f"done: {rated} rated", file=out, flush=True)
     return rated

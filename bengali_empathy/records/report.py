@@ -260,7 +260,8 @@ def _samples_section(rows: list[dict]) -> list[str]:
 
 
 def _ratings_section(db: Path, eval_dir: Path) -> list[str]:
-    from .registry import ASPECTS, find_experiment, rating_summary
+    from .human_ratings import rating_summary
+    from .registry import ASPECTS, find_experiment
 
     experiment = find_experiment(db, str(eval_dir)) if db.is_file() else None
     if experiment is None:

@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
     from jsonargparse import ArgumentParser
 
     from .judgements import win_rate
-    from .registry import DEFAULT_DB, experiment_for, list_experiments, rating_summary, responses_of
+    from .human_ratings import rating_summary
+    from .registry import DEFAULT_DB, experiment_for, list_experiments, responses_of
 
     p = ArgumentParser(prog="python -m bengali_empathy runs", exit_on_error=False,
                        description="Experiments recorded in the SQLite registry: `runs` lists them, "
