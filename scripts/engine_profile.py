@@ -18,7 +18,10 @@ preimport_unsloth("predict")
 import torch  # noqa: E402
 
 from bengali_empathy.generation import decoder  # noqa: E402
-from bengali_empathy.generation.generator import Decoding, Generator, grouped_decode_attention  # noqa: E402
+from bengali_empathy.models.gpu import synchronized_time  # noqa: E402
+from bengali_empathy.generation.decoding import Decoding
+from bengali_empathy.generation.engines import grouped_decode_attention  # noqa: E402
+from bengali_empathy.generation.generator import Generator  # noqa: E402
 from bengali_empathy.generation.merged import merged_copy  # noqa: E402
 from bengali_empathy.models.memory import MemorySettings  # noqa: E402
 from bengali_empathy.training.module import EmpathyLM  # noqa: E402
@@ -78,7 +81,7 @@ def main() -> None:
     device = torch.device("cuda")
     t = time.perf_counter()
     model = merged_copy(lm.model)
-    emit({"merge_s": round(decoder.synchronized_time(device) - t, 2), "rows": len(prompts),
+    emit({"merge_s": round(synchronized_time(device) - t, 2), "rows": len(prompts),
           "tokens": sum(map(len, prompts))})
     pad = lm.tokenizer.pad_token_id
     batches = [prompts[:256], prompts[256:512]]
@@ -91,9 +94,9 @@ def main() -> None:
                 for budget in a.budgets:
                     for b, batch in enumerate(batches):
                         s0 = torch.cuda.memory_stats()
-                        t = decoder.synchronized_time(device)
+                        t = synchronized_time(device)
                         fn(model, step.cache, batch, len(batch[0]), pad, budget)
-                        secs = decoder.synchronized_time(device) - t
+                        secs = synchronized_time(device) - t
                         s1 = torch.cuda.memory_stats()
                         emit({"prefill": name, "no_cudnn": a.no_cudnn, "rep": rep, "budget": budget, "batch": b + 1, "s": round(secs, 3),
                               "tokens": sum(map(len, batch)), "tok_s": round(sum(map(len, batch)) / secs),
@@ -118,10 +121,10 @@ def main() -> None:
             step.use_row_groups(grouped)
             for filled in (width, 1024, 512):
                 step(filled)
-                t = decoder.synchronized_time(device)
+                t = synchronized_time(device)
                 for _ in range(20):
                     step(filled)
-                emit({"decode_step_ms": round((decoder.synchronized_time(device) - t) / 20 * 1e3, 2), "rows": 256,
+                emit({"decode_step_ms": round((synchronized_time(device) - t) / 20 * 1e3, 2), "rows": 256,
                       "attended": step.attended(filled), "cache": step.cache_len,
                       "no_cudnn": a.no_cudnn, "row_groups": grouped})
         if a.kernels:

@@ -21,13 +21,14 @@ preimport_unsloth("predict")
 import torch  # noqa: E402
 
 from bengali_empathy.data import EmpatheticDialogueDataModule, EncodingSettings, PredictSettings  # noqa: E402
-from bengali_empathy.generation.generator import Decoding, Generator  # noqa: E402
+from bengali_empathy.generation.decoding import Decoding  # noqa: E402
+from bengali_empathy.generation.generator import Generator  # noqa: E402
 from bengali_empathy.models.memory import MemorySettings  # noqa: E402
 from bengali_empathy.training.module import EmpathyLM  # noqa: E402
 
 
 def corpus_prompts(corpus: str, model: str, rows: int) -> list[list[int]]:
-    from bengali_empathy.cli import tokenizer_path_for
+    from bengali_empathy.data.datamodule import tokenizer_path_for
 
     dm = EmpatheticDialogueDataModule(corpus_path=corpus, tokenizer_path=tokenizer_path_for(model), max_seq_length=2048,
                                       encoding=EncodingSettings(on_too_long="drop"),

@@ -303,7 +303,8 @@ def test_benchmark_bad_input_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_rate_reads_scores_from_standard_input_and_stops_at_end_of_input(tmp_path):
-    from bengali_empathy.records.registry import rating_summary, record_run
+    from bengali_empathy.records.human_ratings import rating_summary
+    from bengali_empathy.records.registry import record_run
 
     db = tmp_path / "e.db"
     rows = [{"prompt": f"প্রশ্ন {i}", "reference": "উ", "prediction": f"জবাব {i}", "base_prediction": f"খ {i}"}

@@ -100,7 +100,7 @@ def parse_budget(text: str):
 def run(args) -> dict:
     if args.loop == "trl":
         return run_trl(args)
-    from ..generation.generator import Decoding
+    from ..generation.decoding import Decoding
     from ..models.memory import MemorySettings, plan_training_memory
     from ..training.module import EmpathyLM, GenerationSettings, OptimizerSettings
 

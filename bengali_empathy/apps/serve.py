@@ -31,7 +31,7 @@ import gradio as gr
 
 from ..generation.chat import EMPTY_REPLY, Replier, Reply
 from ..errors import UserError
-from ..generation.generator import Decoding
+from ..generation.decoding import Decoding
 from ..records.judgements import Judgement, blind_pair, record_judgement, sampled_prompts, win_rate
 from ..records.registry import ASPECTS, find_experiment, list_experiments, recorded_score, responses_of
 

@@ -52,4 +52,3 @@ def format_stats(stats: dict, max_seq_length: int, deduplicated: bool = False) -
 def flat_stats(stats: dict) -> dict:
     """``{"data/train/rows": ..., ...}`` for TensorBoard hparams."""
     return {f"data/{s}/{k}": v for s, d in stats.items() for k, v in d.items()}
-

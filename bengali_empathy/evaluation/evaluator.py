@@ -26,7 +26,8 @@ import torch
 from .._io import atomic_write_text
 from .checks import degenerate_predictions, train_overlap, warnings_for
 from ..data import IGNORE_INDEX
-from ..generation.generator import Decoding, GenerationStats
+from ..generation.decoding import Decoding
+from ..generation.generator import GenerationStats
 from .metrics import SCORE_NAMES, TokenWeightedLoss, score_loss, score_texts
 from ..schema import EvalRow, TrainingTexts
 

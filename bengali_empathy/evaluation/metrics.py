@@ -33,6 +33,10 @@ SCORE_NAMES = {"bleu": "BLEU", "rougeL": "ROUGE-L", "chrf": "chrF++", "loss": "N
                "perplexity": "perplexity", "nll_per_char": "NLL (nats/character)", "bits_per_char": "bits/character"}
 # The scores of generated replies (the others are the reference replies' loss): per category too.
 TEXT_SCORES = ("bleu", "rougeL", "chrf")
+# A preference objective's (DPO, KTO) scores beside its loss, and the tags under which a run logs them
+# (TensorBoard, run.json, the registry, the report).
+REWARD_NAMES = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+REWARD_TAGS = tuple(f"{stage}/{name}" for stage in ("train", "val") for name in REWARD_NAMES)
 
 
 class _SacreBLEUStatistic(Metric):

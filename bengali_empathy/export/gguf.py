@@ -26,6 +26,7 @@ from typing import Literal, Optional
 
 from .._io import atomic_directory
 from ..errors import UserError
+from ..models.gpu import head_dim
 
 Quant = Literal["f16", "q8_0", "q4_k_m"]
 LLAMA_FTYPE = {"f16": 1, "q8_0": 7, "q4_k_m": 15}  # llama.h's enum llama_ftype
@@ -47,7 +48,8 @@ def export_gguf(adapter: str | os.PathLike, output: str | os.PathLike, quant: Qu
                 base: Optional[str] = None, dtype: str = "bfloat16", ckpt: Optional[str] = None) -> dict:
     """Write ``output/model-<quant>.gguf`` and ``output/Modelfile`` for the merged adapter; returns what was written."""
     from ..models.checkpoints import read_info
-    from .hf import base_model_path, merged_model
+    from ..models.loading import base_model_path
+    from .hf import merged_model
     from .modelfile import MODELFILE, modelfile_text
 
     gguf, llama_cpp = _gguf_packages()
@@ -169,7 +171,7 @@ def llama3_rope_factors(config) -> Optional[list[float]]:
     if str(rope.get("rope_type", rope.get("type", ""))).lower() != "llama3":
         return None
     base = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = head_dim(config)
     factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
     old_ctx = rope.get("original_max_position_embeddings", 8192)
     factors = []
@@ -196,7 +198,7 @@ def write_f16_gguf(gguf, model, tokenizer_dir: Path, chat_template: str, path: P
     if cfg.model_type != "llama":
         raise UserError(f"GGUF export writes Llama models; the base model is a {cfg.model_type}")
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    width = head_dim(cfg)
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
@@ -211,9 +213,9 @@ def write_f16_gguf(gguf, model, tokenizer_dir: Path, chat_template: str, path: P
     writer.add_rope_freq_base(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(width)
+    writer.add_key_length(width)
+    writer.add_value_length(width)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_vocab(gguf, writer, Path(tokenizer_dir), chat_template, cfg.vocab_size)

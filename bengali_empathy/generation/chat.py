@@ -18,6 +18,7 @@ reply is the tuned model's or the base model's (adapter disabled).
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -27,12 +28,12 @@ from typing import Callable, Iterable, Iterator, Optional, TextIO
 
 import regex
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from ..data.encode import drop_oldest_exchanges
 from ..errors import UserError
-from .generator import Decoding
+from .decoding import Decoding
+from .engines import Engine, make_engine
 
 RESET = "/reset"  # a line of terminal chat that starts a new conversation
 _END = object()
@@ -90,16 +91,6 @@ class GraphemeStreamer(BaseStreamer):
             yield item
 
 
-class _Stop(StoppingCriteria):
-    """Ends generation at the next token once ``event`` is set (the reader went away)."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
 @dataclass(frozen=True)
 class Reply:
     """A reply so far (``done`` once complete) and how it was generated."""
@@ -130,10 +121,8 @@ class Replier:
         system_prompt: the adapter's (or the Bengali default)
         max_seq_length: the adapter's; a prompt plus ``max_new_tokens`` stays within it
         decoding: the default :class:`~.generation.Decoding`
-        engine: ``compiled`` and ``static`` decode from a prefilled static cache with the grouped-query
-            attention, as evaluation's engines of those names do (``compiled``: one CUDA-graph replay a
-            step, the graphs of the tuned and the base model kept for the next reply); ``eager`` with
-            transformers' dynamic cache
+        engine: the :mod:`.engines` name it decodes with, as evaluation does (``compiled``: the graphs of
+            the tuned and the base model kept for the next reply)
     """
 
     def __init__(self, model, tokenizer, backend, system_prompt: str, max_seq_length: int, decoding: Decoding,
@@ -147,7 +136,8 @@ class Replier:
         self.stop_ids = stop_token_ids(tokenizer, generation_eos)
         self.system_prompt, self.max_seq_length, self.decoding = system_prompt, max_seq_length, decoding
         self.engine = engine
-        self._decoders: dict = {}  # base (adapter disabled) or not -> GraphDecoder: a graph records one of them
+        self._engines: dict[bool, Engine] = {}  # base (adapter disabled) or not -> its engine
+        self._weights: dict = {}  # the 16-bit copies both engines decode with (Engine's ``weights``)
         self._lock = threading.Lock()
 
     def prompt(self, turns: list[dict], max_new_tokens: int) -> tuple[list[int], int]:
@@ -203,55 +193,32 @@ class Replier:
             pass
         return reply
 
+    def _engine(self, base: bool) -> Engine:
+        """The engine of the tuned model or of its base: a CUDA graph records the adapter as it stood."""
+        if base not in self._engines:
+            self._engines[base] = make_engine(self.engine, self.model, self.stop_ids, self.tokenizer.pad_token_id,
+                                              weights=self._weights)
+        return self._engines[base]
+
     def _generate(self, ids: list[int], decoding: Decoding, base: bool, streamer: GraphemeStreamer,
                   stop: threading.Event) -> None:
-        import contextlib
-
-        from .generator import grouped_decode_attention, static_generate_kwargs
-
-        try:
-            self.backend.for_inference(self.model)
-            if decoding.temperature > 0:
-                torch.manual_seed(decoding.seed)
-            device = next(self.model.parameters()).device
-            prompt = torch.tensor([ids], dtype=torch.long, device=device)
-            adapter = self.backend.adapter_disabled(self.model) if base else contextlib.nullcontext()
-            fast = self.engine != "eager"
-            attention = grouped_decode_attention(self.model) if fast else contextlib.nullcontext()
-            with adapter, attention, torch.inference_mode():
-                if self.engine == "compiled":
-                    self._graph_decode(ids, decoding, base, streamer, stop)
-                    return
-                extra = static_generate_kwargs(self.model, [ids], len(ids), decoding.max_new_tokens,
-                                               self.tokenizer.pad_token_id) if fast else {}
-                self.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), streamer=streamer,
-                                    eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
-                                    stopping_criteria=StoppingCriteriaList([_Stop(stop)]),
-                                    **decoding.generate_kwargs(), **extra)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the reading thread
-            streamer.fail(exc)
-
-    def _graph_decode(self, ids: list[int], decoding: Decoding, base: bool, streamer: GraphemeStreamer,
-                      stop: threading.Event) -> None:
-        from .decoder import GraphDecoder
-
-        decoder = self._decoders.get(base)
-        if decoder is None:
-            decoder = self._decoders[base] = GraphDecoder(self.model, decoding, self.stop_ids,
-                                                          self.tokenizer.pad_token_id)
-        decoder.use_decoding(decoding)
-        prompt = torch.tensor([ids])
-        streamer.put(prompt)  # as generate() does: the prompt first
-
         def on_step(tokens: torch.Tensor) -> bool:
             streamer.put(tokens.cpu())
             return stop.is_set()
 
         try:
-            decoder([ids], len(ids), on_step=on_step)
-        finally:
-            decoder.batches.clear()  # a chat's replies are not profiled
-        streamer.end()
+            self.backend.for_inference(self.model)
+            if decoding.temperature > 0:
+                torch.manual_seed(decoding.seed)
+            engine = self._engine(base)
+            adapter = self.backend.adapter_disabled(self.model) if base else contextlib.nullcontext()
+            streamer.put(torch.tensor([ids]))  # as generate() does: the prompt first
+            with adapter, engine.prepared(), torch.inference_mode():
+                engine([ids], len(ids), decoding, on_step)
+            engine.batches.clear()  # a chat's replies are not profiled
+            streamer.end()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the reading thread
+            streamer.fail(exc)
 
 
 def chat_loop(replier: Replier, messages: Iterable[str], out: TextIO, note: Callable[[str], None],

@@ -29,6 +29,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..models.gpu import head_dim, synchronized_time
+
 CACHE_BUCKET = 256  # cache lengths are multiples of this: batches of one bucket replay one graph
 CHECK_EVERY = 8  # decoding steps between the host's checks whether every row has stopped
 ROW_GROUP = 32  # rows of a group that attends from its own first slot (see row_groups)
@@ -37,18 +39,6 @@ ROW_GROUP = 32  # rows of a group that attends from its own first slot (see row_
 # graphs recorded before, whose kernel plans (cuDNN's) are then reused.
 GROUP_SLOT = CACHE_BUCKET
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (padding included)
-
-
-def head_dim(config) -> int:
-    """Width of one attention head of a transformers model ``config``."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def synchronized_time(device: torch.device) -> float:
-    """``time.perf_counter()`` once the work queued on ``device`` has run (GPU kernels run asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def left_padded(prompts: Sequence[Sequence[int]], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,27 +113,6 @@ def row_groups(lengths: Sequence[int], width: int) -> tuple[tuple[int, int], ...
                    for first in range(0, len(lengths), ROW_GROUP))
     skipped = sum(slot * len(lengths[first:first + ROW_GROUP]) for first, slot in groups)
     return groups if skipped * 8 >= len(lengths) * width else ((0, 0),)
-
-
-def _logits_processors(decoding):
-    """transformers' processors for ``decoding`` in ``generate``'s order (penalties, then temperature,
-    top-k, top-p), or None for plain greedy decoding."""
-    from transformers import (LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
-                              TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
-
-    processors = LogitsProcessorList()
-    if decoding.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(decoding.repetition_penalty))
-    if decoding.no_repeat_ngram_size:
-        processors.append(NoRepeatNGramLogitsProcessor(decoding.no_repeat_ngram_size))
-    if decoding.temperature > 0:
-        if decoding.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(decoding.temperature))
-        if decoding.top_k:
-            processors.append(TopKLogitsWarper(decoding.top_k))
-        if decoding.top_p < 1.0:
-            processors.append(TopPLogitsWarper(decoding.top_p))
-    return processors or None
 
 
 class DecodeStep:
@@ -238,7 +207,7 @@ class DecodeStep:
 
 
 class GraphDecoder:
-    """Replies to batches of prompts with :class:`DecodeStep`: the ``compiled`` engine of :mod:`.generation`.
+    """Replies to batches of prompts with :class:`DecodeStep`: the ``compiled`` engine of :mod:`.engines`.
 
     Keeps the step of the last batch shape (rows, cache bucket) and records a new one when it changes.
     """
@@ -248,7 +217,7 @@ class GraphDecoder:
         self.model, self.decoding, self.pad, self.prefill_tokens = model, decoding, pad, prefill_tokens
         self.device = next(model.parameters()).device
         self.stop = torch.tensor(list(stop_ids), device=self.device)
-        self.processors = _logits_processors(decoding)
+        self.processors = decoding.logits_processors()
         self.step: Optional[DecodeStep] = None
         self.batches: list[dict] = []  # per batch: rows, width, cache length, prefill/capture/decode seconds, steps
 
@@ -258,7 +227,7 @@ class GraphDecoder:
 
     def use_decoding(self, decoding) -> None:
         """Decode with ``decoding`` from the next call on (a chat's settings per reply)."""
-        self.decoding, self.processors = decoding, _logits_processors(decoding)
+        self.decoding, self.processors = decoding, decoding.logits_processors()
 
     def _step_for(self, rows: int, width: int) -> DecodeStep:
         cache_len = cache_slots(width, self.decoding.max_new_tokens)

@@ -7,75 +7,34 @@ batch that does not fit shows up at once), left-padded per batch, every row
 stops at ``<|eot_id|>``, and the replies come back in input order. A batch that
 runs out of GPU memory is retried at half the size.
 
-Three engines run the decoding (``model.generation.engine``): ``eager`` is transformers' ``generate``
-with its dynamic KV cache and SDPA attention. ``static`` prefills all but the last token of every
-prompt (:func:`.decoder.prefill`, in slices of rows of at most ``PREFILL_TOKENS``) into a static KV cache of
-the batch's longest prompt plus ``max_new_tokens``, and ``generate`` decodes from there with the
-grouped-query attention of :mod:`.attention`, which reads each K/V head once. ``compiled`` prefills
-the same way and decodes with :mod:`.decoder`: each step one replay of a recorded CUDA graph instead
-of ``generate``'s Python loop. Both need the ``hf`` backend (Unsloth generates with its own kernels);
-``auto`` is ``compiled`` on CUDA with it, else ``eager``.
+The decoding itself is an engine's (:mod:`.engines`, ``model.generation.engine``: ``eager``, ``static``
+or ``compiled``; ``auto`` is ``compiled`` on CUDA with the ``hf`` backend, else ``eager``), the same
+engines that chat decodes with.
 
 Where the memory allows, validate/test/predict generate on a merged 16-bit copy of the model
 (:mod:`.merged`, ``model.generation.weights``); :func:`plan_generation` decides, and checks that the
 KV cache of one row and the prefill fit before anything runs.
 
 :class:`Generator` is that for a loaded model (mode switches, cache and batch size kept across
-calls); conversations (chat, the web page) are :mod:`.conversation`'s.
+calls); conversations (chat, the web page) are :mod:`.chat`'s.
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Literal, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 
-from .decoder import PREFILL_TOKENS, GraphDecoder, cache_slots, head_dim, left_padded, prefill, synchronized_time
-from ..errors import UserError, check_ranges
+from .decoder import PREFILL_TOKENS, cache_slots
+from .engines import Engine, GenerationEngine, make_engine, resolve_engine
+from ..errors import UserError
+from ..models.gpu import head_dim, synchronized_time
 from ..models.memory import MemoryBudget, resolve_budget_gib
 
-GenerationEngine = Literal["auto", "compiled", "static", "eager"]
 GenerationWeights = Literal["auto", "merged", "adapter"]
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """Decoding settings (``model.decoding``): greedy when ``temperature`` is 0, else sampling with ``top_p`` /
-    ``top_k`` (0 = off) and ``seed``; ``repetition_penalty`` (1 = off) and ``no_repeat_ngram_size`` (0 = off)
-    apply to both. ``max_new_tokens``: the reply length for validation samples, test, predict and chat."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_ranges("model.decoding", self, {
-            "max_new_tokens": (self.max_new_tokens >= 1, "at least 1"),
-            "temperature": (self.temperature >= 0, "at least 0 (0 = greedy)"),
-            "top_p": (0 < self.top_p <= 1, "in (0, 1]"), "top_k": (self.top_k >= 0, "at least 0 (0 = off)"),
-            "repetition_penalty": (self.repetition_penalty > 0, "positive (1 = off)"),
-            "no_repeat_ngram_size": (self.no_repeat_ngram_size >= 0, "at least 0 (0 = off)")})
-
-    def generate_kwargs(self) -> dict:
-        kwargs: dict = {"max_new_tokens": self.max_new_tokens, "do_sample": self.temperature > 0}
-        if self.temperature > 0:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
-        if self.repetition_penalty != 1.0:
-            kwargs["repetition_penalty"] = self.repetition_penalty
-        if self.no_repeat_ngram_size:
-            kwargs["no_repeat_ngram_size"] = self.no_repeat_ngram_size
-        return kwargs
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -116,31 +75,6 @@ class GenerationStats:
                                 for b in self.batches]} if self.engine == "compiled" else {}),
                 **({"peak_gpu_memory_gib": round(self.peak_gpu_memory_gib, 2)}
                    if self.peak_gpu_memory_gib is not None else {})}
-
-
-def resolve_engine(engine: GenerationEngine, backend_name: str) -> str:
-    """The engine ``engine`` names on this machine with this backend (``auto``: ``compiled`` on CUDA with
-    the ``hf`` backend, else ``eager``)."""
-    if engine == "auto":
-        return "compiled" if backend_name == "hf" and torch.cuda.is_available() else "eager"
-    if engine in ("compiled", "static") and backend_name != "hf":
-        raise UserError(f"model.generation.engine '{engine}' needs model.backend 'hf' ({backend_name} generates "
-                        "with its own kernels); use 'auto' or 'eager'")
-    return engine
-
-
-@contextlib.contextmanager
-def grouped_decode_attention(model) -> Iterator[None]:
-    """Within: the model attends with :func:`.attention.gqa_decode_attention` (restored after)."""
-    from ..models.attention import register
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    before = base.config._attn_implementation
-    base.set_attn_implementation(register())
-    try:
-        yield
-    finally:
-        base.set_attn_implementation(before)
 
 
 def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int:
@@ -236,17 +170,6 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def static_generate_kwargs(model, prompts: Sequence[Sequence[int]], width: int, max_new_tokens: int,
-                           pad: int, prefill_tokens: Optional[int] = None) -> dict:
-    """``generate``'s arguments for the ``static`` engine on one batch: a static KV cache of the batch's
-    width plus ``max_new_tokens``, prefilled (:func:`prefill`), and the decoding step left uncompiled."""
-    from transformers import StaticCache
-
-    cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
-    prefill(model, cache, prompts, width, pad, prefill_tokens)
-    return {"past_key_values": cache, "disable_compile": True}
-
-
 def generate_replies(
     model,
     tokenizer,
@@ -257,16 +180,17 @@ def generate_replies(
     desc: str = "generating",
     progress: bool = True,
     on_oom: Optional[Callable[[int], None]] = None,
-    engine: str = "eager",
+    engine: str | Engine = "eager",
     kv_slots: Optional[int] = None,
     prefill_tokens: Optional[int] = None,
 ) -> tuple[list[str], GenerationStats]:
     """Replies to tokenised ``prompts`` (lists of ids ending in the assistant header), in input order.
 
-    The model must already be in inference mode (and, for the ``static`` and ``compiled`` engines,
-    within :func:`grouped_decode_attention`). A batch holds ``batch_size`` rows, or fewer where their
-    KV cache would pass ``kv_slots`` (:func:`batch_rows`); ``stats.batch_size`` is the largest batch
-    that ran (after an out-of-memory retry at half the size, at most that).
+    The model must already be in inference mode. ``engine``: an :class:`~.engines.Engine` of ``model``,
+    within its :meth:`~.engines.Engine.prepared` (:class:`Generator` makes it so), or an engine's name
+    (made here, with ``prefill_tokens``). A batch holds ``batch_size`` rows, or fewer where their KV
+    cache would pass ``kv_slots`` (:func:`batch_rows`); ``stats.batch_size`` is the largest batch that
+    ran (after an out-of-memory retry at half the size, at most that).
     """
     from tqdm.auto import tqdm
 
@@ -275,11 +199,10 @@ def generate_replies(
     stop = torch.tensor(list(stop_ids), device=device)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     replies: list[str] = [""] * len(prompts)
-    stats = GenerationStats(rows=len(prompts), engine=engine)
+    if isinstance(engine, str):
+        engine = make_engine(engine, model, stop_ids, pad, prefill_tokens)
+    stats = GenerationStats(rows=len(prompts), engine=engine.name)
     cap = max(1, batch_size)
-    decoder = None
-    if engine == "compiled":
-        decoder = GraphDecoder(model, decoding, stop_ids, pad, prefill_tokens)
     if decoding.temperature > 0:
         torch.manual_seed(decoding.seed)
     bar = tqdm(total=len(prompts), desc=desc, unit="row", disable=not progress or not prompts,
@@ -291,19 +214,7 @@ def generate_replies(
         batch = [prompts[i] for i in chunk]
         t0 = synchronized_time(device)
         try:
-            if decoder is not None:
-                new = decoder(batch, width)
-            else:
-                ids, mask = left_padded(batch, width, pad)
-                extra: dict = {}
-                if engine == "static":
-                    extra = static_generate_kwargs(model, batch, width, decoding.max_new_tokens, pad,
-                                                   prefill_tokens)
-                    stats.prefill_seconds += synchronized_time(device) - t0
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     eos_token_id=list(stop_ids), pad_token_id=pad, use_cache=True,
-                                     **decoding.generate_kwargs(), **extra)
-                new = out[:, width:]
+            new = engine(batch, width, decoding)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
             if not _is_oom(exc) or len(chunk) == 1:
                 raise
@@ -312,8 +223,7 @@ def generate_replies(
             out_of_memory = False
         if out_of_memory:  # outside the except block: its traceback no longer holds the failed batch's tensors
             cap = max(1, len(chunk) // 2)
-            if decoder is not None:
-                decoder.release()
+            engine.release()
             if device.type == "cuda":
                 gc.collect()
                 torch.cuda.empty_cache()
@@ -332,11 +242,9 @@ def generate_replies(
             replies[i] = text.strip()
         start += len(chunk)
         bar.update(len(chunk))
-        bar.set_postfix_str(f"{stats.tokens_per_sec:,.0f} new tok/s, batch {len(chunk)}, {engine}")
+        bar.set_postfix_str(f"{stats.tokens_per_sec:,.0f} new tok/s, batch {len(chunk)}, {engine.name}")
     bar.close()
-    if decoder is not None:
-        stats.batches = decoder.batches
-        stats.prefill_seconds = sum(b["prefill_s"] for b in decoder.batches)
+    stats.batches, stats.prefill_seconds = list(engine.batches), engine.prefill_seconds
     if device.type == "cuda":  # the process's peak so far, generation included
         stats.peak_gpu_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
     return replies, stats
@@ -393,7 +301,7 @@ class Generator:
                  decoding: Optional[Decoding] = None, allow_merged: bool = True) -> tuple[list[str], GenerationStats]:
         """Replies (in input order) and :class:`GenerationStats` for tokenised generation prompts.
         ``allow_merged`` false: never on a merged copy (fit's validations: training holds the memory)."""
-        from .merged import compute_dtype_weights, merged_copy
+        from .merged import merged_copy
 
         was_training = self.model.training
         decoding = decoding or self.decoding
@@ -414,22 +322,18 @@ class Generator:
         start = time.perf_counter()
         model = merged_copy(self.model) if plan.merged else self.model
         merge_seconds = synchronized_time(device) - start  # the copy's kernels are its time, not the first batch's
-        fast = self.engine != "eager"
-        attention = grouped_decode_attention(model) if fast else contextlib.nullcontext()
-        # the eager engine stays the reference: the model as it trains (its fp32 parts in fp32)
-        weights = compute_dtype_weights(model) if fast and not plan.merged else contextlib.nullcontext()
+        engine = make_engine(self.engine, model, self.stop_ids, self.tokenizer.pad_token_id, plan.prefill_tokens)
         try:
-            with weights, attention:
+            with engine.prepared():
                 replies, stats = generate_replies(model, self.tokenizer, prompts, decoding, plan.batch_size,
                                                   self.stop_ids, desc=desc, progress=progress, on_oom=smaller,
-                                                  engine=self.engine, kv_slots=plan.kv_slots,
-                                                  prefill_tokens=plan.prefill_tokens)
+                                                  engine=engine, kv_slots=plan.kv_slots)
             if plan.merged:  # the copy is part of what this call's replies cost
                 stats.weights, stats.merge_seconds = "merged", merge_seconds
                 stats.seconds += merge_seconds
             return replies, stats
         finally:
-            del model
+            del model, engine
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if was_training:

@@ -7,7 +7,7 @@ implementation of transformers (the grouped-query decoding of :mod:`.attention`)
 adapter disabled (the base model of ``compare_base``) the copy is the dequantised base alone.
 
 It costs the 16-bit model's memory (about 15 GiB for Llama-3.1-8B) beside the 4-bit one, so
-evaluation uses it only where the run's memory allows (:func:`merged_bytes`; see :mod:`.generation`).
+evaluation uses it only where the run's memory allows (:func:`merged_bytes`; see :mod:`.generator`).
 Training and export do not use it: export merges into the unquantised base weights (:mod:`.export`).
 Where the copy does not fit, the fast engines generate on the 4-bit model itself with 16-bit copies of
 its fp32 parts (:func:`compute_dtype_weights`).
@@ -116,8 +116,11 @@ def compute_dtype_bytes(model) -> int:
 
 
 @contextlib.contextmanager
-def compute_dtype_weights(model) -> Iterator[None]:
-    """Within: the 32-bit parameters of a 4-bit ``model`` hold 16-bit copies (restored after).
+def compute_dtype_weights(model, copies: Optional[dict] = None) -> Iterator[None]:
+    """Within: the 32-bit parameters of a 4-bit ``model`` hold 16-bit copies (restored after); a model
+    that is not 4-bit (the merged copy) is left as it is. ``copies`` (a parameter's id -> its copy) keeps the
+    copies for the next call, which then installs the same tensors: a CUDA graph recorded with them
+    replays (:mod:`.engines`).
 
     peft's ``prepare_model_for_kbit_training`` keeps norms, embeddings, the output head (and LoRA
     holds its weights) in fp32 for training; the residual stream then runs in fp32, every layer's keys
@@ -126,10 +129,13 @@ def compute_dtype_weights(model) -> Iterator[None]:
     compute dtype, as the merged copy does. Buffers (the rotary frequencies) stay as they are.
     """
     dtype = compute_dtype(model)
+    copies = {} if copies is None else copies
     held = [(p, p.data) for p in _upcast_parameters(model)]
     try:
         for p, data in held:
-            p.data = data.to(dtype)
+            if id(p) not in copies:
+                copies[id(p)] = data.to(dtype)
+            p.data = copies[id(p)]
         yield
     finally:
         for p, data in held:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..data import IGNORE_INDEX
 from ..errors import UserError
+from .gradient_checkpointing import checkpointed_layer_count, decoder_layers, limit_checkpointing
 from .lora import LoraSettings, check_modules_trained
 
 log = logging.getLogger(__name__)
@@ -112,26 +113,6 @@ def load_adapter_weights(model, adapter_path: str | os.PathLike) -> None:
         raise UserError(f"adapter {path} does not match the model (unexpected keys, e.g. {unexpected[0]})")
 
 
-# Gradient checkpointing decided per decoder layer: a backend arms it, the memory plan (:mod:`.memory`)
-# chooses how many layers keep it.
-def decoder_layers(model) -> list[torch.nn.Module]:
-    """The layers that can each be checkpointed or not (transformers' ``GradientCheckpointingLayer``)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
-def checkpointed_layer_count(model) -> int:
-    """How many decoder layers have their checkpointing flag on now."""
-    return sum(1 for m in decoder_layers(model) if m.gradient_checkpointing)
-
-
-def limit_checkpointing(model, checkpointed: int) -> None:
-    """Switch checkpointing off on all but the first ``checkpointed`` decoder layers (which stay as armed)."""
-    for layer in decoder_layers(model)[checkpointed:]:
-        layer.gradient_checkpointing = False
-
-
 REGISTRY: dict[str, type["Backend"]] = {}
 
 
@@ -195,18 +176,26 @@ class Backend:
 
     def sequence_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row: the summed log-probability of its labelled tokens and their number (the preference
-        objectives' quantity). Decoder, then the LM head on labelled positions only, as :meth:`HFPeftBackend.loss`:
+        objectives' quantity), from :func:`reply_logits` as :meth:`HFPeftBackend.loss`:
         a fused loss that returns one mean (Unsloth's) cannot give per-row sums."""
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        targets = batch["labels"][:, 1:]
-        select = targets != IGNORE_INDEX
-        out = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                 position_ids=batch.get("position_ids"), use_cache=False)
-        logits = base.get_output_embeddings()(out.last_hidden_state[:, :-1][select]).float()
-        token_logps = -F.cross_entropy(logits, targets[select], reduction="none")
-        rows = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)[select]
-        sums = torch.zeros(targets.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+        logits, targets, select = reply_logits(model, batch)
+        token_logps = -F.cross_entropy(logits, targets, reduction="none")
+        rows = torch.arange(select.shape[0], device=select.device).unsqueeze(1).expand_as(select)[select]
+        sums = torch.zeros(select.shape[0], dtype=token_logps.dtype, device=token_logps.device)
         return sums.index_add(0, rows, token_logps), select.sum(dim=1)
+
+
+def reply_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoder, then the LM head on the positions whose next token is a reply token only, so the
+    (batch x seq x 128256) logits tensor is never built: their fp32 logits (n, vocabulary), the n target
+    ids, and which positions (batch, seq - 1) they are."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    targets = batch["labels"][:, 1:]
+    select = targets != IGNORE_INDEX
+    out = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                             position_ids=batch.get("position_ids"), use_cache=False)
+    logits = base.get_output_embeddings()(out.last_hidden_state[:, :-1][select]).float()
+    return logits, targets[select], select
 
 
 def _reply_token_count(batch: dict) -> torch.Tensor:
@@ -262,24 +251,10 @@ class HFPeftBackend(Backend):
         return model, tokenizer
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token-weighted cross-entropy over reply tokens only.
-
-        The LM head runs only on positions whose next token is a reply token,
-        so the (batch x seq x 128256) logits tensor is never built.
-        """
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        decoder = base.get_decoder()
-        head = base.get_output_embeddings()
-        labels = batch["labels"]
-        targets = labels[:, 1:]
-        select = targets != IGNORE_INDEX
-        out = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                      position_ids=batch.get("position_ids"), use_cache=False)
-        hidden = out.last_hidden_state[:, :-1][select]
-        logits = head(hidden).float()
+        """Token-weighted cross-entropy over reply tokens only (:func:`reply_logits`)."""
+        logits, targets, select = reply_logits(model, batch)
         n = select.sum()
-        loss = F.cross_entropy(logits, targets[select], reduction="sum") / n.clamp(min=1)
-        return loss, n
+        return F.cross_entropy(logits, targets, reduction="sum") / n.clamp(min=1), n
 
 
 @register_backend

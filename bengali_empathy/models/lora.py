@@ -9,7 +9,6 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from ..errors import UserError, check_ranges
 
@@ -97,15 +96,3 @@ def check_modules_trained(model, modules_to_save: tuple[str, ...]) -> None:
         raise UserError(f"model.lora.modules_to_save names {', '.join(frozen)}, but no trainable copy of "
                         f"{'it' if len(frozen) == 1 else 'them'} is in the loaded model (a module name of the "
                         "model, e.g. embed_tokens or lm_head, that the backend trains in full)")
-
-
-def parameter_groups(model, learning_rate: float, embedding_learning_rate: Optional[float]) -> list:
-    """The trainable parameters; with ``embedding_learning_rate``, two named optimizer groups: ``lora`` and
-    ``embeddings`` (the ``modules_to_save`` copies, e.g. embed_tokens and lm_head in continued pretraining),
-    which Lightning's LearningRateMonitor logs as ``lr/lora`` and ``lr/embeddings``."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if embedding_learning_rate is None:
-        return [p for _, p in params]
-    full = [p for n, p in params if ".modules_to_save." in n]
-    return [{"params": [p for n, p in params if ".modules_to_save." not in n], "lr": learning_rate, "name": "lora"},
-            {"params": full, "lr": embedding_learning_rate, "name": "embeddings"}]

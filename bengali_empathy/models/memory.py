@@ -33,11 +33,13 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from contextlib import AbstractContextManager
+from types import SimpleNamespace
 from typing import Callable, Literal, Optional, Union
 
 import torch
 
-from .backends import decoder_layers, limit_checkpointing
+from .gradient_checkpointing import decoder_layers, limit_checkpointing
+from .gpu import head_dim
 from ..data import IGNORE_INDEX
 from ..errors import UserError
 
@@ -161,9 +163,9 @@ def weights_gib(model_dir: Path, quantized: bool) -> float:
     cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     h, inter, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or h // heads
-    kv = cfg.get("num_key_value_heads", heads) * head_dim
-    linear = n * (2 * h * heads * head_dim + 2 * h * kv + 3 * h * inter)
+    width = head_dim(SimpleNamespace(**cfg))
+    kv = cfg.get("num_key_value_heads", heads) * width
+    linear = n * (2 * h * heads * width + 2 * h * kv + 3 * h * inter)
     embeddings = cfg["vocab_size"] * h * (1 if cfg.get("tie_word_embeddings") else 2)
     other = embeddings + (2 * n + 1) * h
     linear_bytes = linear * (0.5 + 0.13 / 8) if quantized else linear * 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from .._io import atomic_directory
 from ..errors import UserError
@@ -78,6 +79,12 @@ def tiny_model_dir() -> Path:
     # A wider init (0.1 instead of 0.02) gives the frozen random head large enough
     # logits for LoRA on q/k/v/o to visibly lower the loss within a minute on CPU.
     return write_random_model(target, initializer_range=0.1)
+
+
+def tokenizer_path_for(model_name_or_path: str) -> Optional[str]:
+    """The tokenizer the data module reads for a model: the embedded one (None) for the tiny model, else the
+    model's own directory."""
+    return None if model_name_or_path == TINY_MODEL else model_name_or_path
 
 
 def resolve_model_path(name_or_path: str) -> Path:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,7 +22,8 @@ from typing import Literal
 from .._io import atomic_write_text
 from ..errors import UserError
 from .judgements import judgements_of
-from .registry import ASPECTS, connect, experiment_for
+from .human_ratings import mean_ratings
+from .registry import experiment_for
 
 
 @dataclass
@@ -55,13 +55,9 @@ def judged_pairs(db: str | Path, experiment_id: int) -> Exported:
     return Exported(rows, {"pairs": len(rows), "ties skipped": len(found) - len(rows), "judgements": len(found)})
 
 
-def rated_replies(con: sqlite3.Connection, experiment_id: int, desirable_at: float, undesirable_at: float) -> Exported:
+def rated_replies(db: str | Path, experiment_id: int, desirable_at: float, undesirable_at: float) -> Exported:
     """KTO rows from the 1-5 ratings of the experiment's replies (tuned and base, each rated reply once)."""
-    mean = " + ".join(f"h.{a}" for a in ASPECTS)
-    found = con.execute(
-        f"SELECT g.id, h.shown, g.input_text, g.response_text, g.base_response_text, AVG(({mean}) / {len(ASPECTS)}.0) "
-        "FROM HumanRatings h JOIN GeneratedResponses g ON g.id = h.response_id WHERE g.experiment_id = ? "
-        "GROUP BY g.id, h.shown ORDER BY g.id, h.shown", (experiment_id,)).fetchall()
+    found = mean_ratings(db, experiment_id)
     rows, between = [], 0
     for rid, shown, prompt, tuned, base, score in found:
         if undesirable_at < score < desirable_at:
@@ -85,8 +81,7 @@ def export_preferences(db: str | Path, ref: str, output: Path, objective: Litera
     if objective == "dpo":
         exported = judged_pairs(db, experiment["id"])
     else:
-        with connect(db, create=False) as con:
-            exported = rated_replies(con, experiment["id"], desirable_at, undesirable_at)
+        exported = rated_replies(db, experiment["id"], desirable_at, undesirable_at)
     if not exported.rows:
         source = "blind judgements (PreferenceJudgements)" if objective == "dpo" else "1-5 ratings (HumanRatings)"
         raise UserError(f"experiment {experiment['id']} has no {source} to export as {objective} rows "

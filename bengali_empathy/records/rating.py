@@ -2,17 +2,19 @@
 
 Shows sampled prompts with one reply each and records 1-5 scores for empathy,
 relevance, fluency, coherence and helpfulness (and an optional comment) in the
-registry's ``HumanRatings`` table, one committed row per answer, so quitting
+registry's ``HumanRatings`` table (:mod:`.human_ratings`), one committed row per answer, so quitting
 halfway keeps what was rated. ``--blind`` mixes the tuned and the base model's
 replies (when the run scored both) without saying which is which.
 """
 from __future__ import annotations
 
 import random
+import sys
 from typing import Callable, TextIO
 
 from ..errors import UserError
-from .registry import ASPECTS, connect, experiment_for, now, responses_of
+from .human_ratings import record_rating
+from .registry import ASPECTS, experiment_for, responses_of
 
 QUIT = ("q", "quit", "exit")
 
@@ -57,10 +59,36 @@ def rate(db: str, ref: str, n: int, blind: bool, seed: int, ask: Callable[[str],
                 break
             print(f"please give {len(ASPECTS)} whole numbers from 1 to 5", file=out, flush=True)
         comment = ask("comment (optional, Enter to skip): ").strip() or None
-        with connect(db) as con, con:
-            con.execute("INSERT INTO HumanRatings (response_id, shown, " + ", ".join(ASPECTS)
-                        + ", comment, timestamp) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (row["id"], shown, *scores, comment, now()))
+        record_rating(db, row["id"], shown, scores, comment)
         rated += 1
     print(f"done: {rated} rated", file=out, flush=True)
     return rated
+
+
+def main(argv: list[str]) -> int:
+    """Score sampled replies of a run from the terminal (1-5 per aspect)."""
+    from jsonargparse import ArgumentParser
+
+    from .registry import DEFAULT_DB
+
+    p = ArgumentParser(prog="python -m bengali_empathy rate", exit_on_error=False,
+                       description="Rate sampled replies of a recorded run for empathy, relevance, fluency, "
+                                   "coherence and helpfulness (1-5) and an optional comment; quitting keeps "
+                                   "what was rated.")
+    p.add_argument("run", type=str, help="experiment id or the run's log directory")
+    p.add_argument("--n", type=int, default=20, help="replies to rate")
+    p.add_argument("--blind", type=bool, default=False, help="mix base and tuned replies without labels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--db", type=str, default=DEFAULT_DB, help="the registry file")
+    cfg = p.parse_args(argv)
+    if cfg.n < 1:
+        raise UserError(f"--n must be at least 1, not {cfg.n}")
+
+    def ask(prompt: str) -> str:
+        try:
+            return input(prompt)
+        except EOFError:
+            return "q"
+
+    rate(cfg.db, cfg.run, cfg.n, cfg.blind, cfg.seed, ask, sys.stdout)
+    return 0

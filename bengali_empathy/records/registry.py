@@ -7,8 +7,8 @@ Tables (the first two with the names and columns the original task asked for):
   ``run``, its stage, corpus, steps and log directory.
 * ``GeneratedResponses(id, experiment_id, input_text, response_text, timestamp, reference_text,
   base_response_text)``: the generated replies of the run's (last) evaluation.
-* ``HumanRatings(id, response_id, shown, empathy, relevance, fluency, coherence, helpfulness,
-  comment, timestamp)``: 1-5 scores from ``python -m bengali_empathy rate``.
+* ``HumanRatings``: 1-5 scores from ``python -m bengali_empathy rate``; :mod:`.human_ratings` owns, writes
+  and reads that table (its docstring has the schema).
 * ``PreferenceJudgements``: blind pairwise judgements of tuned vs base from the web page
   (``serve``); :mod:`.judgements` owns, writes and reads that table (its docstring has the schema).
 
@@ -41,12 +41,6 @@ SCHEMA = [
         id INTEGER PRIMARY KEY AUTOINCREMENT, experiment_id INTEGER NOT NULL REFERENCES LLAMAExperiments(id),
         input_text TEXT NOT NULL, response_text TEXT NOT NULL, timestamp TEXT NOT NULL, reference_text TEXT,
         base_response_text TEXT)""",
-    """CREATE TABLE IF NOT EXISTS HumanRatings (
-        id INTEGER PRIMARY KEY AUTOINCREMENT, response_id INTEGER NOT NULL REFERENCES GeneratedResponses(id),
-        shown TEXT NOT NULL CHECK (shown IN ('tuned', 'base')),
-        empathy INTEGER CHECK (empathy BETWEEN 1 AND 5), relevance INTEGER CHECK (relevance BETWEEN 1 AND 5),
-        fluency INTEGER CHECK (fluency BETWEEN 1 AND 5), coherence INTEGER CHECK (coherence BETWEEN 1 AND 5),
-        helpfulness INTEGER CHECK (helpfulness BETWEEN 1 AND 5), comment TEXT, timestamp TEXT NOT NULL)""",
 ]
 
 
@@ -146,18 +140,6 @@ def responses_of(db: str | Path, experiment_id: int) -> list[dict]:
         con.row_factory = sqlite3.Row
         return [dict(r) for r in con.execute(
             "SELECT * FROM GeneratedResponses WHERE experiment_id = ? ORDER BY id", (experiment_id,))]
-
-
-def rating_summary(db: str | Path, experiment_id: int) -> dict:
-    """Mean score per aspect and the number of ratings, per shown model (tuned / base)."""
-    if not Path(db).is_file():
-        return {}
-    with connect(db, create=False) as con:
-        rows = con.execute(
-            "SELECT h.shown, COUNT(*), " + ", ".join(f"AVG(h.{a})" for a in ASPECTS)
-            + " FROM HumanRatings h JOIN GeneratedResponses g ON g.id = h.response_id "
-              "WHERE g.experiment_id = ? GROUP BY h.shown", (experiment_id,)).fetchall()
-    return {shown: {"n": n, **dict(zip(ASPECTS, means))} for shown, n, *means in rows}
 
 
 class ExperimentRegistry(L.Callback, RunRecordSink):

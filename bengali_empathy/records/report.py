@@ -17,8 +17,7 @@ from typing import Optional
 from .._io import atomic_write_text
 from ..evaluation.checks import MIN_OVERLAP_WORDS
 from ..errors import UserError
-from ..evaluation.metrics import SCORE_NAMES, TEXT_SCORES
-from ..training.preference import REWARD_TAGS
+from ..evaluation.metrics import REWARD_TAGS, SCORE_NAMES, TEXT_SCORES
 from .run import RUN_RECORD, read_run_record
 
 SAMPLE_ROWS = 8
@@ -261,7 +260,8 @@ def _samples_section(rows: list[dict]) -> list[str]:
 
 
 def _ratings_section(db: Path, eval_dir: Path) -> list[str]:
-    from .registry import ASPECTS, find_experiment, rating_summary
+    from .human_ratings import rating_summary
+    from .registry import ASPECTS, find_experiment
 
     experiment = find_experiment(db, str(eval_dir)) if db.is_file() else None
     if experiment is None:
@@ -337,3 +337,24 @@ def build_report(run_dir: Path, output: Optional[Path] = None, db: Optional[str]
     report = output / "REPORT.md"
     atomic_write_text(report, "\n".join(lines))
     return report
+
+
+def main(argv: list[str]) -> int:
+    """Write REPORT.md and plots for a run directory."""
+    from jsonargparse import ArgumentParser
+
+
+    p = ArgumentParser(prog="python -m bengali_empathy report",
+                       description="Experiment report of a run: REPORT.md with the run's settings, data, time and "
+                                   "memory, loss / learning-rate / tokens-per-second / memory plots, final metrics "
+                                   "(base vs tuned when scored), per-category scores, honesty checks and sample "
+                                   "generations.", exit_on_error=False)
+    p.add_argument("run_dir", type=str, help="a fit run (lightning_logs/version_N) or a test/predict run")
+    p.add_argument("--output", type=Optional[str], default=None, help="directory for REPORT.md and the plots "
+                                                                      "(default: the run directory)")
+    p.add_argument("--db", type=Optional[str], default=None, help="experiment registry with human ratings "
+                                                                  "(default: experiments.db beside the run)")
+    cfg = p.parse_args(argv)
+    report = build_report(Path(cfg.run_dir), Path(cfg.output) if cfg.output else None, cfg.db)
+    print(f"report written to {report}")
+    return 0

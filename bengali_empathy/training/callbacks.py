@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
-from ..generation.decoder import synchronized_time
+from ..models.gpu import synchronized_time
 from ..models.memory import peak_rss_gib
 from ..evaluation.metrics import SCORE_NAMES
 

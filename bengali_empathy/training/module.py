@@ -13,54 +13,31 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import lightning as L
 import torch
 
-from ..models.backends import Backend, BackendName, checkpointed_layer_count, make_backend
+from ..models.backends import Backend, BackendName, make_backend
+from ..models.gradient_checkpointing import checkpointed_layer_count
 from ..models.checkpoints import AdapterInfo, check_adapter, lora_state_from_ckpt, save_adapter
 from ..data import DEFAULT_SYSTEM_PROMPT, flat_stats
 from ..errors import UserError, check_ranges
 from ..evaluation.evaluator import Evaluation, Evaluator
-from ..generation.generator import Decoding, GenerationEngine, GenerationStats, GenerationWeights, Generator, resolve_engine
-from ..models.lora import DEFAULT_LORA, LoraSettings, parameter_groups
+from ..generation.decoding import Decoding
+from ..generation.engines import GenerationEngine, resolve_engine
+from ..generation.generator import GenerationStats, GenerationWeights, Generator
+from ..models.lora import DEFAULT_LORA, LoraSettings
+from ..models.loading import load_lora_model
 from ..models.memory import CheckpointPlan, MemorySettings, cap_reserved_memory, check_budget, plan_training_memory
 from ..models.modeling import TINY_MODEL, resolve_model_path
 from .objectives import Objective, SupervisedObjective
+from .optimization import OptimizerSettings, make_optimization
 from .preference import ObjectiveSettings, PreferenceObjective
 from ..records.run import RunInfo, write_fit_records
 from ..schema import CorpusFacts, TrainingTexts
 
-Optimizer = Literal["auto", "adamw_8bit", "adamw"]
 MAX_SEQ_LENGTH = 2048
-
-
-@dataclass(frozen=True)
-class OptimizerSettings:
-    """The optimizer and its schedule beside ``model.learning_rate`` (``model.optimization``).
-
-    Args:
-        optimizer: ``auto`` (8-bit AdamW on CUDA with bitsandbytes, else AdamW), ``adamw_8bit`` or ``adamw``.
-        weight_decay / warmup_ratio / min_lr_ratio: AdamW's weight decay; the cosine schedule's linear warmup
-            (a share of the steps) and its floor (a share of the learning rate).
-        embedding_learning_rate: the learning rate of ``model.lora.modules_to_save`` (see :mod:`.lora`);
-            null: ``model.learning_rate``.
-    """
-
-    optimizer: Optimizer = "auto"
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    min_lr_ratio: float = 0.1
-    embedding_learning_rate: Optional[float] = None
-
-    def __post_init__(self) -> None:
-        check_ranges("model.optimization", self, {
-            "weight_decay": (self.weight_decay >= 0, "at least 0"),
-            "warmup_ratio": (0 <= self.warmup_ratio < 1, "in [0, 1)"),
-            "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
-            "embedding_learning_rate": (self.embedding_learning_rate is None or self.embedding_learning_rate > 0,
-                                        "positive or null (= model.learning_rate)")})
 
 
 @dataclass(frozen=True)
@@ -107,7 +84,7 @@ class EmpathyLM(L.LightningModule):
         save_adapter_on_fit_end: write ``<log_dir>/adapter`` when fit ends.
         lora: :class:`~.lora.LoraSettings`. memory: :class:`~.memory.MemorySettings` (4-bit weights,
             gradient checkpointing, the GPU memory budget). objective: :class:`~.preference.ObjectiveSettings`.
-        optimization: :class:`OptimizerSettings`. decoding: :class:`~.generation.Decoding`.
+        optimization: :class:`~.optimization.OptimizerSettings`. decoding: :class:`~.generation.Decoding`.
         generation: :class:`GenerationSettings`.
     """
 
@@ -170,8 +147,8 @@ class EmpathyLM(L.LightningModule):
         if self.model is not None:
             return
         h = self.hparams
-        path = self.model_path or resolve_model_path(h.model_name_or_path)
-        self.model, self.tokenizer = self.backend.load(path, h.max_seq_length, self.lora, h.adapter_path)
+        self.model, self.tokenizer = load_lora_model(self.backend, h.model_name_or_path, h.max_seq_length, self.lora,
+                                                     h.adapter_path)
         # peft counts a 4-bit weight's packed uint8 storage as the parameters it holds
         self.param_counts = tuple(self.model.get_nb_trainable_parameters())
         self.generator = Generator(self.model, self.tokenizer, self.backend, self.decoding, self.generation.batch_size,
@@ -316,37 +293,6 @@ class EmpathyLM(L.LightningModule):
         if best and Path(best).is_file():
             out = self.save_adapter(log_dir / "adapter-best", lora_state_from_ckpt(best))
             self.print(f"adapter of the best checkpoint ({Path(best).name}) saved to {out}")
-
-
-def make_optimization(model, learning_rate: float, settings: OptimizerSettings,
-                      total_steps: int) -> tuple[dict, str]:
-    """Lightning's optimizer dict (the optimizer, its parameter groups, the warmup + cosine schedule stepped per
-    step) for the module's ``learning_rate`` and optimization ``settings``, and the optimizer's resolved name."""
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-    params = parameter_groups(model, learning_rate, settings.embedding_learning_rate)
-    opt, name = make_optimizer(params, settings.optimizer, learning_rate, settings.weight_decay)
-    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, int(settings.warmup_ratio * total_steps), total_steps,
-                                                        min_lr_rate=settings.min_lr_ratio)
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}, name
-
-
-def make_optimizer(params: list, name: Optimizer, lr: float, weight_decay: float) -> tuple[torch.optim.Optimizer, str]:
-    """The optimizer ``name`` asks for (``auto``: 8-bit AdamW on CUDA with bitsandbytes, else AdamW) and its
-    resolved name."""
-    first = params[0]["params"][0] if params and isinstance(params[0], dict) else next(iter(params), None)
-    on_cuda = first is not None and first.is_cuda
-    if name == "auto":
-        from ..models.backends import bitsandbytes_available
-
-        name = "adamw_8bit" if on_cuda and bitsandbytes_available() else "adamw"
-    if name == "adamw_8bit":
-        if not on_cuda:
-            raise UserError("optimizer 'adamw_8bit' needs a CUDA GPU (bitsandbytes); use 'adamw'")
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay), name
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=on_cuda or None), name
 
 
 def log_final_hparams(logger, final: dict) -> None:

@@ -29,12 +29,10 @@ from ..models.backends import Backend
 from ..data.formats import Objective as ObjectiveName
 from ..errors import UserError, check_ranges
 from ..evaluation.evaluator import Evaluation
+from ..evaluation.metrics import REWARD_NAMES
 from .objectives import Objective
 
 REFERENCE_ADAPTER = "reference"
-REWARD_NAMES = ("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
-# What a preference run logs beside its loss (TensorBoard, run.json, the registry, the report).
-REWARD_TAGS = tuple(f"{stage}/{name}" for stage in ("train", "val") for name in REWARD_NAMES)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from bengali_empathy.evaluation.evaluator import Evaluator, merge_ranks
-from bengali_empathy.generation.generator import Decoding, GenerationStats
+from bengali_empathy.generation.decoding import Decoding
+from bengali_empathy.generation.generator import GenerationStats
 from bengali_empathy.evaluation.metrics import SCORE_NAMES, TEXT_SCORES, score_texts
 from bengali_empathy.schema import EvalRow
 
@@ -137,7 +138,7 @@ def test_fit_validation_generates_for_the_first_batches_only_without_base_or_che
 
 
 def test_score_names_are_one_list_for_reports_and_summaries():
-    from bengali_empathy.cli import _key_scores
+    from bengali_empathy.records.runs import _key_scores
     from bengali_empathy.records.report import _metrics_section
 
     assert set(TEXT_SCORES) <= set(SCORE_NAMES)

@@ -300,7 +300,7 @@ def test_export_refusals_leave_nothing(default_fit, exports, tmp_path, monkeypat
         assert "pip install -e '.[gguf]'" in _one_error(
             run_cli(["export", "--adapter", adapter, "--output", tmp_path / "o", *gg], cwd=tmp_path))
     import bengali_empathy.export.gguf as ge
-    from bengali_empathy.export.hf import base_model_path
+    from bengali_empathy.models.loading import base_model_path
 
     need = ge.estimate_bytes(base_model_path(adapter), "q8_0")
     peak = sum(_gguf_file(exports, q).stat().st_size for q in ("f16", "q8_0"))  # the f16 file beside the q8_0 one

@@ -11,7 +11,7 @@ from conftest import run_cli, trained_tiny_lora
 from bengali_empathy.generation.chat import GraphemeStreamer, Replier, settled_text
 from bengali_empathy.data import DEFAULT_SYSTEM_PROMPT, ChatEncoder
 from bengali_empathy.errors import UserError
-from bengali_empathy.generation.generator import Decoding
+from bengali_empathy.generation.decoding import Decoding
 
 # A conjunct (ক্ষ), vowel signs and a nukta-like sign (য়): clusters that span several code points.
 REPLY = "ক্ষমা করবেন, কী হয়েছে?"
@@ -163,16 +163,16 @@ def test_the_compiled_engine_keeps_a_decoder_each_for_the_tuned_and_the_base_mod
     replier = Replier(model, tok, backend, DEFAULT_SYSTEM_PROMPT, 768, Decoding(max_new_tokens=12), engine="compiled")
     turns = _turns("আজ খুব ভয় লাগছে, কী করব?")
     tuned, base = replier.reply(turns), replier.reply(turns, base=True)
-    decoders = dict(replier._decoders)
+    engines = dict(replier._engines)
     assert replier.reply(turns, base=True).text == base.text != tuned.text
-    assert replier._decoders == decoders and set(decoders) == {False, True}
+    assert replier._engines == engines and set(engines) == {False, True}
 
 
 def test_a_reader_that_leaves_ends_compiled_decoding(tiny_lora):
     backend, model, tok = tiny_lora
     replier = Replier(model, tok, backend, DEFAULT_SYSTEM_PROMPT, 768, Decoding(max_new_tokens=64), engine="compiled")
     replier.reply(_turns("আমি একা।"), Decoding(max_new_tokens=2))  # makes the tuned model's decoder
-    decoder, steps = replier._decoders[False], []
+    decoder, steps = replier._engines[False].decoder, []
     choose = decoder._choose
 
     def slow_choice(so_far, logits):  # a step slower than the reader

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from bengali_empathy.generation import decoder as decoder_module
-from bengali_empathy.generation.generator import Decoding, Generator
+from bengali_empathy.generation.decoding import Decoding
+from bengali_empathy.generation.generator import Generator
 
 
 @pytest.fixture(scope="module")

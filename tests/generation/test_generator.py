@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from bengali_empathy.generation.generator import Decoding, generate_replies
+from bengali_empathy.generation.decoding import Decoding
+from bengali_empathy.generation.generator import generate_replies
 from bengali_empathy.data.tokenizer import stop_token_ids
 
 from conftest import TWO_PAIRS, encode_pairs
@@ -101,7 +102,8 @@ def test_fast_engines_replies_equal_the_eager_engine_token_for_token(tiny_lora, 
     """Sliced prefill into a static cache + grouped-query decoding attention (uncompiled on the CPU) =
     transformers' dynamic cache, whatever the slices (one row per prefill forward at a budget of 1 token)."""
     from bengali_empathy.generation import decoder
-    from bengali_empathy.generation.generator import Decoding, Generator
+    from bengali_empathy.generation.decoding import Decoding
+    from bengali_empathy.generation.generator import Generator
 
     monkeypatch.setattr(decoder, "PREFILL_TOKENS", prefill_tokens)
     backend, model, tok = tiny_lora
@@ -139,7 +141,7 @@ def test_fast_engines_replies_equal_the_eager_engine_token_for_token(tiny_lora, 
 
 def test_fast_engines_are_refused_for_unsloth_and_auto_is_compiled_on_cuda_with_hf(monkeypatch):
     from bengali_empathy.errors import UserError
-    from bengali_empathy.generation.generator import resolve_engine
+    from bengali_empathy.generation.engines import resolve_engine
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_engine("auto", "hf") == "eager"

@@ -33,7 +33,8 @@ def test_merged_copy_has_the_lora_models_logits_with_the_adapter_on_and_off(lora
 
 def test_generation_on_the_merged_copy_is_reported_as_such(lora_with_trained_head):
     from bengali_empathy.models.backends import HFPeftBackend
-    from bengali_empathy.generation.generator import Decoding, Generator
+    from bengali_empathy.generation.decoding import Decoding
+    from bengali_empathy.generation.generator import Generator
 
     model, tok = lora_with_trained_head
     backend = HFPeftBackend(load_in_4bit=False, gradient_checkpointing=False)
@@ -59,7 +60,8 @@ def test_a_4bit_models_fp32_parameters_compute_in_16_bit_while_the_fast_engines_
 
     from bengali_empathy.generation import decoder
     from bengali_empathy.models.backends import HFPeftBackend
-    from bengali_empathy.generation.generator import Decoding, Generator
+    from bengali_empathy.generation.decoding import Decoding
+    from bengali_empathy.generation.generator import Generator
     from bengali_empathy.generation.merged import compute_dtype, compute_dtype_bytes
 
     model, tok = lora_with_trained_head

@@ -104,7 +104,7 @@ def test_replacing_a_directory_keeps_no_leftovers(tmp_path):
 
 def test_chat_uses_the_adapters_system_prompt_and_length(fitted, monkeypatch, capsys):
     from bengali_empathy.models.backends import HFPeftBackend
-    from bengali_empathy.cli import chat_main
+    from bengali_empathy.apps.chat import chat_main
     from bengali_empathy.generation.chat import Replier, Reply
 
     seen, loaded = [], []

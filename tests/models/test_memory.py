@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from bengali_empathy.generation.generator import Decoding
+from bengali_empathy.generation.decoding import Decoding
 from bengali_empathy.models.memory import MemorySettings, weights_gib
 from bengali_empathy.training.module import EmpathyLM, GenerationSettings
 
@@ -73,7 +73,7 @@ def _plan(card, budget):
 
 
 def test_plan_finds_the_most_unflagged_layers_that_fit_by_measuring(card):
-    from bengali_empathy.models.backends import checkpointed_layer_count
+    from bengali_empathy.models.gradient_checkpointing import checkpointed_layer_count
     from bengali_empathy.models.memory import PLAN_SHARE
 
     plan = _plan(card, 14.0)
@@ -135,7 +135,7 @@ def test_fit_plans_from_the_datamodule_and_keeps_the_split_through_validation(mo
     from bengali_empathy.models import memory
     from bengali_empathy.training import module
     from bengali_empathy.data import EmpatheticDialogueDataModule
-    from bengali_empathy.models.backends import checkpointed_layer_count, limit_checkpointing
+    from bengali_empathy.models.gradient_checkpointing import checkpointed_layer_count, limit_checkpointing
     from bengali_empathy.models.memory import CheckpointPlan
 
     asked = []

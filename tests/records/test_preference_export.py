@@ -5,7 +5,8 @@ import sqlite3
 from conftest import run_cli
 
 from bengali_empathy.records.judgements import BlindPair, Judgement, record_judgement
-from bengali_empathy.records.registry import connect, record_run
+from bengali_empathy.records.human_ratings import record_rating
+from bengali_empathy.records.registry import record_run
 
 PROMPTS = ["আমি একা।", "আজ ভয় লাগছে।", "ঘুম আসে না।"]
 
@@ -20,11 +21,8 @@ def registry(tmp_path, judgements: bool):
     # tuned 2 rated twice, 5.0 and 3.0 -> 4.0 (desirable at the threshold)
     ratings = [(1, "tuned", [5, 4, 4, 5, 4]), (1, "base", [2, 1, 2, 2, 1]), (2, "tuned", [3, 3, 3, 3, 3]),
                (3, "tuned", [5, 5, 5, 5, 5]), (3, "tuned", [3, 3, 3, 3, 3])]
-    with connect(db) as con, con:
-        for rid, shown, scores in ratings:
-            con.execute("INSERT INTO HumanRatings (response_id, shown, empathy, relevance, fluency, coherence, "
-                        "helpfulness, comment, timestamp) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, 'now')",
-                        (rid, shown, *scores))
+    for rid, shown, scores in ratings:
+        record_rating(db, rid, shown, scores)
     if judgements:  # as serve records them: tuned preferred (shown as A), base preferred (tuned shown as B), a tie
         for k, (tuned_side, choice) in enumerate([("A", "A"), ("B", "A"), ("A", "tie")]):
             pair = BlindPair(PROMPTS[k], f"tuned {k}", f"base {k}", tuned_side, experiment_id=eid)

@@ -6,7 +6,8 @@ import pytest
 
 from bengali_empathy.errors import UserError
 from bengali_empathy.records.rating import rate
-from bengali_empathy.records.registry import connect, experiment_for, rating_summary, record_run, responses_of
+from bengali_empathy.records.human_ratings import rating_summary
+from bengali_empathy.records.registry import connect, experiment_for, record_run, responses_of
 
 LORA = {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 ROWS = [{"prompt": f"প্রশ্ন {i}", "reference": f"উত্তর {i}", "prediction": f"জবাব {i}", "base_prediction": f"base {i}"}

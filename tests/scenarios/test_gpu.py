@@ -14,7 +14,7 @@ needs_unsloth = pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, 
 
 @needs_unsloth
 def test_unsloth_backend_trains_generates_and_keeps_checkpointing(tiny_model_path):
-    from bengali_empathy.generation.generator import Decoding
+    from bengali_empathy.generation.decoding import Decoding
     from bengali_empathy.training.module import EmpathyLM
 
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="unsloth", max_seq_length=1024,
@@ -40,7 +40,7 @@ def test_unsloth_backend_trains_generates_and_keeps_checkpointing(tiny_model_pat
         assert len(lm.generate_texts(prompts, progress=False)[0]) == 2
     # ... and generate_texts() re-arms them
     assert lm.backend.checkpointing_as_planned(lm.model)
-    from bengali_empathy.models.memory import decoder_layers
+    from bengali_empathy.models.gradient_checkpointing import decoder_layers
 
     lm.backend.checkpointed_layers = 1  # a memory plan's split is re-armed the same way
     lm.backend.for_training(lm.model)
@@ -129,8 +129,9 @@ def test_memory_budget_buys_layers_without_recompute_and_is_kept(mid_model_path,
     import gc
 
     from bengali_empathy.errors import UserError
-    from bengali_empathy.generation.generator import Decoding
-    from bengali_empathy.models.memory import GIB, MemorySettings, decoder_layers, plan_training_memory, probe_batch
+    from bengali_empathy.generation.decoding import Decoding
+    from bengali_empathy.models.gradient_checkpointing import decoder_layers
+    from bengali_empathy.models.memory import GIB, MemorySettings, plan_training_memory, probe_batch
     from bengali_empathy.training.module import EmpathyLM
 
     if backend == "hf":
@@ -182,7 +183,8 @@ def test_compiled_engine_replays_cuda_graphs_equal_to_the_step_run_directly(tiny
     if load_in_4bit:
         pytest.importorskip("bitsandbytes")
     from bengali_empathy.generation import decoder
-    from bengali_empathy.generation.generator import Decoding, Generator
+    from bengali_empathy.generation.decoding import Decoding
+    from bengali_empathy.generation.generator import Generator
     from bengali_empathy.models.memory import MemorySettings
     from bengali_empathy.training.module import EmpathyLM
 
@@ -228,7 +230,7 @@ def test_chat_on_the_compiled_engine_replays_graphs_and_streams_the_static_engin
     from bengali_empathy.models.backends import HFPeftBackend, LoraSettings
     from bengali_empathy.generation.chat import Replier
     from bengali_empathy.data import DEFAULT_SYSTEM_PROMPT
-    from bengali_empathy.generation.generator import Decoding
+    from bengali_empathy.generation.decoding import Decoding
     import peft.tuners.lora.torchao
 
     monkeypatch.setattr(peft.tuners.lora.torchao, "is_torchao_available", lambda: False)  # as above
@@ -240,10 +242,10 @@ def test_chat_on_the_compiled_engine_replays_graphs_and_streams_the_static_engin
     for engine in ("static", "compiled"):
         replier = Replier(model, tok, backend, DEFAULT_SYSTEM_PROMPT, 768, Decoding(max_new_tokens=16), engine=engine)
         replies[engine] = replier.reply(turns).text
-    step = replier._decoders[False].step
+    step = replier._engines[False].decoder.step
     recorded = step.capture_seconds
     assert recorded > 0 and replier.reply(turns).text == replies["compiled"] == replies["static"]
-    assert replier._decoders[False].step is step and step.capture_seconds == recorded
+    assert replier._engines[False].decoder.step is step and step.capture_seconds == recorded
 
 
 def test_bf16_compiled_replies_of_a_model_with_peaked_logits_equal_the_eager_engines(tokenizer):
@@ -256,7 +258,9 @@ def test_bf16_compiled_replies_of_a_model_with_peaked_logits_equal_the_eager_eng
     next token is not its last token's: the model must attend to its prompt and the reply so far."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bengali_empathy.generation.generator import Decoding, generate_replies, grouped_decode_attention
+    from bengali_empathy.generation.decoding import Decoding
+    from bengali_empathy.generation.engines import grouped_decode_attention
+    from bengali_empathy.generation.generator import generate_replies
     from bengali_empathy.data.tokenizer import stop_token_ids
 
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bengali_empathy.errors import UserError
-from bengali_empathy.generation.generator import Decoding
+from bengali_empathy.generation.decoding import Decoding
 from bengali_empathy.models.backends import preimport_unsloth, resolve_backend
 from bengali_empathy.models.lora import LoraSettings
 from bengali_empathy.models.memory import MemorySettings
@@ -86,7 +86,7 @@ def test_checkpoint_keeps_only_lora_weights(tiny_model_path):
 
 
 def test_hf_checkpointing_split_survives_eval_and_generate(tiny_model_path):
-    from bengali_empathy.models.backends import checkpointed_layer_count, decoder_layers
+    from bengali_empathy.models.gradient_checkpointing import checkpointed_layer_count, decoder_layers
 
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", memory=MemorySettings(load_in_4bit=False),
                    decoding=Decoding(max_new_tokens=2))
