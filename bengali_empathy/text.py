@@ -28,6 +28,11 @@ def tokenize_bn(text: str) -> list[str]:
     return text.split()
 
 
+def words_bn(text: str) -> list[str]:
+    """The words of ``text`` as word-level scores count them: :func:`tokenize_bn` of :func:`normalize_bn`."""
+    return tokenize_bn(normalize_bn(text))
+
+
 def bleu_tokenize(text: str) -> str:
     """NFC text with every punctuation mark (``।``, ``?``, ``,`` ...) as its own token."""
     text = unicodedata.normalize("NFC", text)

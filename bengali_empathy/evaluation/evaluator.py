@@ -5,7 +5,8 @@ adapter disabled, with ``compare_base``), the rows whose replies are generated, 
 ranks, the summary and what is logged. The LightningModule calls it from its step and epoch-end hooks.
 
 ``metrics.json`` holds the tuned model's corpus scores at the top level
-(``bleu``, ``rougeL``, ``chrf``, ``loss``, ``perplexity``, ``n``), then, when
+(``bleu``, ``rougeL``, ``chrf``, the reply scores ``distinct_1`` ... ``repeats_trigram``
+(:data:`.metrics.TEXT_SCORES`), ``loss``, ``perplexity``, ``n``), then, when
 present, ``base`` (the same with the adapter disabled) and ``delta`` (tuned -
 base), ``by_category``, ``generation`` (rows, new tokens, tokens/s, batch size,
 decoding), ``checks`` (see :mod:`.checks`) and ``warnings``.

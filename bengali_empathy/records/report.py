@@ -211,15 +211,15 @@ def _category_section(metrics: dict) -> list[str]:
     cats = metrics.get("by_category")
     if not cats:
         return []
+    # One row per category and model, the base's under the tuned's: a column per score and model would
+    # make the table twice as wide as the score names.
     has_base = any("base" in v for v in cats.values())
-    names = [SCORE_NAMES[k] for k in TEXT_SCORES]
-    header = ["category", "rows", *names] + ([f"base {n}" for n in names] if has_base else [])
+    header = ["category", *(["model"] if has_base else []), "rows", *(SCORE_NAMES[k] for k in TEXT_SCORES)]
     rows = []
     for c, v in cats.items():
-        row = [c, v.get("n"), *(v.get(k) for k in TEXT_SCORES)]
-        if has_base:
-            row += [v.get("base", {}).get(k) for k in TEXT_SCORES]
-        rows.append(row)
+        for model, scores in [("tuned", v)] + ([("base", v["base"])] if "base" in v else []):
+            label = [c, model] if has_base else [c]
+            rows.append([*label, scores.get("n"), *(scores.get(k) for k in TEXT_SCORES)])
     return ["## Scores per category", ""] + _table(header, rows)
 
 

@@ -122,6 +122,33 @@ def test_a_pass_scores_tuned_and_base_summarises_and_logs_the_score_names():
     assert not any(evaluator.losses[k].tokens for k in evaluator.losses)  # reset for the next pass
 
 
+def test_metrics_json_of_a_pass_has_the_reply_scores_for_tuned_base_delta_and_each_category(tmp_path):
+    import json
+
+    host = FakeHost()
+    rows = [_row("c.jsonl", 1, A, category="sad"), _row("c.jsonl", 2, B, category="lonely"),
+            _row("c.jsonl", 3, C, category="sad")]
+    host.references = {tuple(r.prompt_ids): r.reference for r in rows}
+    evaluator = Evaluator(compare_base=True)
+    evaluator.step(host, "test", _batch(rows), 0, fitting=False)
+    evaluator.finish(host, "test", fitting=False).write(tmp_path)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    # Tuned replies are the references A (8 words, 8 distinct), B (7 words; মন and খারাপ are A's: 5 new) and
+    # C (6 words, 6 new): 21 words, 19 distinct, 18 bigrams all distinct. Base replies are C three times:
+    # 18 words, 6 distinct; 15 bigrams, 5 distinct. None asks a question or loops; all are Bengali.
+    tuned = {"distinct_1": 19 / 21, "distinct_2": 1.0, "reply_words": 7.0, "reference_words": 7.0,
+             "bengali_script": 1.0, "asks_question": 0.0, "repeats_trigram": 0.0}
+    base = {**tuned, "distinct_1": 6 / 18, "distinct_2": 5 / 15, "reply_words": 6.0}
+    assert {k: m[k] for k in tuned} == pytest.approx(tuned)
+    assert {k: m["base"][k] for k in base} == pytest.approx(base)
+    assert {k: m["delta"][k] for k in tuned} == pytest.approx({k: tuned[k] - base[k] for k in tuned})
+    assert m["by_category"]["sad"]["reply_words"] == pytest.approx((8 + 6) / 2)
+    assert m["by_category"]["sad"]["base"]["distinct_1"] == pytest.approx(6 / 12)
+    assert all(k in m["by_category"][c] and k in m["by_category"][c]["base"] for c in ("sad", "lonely")
+               for k in TEXT_SCORES)
+    assert host.logged["test/distinct_2"] == pytest.approx(1.0) and "test_base/repeats_trigram" in host.logged
+
+
 def test_fit_validation_generates_for_the_first_batches_only_without_base_or_checks():
     host = FakeHost()
     batches = [[_row("v.jsonl", 1)], [_row("v.jsonl", 2)], [_row("v.jsonl", 3)]]

@@ -3,7 +3,7 @@ import pytest
 
 from bengali_empathy.evaluation.checks import NearDuplicateIndex, degenerate_predictions, train_overlap, warnings_for
 from bengali_empathy.evaluation.evaluator import summarize
-from bengali_empathy.evaluation.metrics import score_texts
+from bengali_empathy.evaluation.metrics import TEXT_SCORES, score_texts
 from conftest import SHARED_DATA, requires_shared
 
 A = "আপনার মন খারাপের কথা শুনে আমারও খারাপ লাগছে। আজ নিজের জন্য ছোট কোনো আরামের কাজ করবেন কি?"
@@ -27,7 +27,7 @@ def test_base_tuned_and_delta_are_each_computed_from_their_own_replies():
     m = summarize(rows, loss, base_loss)
     tuned = score_texts([A, C, B], [A, D, B])
     base = score_texts([C, D, ""], [A, D, B])
-    for k in ("bleu", "rougeL", "chrf"):
+    for k in TEXT_SCORES:
         assert m[k] == pytest.approx(tuned[k]) and m["base"][k] == pytest.approx(base[k])
         assert m["delta"][k] == pytest.approx(tuned[k] - base[k])
     assert m["delta"]["loss"] == pytest.approx(-1.0)

@@ -19,3 +19,16 @@ def test_a_relative_adapter_path_is_found_from_any_directory(tmp_path, monkeypat
     monkeypatch.chdir(elsewhere)
     assert find_fit(evaluation) == fit
     assert find_evaluation(fit) == evaluation
+
+
+def test_the_category_table_has_a_row_per_category_and_model_with_every_text_score():
+    from bengali_empathy.evaluation.metrics import SCORE_NAMES, TEXT_SCORES
+    from bengali_empathy.records.report import _category_section
+
+    scores = {k: 0.25 for k in TEXT_SCORES} | {"n": 2}
+    lines = _category_section({"by_category": {"sad": {**scores, "base": {**scores, "distinct_2": 0.5}}}})
+    assert lines[2] == "| " + " | ".join(["category", "model", "rows", *(SCORE_NAMES[k] for k in TEXT_SCORES)]) + " |"
+    assert lines[4].startswith("| sad | tuned | 2 | 0.2500 |") and "| base | 2 |" in lines[5]
+    assert lines[5].count("0.5000") == 1 and len(lines) == 7  # the rows, then the blank line
+    plain = _category_section({"by_category": {"sad": scores}})
+    assert plain[2].startswith("| category | rows | BLEU |") and plain[4].startswith("| sad | 2 |")
