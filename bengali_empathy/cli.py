@@ -147,7 +147,10 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
 
         def _say_next(self, subcommand: str) -> None:
             if self.trainer.is_global_zero and self.trainer.log_dir:
-                configs = [str(c) for c in self.config[subcommand].get("config") or []]
+                # The run's own saved config holds every option it ran with, command-line ones too.
+                saved = Path(self.trainer.log_dir) / "config.yaml"
+                configs = ([str(_shown(saved))] if saved.is_file()
+                           else [str(c) for c in self.config[subcommand].get("config") or []])
                 print(next_steps(subcommand, _shown(Path(self.trainer.log_dir)), configs,
                                  self.config[subcommand].model.adapter_path), file=sys.stderr)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "bengali_empathy"
 
 # Lower to higher. A module may import from its own layer (the data package's modules) and the ones before it.
-LAYERS = [["errors"], ["_io"], ["schema"], ["text"], ["data.tokenizer"], ["models.modeling"], ["models.gpu"],
+LAYERS = [["errors"], ["_io"], ["schema"], ["text"], ["data.tokenizer"], ["models.gpu"], ["models.gguf_import"], ["models.modeling"],
           ["models.attention"], ["data"], ["models.lora"], ["models.gradient_checkpointing"], ["models.backends"],
           ["models.memory"], ["evaluation.metrics"], ["evaluation.checks"], ["generation.decoding"],
           ["generation.decoder"], ["generation.merged"], ["generation.engines"], ["generation.generator"],

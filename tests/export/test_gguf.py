@@ -349,3 +349,29 @@ with torch.no_grad():
     with torch.no_grad():
         ref = merged[0](torch.tensor([ids])).logits[0, -1]
     assert torch.allclose(torch.tensor(json.loads(r.stdout.strip().splitlines()[-1])), ref, atol=1e-4)
+
+
+def test_an_exported_gguf_is_a_model_path_again(exports, merged, tmp_path, monkeypatch):
+    """model.model_name_or_path may be a .gguf: it is dequantised once into the cache as a checkpoint with its
+    tokenizer, chat template and stop tokens, whose logits are those of transformers reading the file itself."""
+    from transformers import AutoModelForCausalLM
+
+    from bengali_empathy.data.tokenizer import load_tokenizer, stop_token_ids
+    from bengali_empathy.models.modeling import resolve_model_path
+
+    monkeypatch.setenv("BENGALI_EMPATHY_CACHE", str(tmp_path))
+    path = _gguf_file(exports, "f16")
+    converted = resolve_model_path(str(path))
+    assert converted.parent == tmp_path / "gguf" and (converted / "config.json").is_file()
+    assert resolve_model_path(str(path)) == converted  # converted once
+    model, tokenizer, info = merged
+    back = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float32).eval()
+    read = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=model.config,
+                                                dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer("আজ মনটা খুব ভারী লাগছে।")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, read(ids).logits)
+    converted_tokenizer = load_tokenizer(str(converted))
+    assert converted_tokenizer.chat_template == tokenizer.chat_template
+    assert stop_token_ids(converted_tokenizer) == stop_token_ids(tokenizer)
+    assert converted_tokenizer("আজ মনটা খুব ভারী লাগছে।")["input_ids"] == tokenizer("আজ মনটা খুব ভারী লাগছে।")["input_ids"]

@@ -18,8 +18,9 @@ def test_the_readme_fit_prints_no_notices_and_ends_with_the_next_commands(defaul
     adapter = Path("lightning_logs") / "version_0" / "adapter"
     assert (cwd / adapter).is_dir()
     after = r.stderr[r.stderr.index("next:"):]
-    assert (f"python -m bengali_empathy predict --config {Path(r.args[3])} --model.adapter_path {adapter} "
-            "--model.compare_base true") in after
+    # the run's own saved config: every option it ran with, command-line ones included
+    assert (f"python -m bengali_empathy predict --config {adapter.parent / 'config.yaml'} "
+            f"--model.adapter_path {adapter} --model.compare_base true") in after
     for command in (f"report {adapter.parent}", f"chat --adapter {adapter}", f"serve --adapter {adapter}",
                     f"export --adapter {adapter}"):
         assert f"python -m bengali_empathy {command}" in after
