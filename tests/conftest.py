@@ -93,9 +93,22 @@ def two_pair_batch(tokenizer, device="cpu"):
 
 TWO_PAIRS = [("আমি একা।", "আমি আছি, বলুন কী হয়েছে।"), ("আজ খুব ভয় লাগছে, কী করব?", "ভয় পাওয়া স্বাভাবিক, আমি শুনছি।")]
 
-SHARED_DATA = ROOT.parent / "shared" / "data" / "dailydialog_bn_sample"
-requires_shared = pytest.mark.skipif(not (SHARED_DATA / "conversations.jsonl").is_file(),
-                                     reason="../shared/data/dailydialog_bn_sample is absent")
+# 77 DailyDialog-bn conversations (CC BY-NC-SA 4.0; tests/fixtures/dailydialog_bn/README.md says what and whence)
+DAILYDIALOG = ROOT / "tests" / "fixtures" / "dailydialog_bn" / "conversations.jsonl"
+
+
+def dailydialog_turn_rows(path):
+    """Write the DailyDialog-bn slice as one row per turn, as the sample's dialogues.jsonl has it (``id``,
+    ``dialogue_id``, ``turn``, ``prompt`` = the turn before, ``response``, ``history`` = every turn before),
+    to ``path``; return the number of dialogues."""
+    out = []
+    conversations = [json.loads(line) for line in DAILYDIALOG.read_text(encoding="utf-8").splitlines()]
+    for c in conversations:
+        turns = [m["content"] for m in c["messages"]]
+        out += [{"id": f"{c['id']}-t{i:02d}", "dialogue_id": c["id"], "turn": i, "prompt": turns[i - 1],
+                 "response": turns[i], "history": turns[:i]} for i in range(1, len(turns))]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8")
+    return len(conversations)
 
 
 def run_cli(args, cwd, stdin=None):
