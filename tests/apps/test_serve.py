@@ -380,8 +380,8 @@ def test_browser_side_by_side(browser, server):
     _by_id(browser, "side-send").click()
     _wait(browser, lambda: _value(browser, "side-info").startswith("base:") and "new tokens" in _value(browser, "side-info"))
     info = read_info(str(server.adapter))
-    replier = load_chat(info.model_name_or_path, str(server.adapter), "auto", False, MAX_NEW_TOKENS,
-                        server.system_prompt, info.max_seq_length)
+    replier = load_chat(info.model_name_or_path, str(server.adapter), "auto", True, MAX_NEW_TOKENS,  # as serve
+                        server.system_prompt, info.max_seq_length)                           # loads it
     turns = [{"role": "user", "content": message}]
     tuned, base = replier.reply(turns).text, replier.reply(turns, base=True).text
     assert tuned and base and tuned != base  # the adapter changes this reply
