@@ -93,9 +93,22 @@ def two_pair_batch(tokenizer, device="cpu"):
 
 TWO_PAIRS = [("আমি একা।", "আমি আছি, বলুন কী হয়েছে।"), ("আজ খুব ভয় লাগছে, কী করব?", "ভয় পাওয়া স্বাভাবিক, আমি শুনছি।")]
 
-SHARED_DATA = ROOT.parent / "shared" / "data" / "dailydialog_bn_sample"
-requires_shared = pytest.mark.skipif(not (SHARED_DATA / "conversations.jsonl").is_file(),
-                                     reason="../shared/data/dailydialog_bn_sample is absent")
+# 77 DailyDialog-bn conversations (CC BY-NC-SA 4.0; tests/fixtures/dailydialog_bn/README.md says what and whence)
+DAILYDIALOG = ROOT / "tests" / "fixtures" / "dailydialog_bn" / "conversations.jsonl"
+
+
+def dailydialog_turn_rows(path):
+    """Write the DailyDialog-bn slice as one row per turn, as the sample's dialogues.jsonl has it (``id``,
+    ``dialogue_id``, ``turn``, ``prompt`` = the turn before, ``response``, ``history`` = every turn before),
+    to ``path``; return the number of dialogues."""
+    out = []
+    conversations = [json.loads(line) for line in DAILYDIALOG.read_text(encoding="utf-8").splitlines()]
+    for c in conversations:
+        turns = [m["content"] for m in c["messages"]]
+        out += [{"id": f"{c['id']}-t{i:02d}", "dialogue_id": c["id"], "turn": i, "prompt": turns[i - 1],
+                 "response": turns[i], "history": turns[:i]} for i in range(1, len(turns))]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8")
+    return len(conversations)
 
 
 def run_cli(args, cwd, stdin=None):
@@ -185,10 +198,42 @@ def default_fit(tmp_path_factory):
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+# Module fixtures that run a fit (tens of seconds): their tests share one pytest-xdist worker.
+FIT_FIXTURES = {"dpo_fit", "fitted", "pretrain_fit"}
+
+
+def pytest_configure(config):
+    # pytest-xdist's --dist loadgroup hands out work units (a group, or one test) in the order
+    # pytest_collection_modifyitems below leaves them, instead of the biggest groups first: the
+    # groups that read the default fit would otherwise all start at once, one worker computing the fit
+    # and the other waiting for it.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups; after pytest-randomly's shuffle
 def pytest_collection_modifyitems(items):
-    # With pytest-xdist's --dist loadgroup, the tests that read the shared default fit run on the
-    # worker that computes it, instead of a second worker waiting on its lock.
-    for item in items:
-        if "default_fit" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("default_fit"))
+    """Group and order the tests for two pytest-xdist workers (longest first, with the default fit's readers
+    after the fit); the order within each class is the collection's (or pytest-randomly's).
+
+    1. the tests of tests/test_cli.py that read the shared default fit: one group, on the worker that
+       computes the fit;
+    2. slow tests that need no default fit (two-process DDP, the DailyDialog fit, ...) and the tests of a
+       module fixture's fit (one group each): the other worker starts on these while the fit runs;
+    3. the other modules' tests that read the default fit, one group per module (a module's fixtures
+       over the fit -- the web server, the GGUF exports -- are built once, on one worker), by the time
+       they start the fit is there;
+    4. the rest.
+    """
+    def rank(item):
+        names = getattr(item, "fixturenames", ())
+        if "default_fit" in names:
+            module = Path(str(item.fspath)).stem
+            item.add_marker(pytest.mark.xdist_group(f"default_fit_{module}"))
+            return 0 if module == "test_cli" else 2
+        fits = sorted(FIT_FIXTURES.intersection(names))
+        if fits:  # the tests that read one module fixture's fit, together: it runs once
+            item.add_marker(pytest.mark.xdist_group(fits[0]))
+        return 1 if fits or item.get_closest_marker("slow") else 3
+
+    items.sort(key=rank)  # stable

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEFAULT, SHARED_DATA, requires_shared, run_cli
+from conftest import DAILYDIALOG, DEFAULT, run_cli
 
 # On the command line limit_val_batches 1 is the float 1.0 (every batch), so 2 is the fewest whole batches.
 QUICK = [*DEFAULT, "--trainer.limit_val_batches", "2", "--model.decoding.max_new_tokens", "4",
@@ -169,10 +169,9 @@ def test_data_stats_command(tmp_path):
     assert "over_max_pct" in r.stdout and "note: on_too_long=error" in r.stdout
 
 
-@requires_shared
 @pytest.mark.slow
 def test_dailydialog_conversations_fit_validate_predict(tmp_path):
-    corpus = str(SHARED_DATA / "conversations.jsonl")
+    corpus = str(DAILYDIALOG)
     args = [*QUICK, "--data.corpus_path", corpus, "--data.max_seq_length", "1024", "--data.encoding.on_too_long",
             "truncate_history", "--trainer.max_steps", "4",
             "--trainer.val_check_interval", "4"]

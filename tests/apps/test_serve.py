@@ -97,14 +97,19 @@ def test_bad_serve_options_are_one_line_errors(default_fit, tmp_path):
         assert r.returncode == 2 and len(errors) == 1 and message in errors[0], r.stderr[-2000:]
 
 
-def test_serve_without_gradio_names_the_extra(default_fit, tmp_path, monkeypatch):
+def test_serve_without_gradio_names_the_extra(tmp_path, monkeypatch):
+    """Without Gradio, serve stops with one line naming the extra, before it reads the adapter or loads a model
+    (the adapter here does not exist)."""
     import sys
 
     monkeypatch.setitem(sys.modules, "gradio", None)  # what `import gradio` finds where it is not installed
-    monkeypatch.delitem(sys.modules, "bengali_empathy.apps.serve")
-    r = run_cli(["serve", "--adapter", str(default_fit[1] / "adapter")], cwd=tmp_path)
+    # serve's module is imported afresh whether or not an earlier test in this worker imported it
+    monkeypatch.delitem(sys.modules, "bengali_empathy.apps.serve", raising=False)
+    r = run_cli(["serve", "--adapter", str(tmp_path / "no_adapter"), "--db", str(tmp_path / "e.db")], cwd=tmp_path)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and errors == ["error: serve needs Gradio: pip install -e '.[serve]'"], r.stderr[-2000:]
+    assert "bengali_empathy.apps.serve" not in sys.modules  # the import was tried, and failed on Gradio
+    assert not list(tmp_path.iterdir())  # nothing written: no registry file
 
 
 def test_every_route_wants_the_login(server):
@@ -195,7 +200,7 @@ needs_chromium = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
 
 def _new_browser(server):
     """A headless Chromium of its own (its own cookies: a session of its own) on the page."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the test extra)")
+    from selenium import webdriver  # the test extra
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
@@ -210,7 +215,12 @@ def _new_browser(server):
 
 @pytest.fixture(scope="module")
 def browser(server):
+    """A headless Chromium logged in to the page (shared by this module's browser tests, whichever runs first)."""
+    from selenium.webdriver.common.by import By
+
     driver = _new_browser(server)
+    _login(driver, PASSWORD)
+    _wait(driver, lambda: driver.find_elements(By.ID, "chat-send"))
     yield driver
     driver.quit()
 
@@ -244,6 +254,16 @@ def _tab(driver, name):
     next(t for t in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.text == name).click()
 
 
+def _open_an_empty_chat(driver):
+    """The Chat tab, cleared: no turns, no info line."""
+    from selenium.webdriver.common.by import By
+
+    _tab(driver, "Chat")
+    _by_id(driver, "chat-clear").click()
+    _wait(driver, lambda: _value(driver, "chat-info") == ""
+          and not driver.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=bot]"))
+
+
 def _screenshot(driver, server, name) -> Path:
     """Save the window as PNG (also into $BENGALI_EMPATHY_SCREENSHOTS, for the README) and check it is not blank."""
     import numpy as np
@@ -272,14 +292,18 @@ def _login(driver, password):
 
 
 @needs_chromium
-def test_browser_refuses_a_wrong_password_then_logs_in(browser, server):
+def test_browser_refuses_a_wrong_password_then_logs_in(server):
     from selenium.webdriver.common.by import By
 
-    _login(browser, "wrong")
-    _wait(browser, lambda: "Incorrect Credentials" in browser.find_element(By.TAG_NAME, "body").text)
-    assert not browser.find_elements(By.ID, "chat-send")
-    _login(browser, PASSWORD)
-    _wait(browser, lambda: browser.find_elements(By.ID, "chat-send"))
+    browser = _new_browser(server)  # a browser of its own, not yet logged in
+    try:
+        _login(browser, "wrong")
+        _wait(browser, lambda: "Incorrect Credentials" in browser.find_element(By.TAG_NAME, "body").text)
+        assert not browser.find_elements(By.ID, "chat-send")
+        _login(browser, PASSWORD)
+        _wait(browser, lambda: browser.find_elements(By.ID, "chat-send"))
+    finally:
+        browser.quit()
 
 
 @needs_chromium
@@ -295,6 +319,7 @@ def test_browser_chat_is_a_conversation_shown_as_text(browser, server, tokenizer
               and "new tokens" in _value(browser, "chat-info"))
         return _value(browser, "chat-info")
 
+    _open_an_empty_chat(browser)  # whatever the module's other browser tests left in this session
     first = "আমি খুব একা।"
     send(first, 0)
     reply = _client(server)  # the same greedy reply, as exact text, for the independent token count
@@ -331,6 +356,7 @@ def test_two_browsers_keep_separate_conversations(browser, server):
               and "new tokens" in _value(driver, "chat-info"))
         return before
 
+    _tab(browser, "Chat")
     first = send(browser, "আজ মন ভালো নেই।")
     second = _new_browser(server)
     try:
@@ -343,11 +369,25 @@ def test_two_browsers_keep_separate_conversations(browser, server):
 
 @needs_chromium
 def test_browser_side_by_side(browser, server):
+    """The two boxes hold the tuned model's and the base model's greedy replies to the message: those of a
+    Replier loaded here on the same adapter, and the tuned one is what the chat answers."""
+    from bengali_empathy.cli import load_chat
+    from bengali_empathy.models.checkpoints import read_info
+
+    message = "আজ খুব ভয় লাগছে, কী করব?"
     _tab(browser, "Side by side")
-    _type(browser, "side-message", "আজ খুব ভয় লাগছে, কী করব?")
+    _type(browser, "side-message", message)
     _by_id(browser, "side-send").click()
     _wait(browser, lambda: _value(browser, "side-info").startswith("base:") and "new tokens" in _value(browser, "side-info"))
-    assert _value(browser, "side-tuned") and _value(browser, "side-base")
+    info = read_info(str(server.adapter))
+    replier = load_chat(info.model_name_or_path, str(server.adapter), "auto", True, MAX_NEW_TOKENS,  # as serve
+                        server.system_prompt, info.max_seq_length)                           # loads it
+    turns = [{"role": "user", "content": message}]
+    tuned, base = replier.reply(turns).text, replier.reply(turns, base=True).text
+    assert tuned and base and tuned != base  # the adapter changes this reply
+    assert (_value(browser, "side-tuned"), _value(browser, "side-base")) == (tuned, base)
+    chat_turns, _ = _chat(_client(server), message)
+    assert chat_turns[1] == ("assistant", tuned)
     _screenshot(browser, server, "side_by_side")
 
 

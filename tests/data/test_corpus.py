@@ -7,7 +7,7 @@ from bengali_empathy.data import (
     CorpusColumns, CorpusFormat, EmpatheticDialogueDataModule, EncodingSettings, corpus_files, load_file, split_of,
 )
 from bengali_empathy.errors import UserError
-from conftest import SHARED_DATA, requires_shared
+from conftest import dailydialog_turn_rows
 
 CONV = [{"role": "user", "content": "আজ মনটা ভারী।"}, {"role": "assistant", "content": "কী হয়েছে, বলবেন?"},
         {"role": "user", "content": "চাকরিটা চলে গেল।"}, {"role": "assistant", "content": "খুব কঠিন সময়, আমি শুনছি।"}]
@@ -50,7 +50,7 @@ def test_csv_templates_with_multiline_quotes_bom_crlf(tmp_path):
 
 
 def test_tsv_parquet_json_directory_and_glob(tmp_path):
-    pd = pytest.importorskip("pandas")
+    import pandas as pd  # installed with datasets
     rows = [{"id": f"r{i}", "prompt": f"প্রশ্ন {i}", "response": f"উত্তর {i}"} for i in range(4)]
     pd.DataFrame(rows).to_csv(tmp_path / "a.tsv", sep="\t", index=False)
     pd.DataFrame(rows).to_parquet(tmp_path / "b.parquet")
@@ -85,15 +85,15 @@ def test_group_column_keeps_a_dialogue_in_one_split(tmp_path):
     assert len({split_of(c.id, 0.1, 0.1, 42) for c in convs}) == 3 and per_row  # ids alone would scatter
 
 
-@requires_shared
-def test_dailydialog_turn_rows_never_straddle_splits():
-    dm = EmpatheticDialogueDataModule(corpus_path=str(SHARED_DATA / "dialogues.jsonl"), max_seq_length=4096,
+def test_dailydialog_turn_rows_never_straddle_splits(tmp_path):
+    dialogues = dailydialog_turn_rows(tmp_path / "dialogues.jsonl")
+    dm = EmpatheticDialogueDataModule(corpus_path=str(tmp_path / "dialogues.jsonl"), max_seq_length=4096,
                                       encoding=EncodingSettings(on_too_long="drop"))
     cols = dm.encoded().select_columns(["group", "split"])[:]
     by_group: dict = {}
     for g, s in zip(cols["group"], cols["split"]):
         by_group.setdefault(g, set()).add(s)
-    assert len(by_group) == 949 and all(len(s) == 1 for s in by_group.values())
+    assert len(by_group) == dialogues and all(len(s) == 1 for s in by_group.values())
     assert set().union(*by_group.values()) == {"train", "val", "test"}
 
 

@@ -31,16 +31,21 @@ def test_pairs_of_both_layouts_encode_chosen_and_rejected(tmp_path, chat):
     assert batch["pairs"] == 2 and batch["input_ids"].shape[0] == 4 and "eval_rows" not in batch
     # row k and row k + pairs share the history; the labels are the final reply (+ <|eot_id|>) only
     system = chat.tokenize([DEFAULT_SYSTEM_PROMPT])[0]
+    pairs = {("খুব কষ্টের খবর। আমি শুনছি।", "ঠিক আছে।"): HISTORY,  # (chosen, rejected): the history before them
+             ("আমি আছি।", "জানি না।"): [{"role": "user", "content": "আমি একা।"}]}
+    seen = []
     for k in range(2):
         chosen, rejected = batch["labels"][k], batch["labels"][k + 2]
-        texts = chat.tokenizer.batch_decode([chosen[chosen != -100], rejected[rejected != -100]],
-                                            skip_special_tokens=True)
-        assert sorted(texts) == sorted(["খুব কষ্টের খবর। আমি শুনছি।", "ঠিক আছে।"]) or \
-            sorted(texts) == sorted(["আমি আছি।", "জানি না।"])
-        if texts[0] == "খুব কষ্টের খবর। আমি শুনছি।":
-            turns = [(t["role"], ids) for t, ids in zip(HISTORY, chat.tokenize([t["content"] for t in HISTORY]))]
-            expected, _ = chat.assemble(system, turns + [("assistant", chat.tokenize([texts[0]])[0])])
-            assert batch["input_ids"][k, :len(expected)].tolist() == expected
+        texts = tuple(chat.tokenizer.batch_decode([chosen[chosen != -100], rejected[rejected != -100]],
+                                                  skip_special_tokens=True))
+        assert texts in pairs, texts  # the chosen reply in row k, the rejected one in row k + pairs
+        seen.append(texts)
+        history = pairs[texts]
+        turns = [(t["role"], ids) for t, ids in zip(history, chat.tokenize([t["content"] for t in history]))]
+        for row, reply in ((k, texts[0]), (k + 2, texts[1])):  # each row: the whole conversation, then its reply
+            expected, _ = chat.assemble(system, turns + [("assistant", chat.tokenize([reply])[0])])
+            assert batch["input_ids"][row, :len(expected)].tolist() == expected
+    assert sorted(seen) == sorted(pairs)  # the deduplicated pair and the other file's pair, once each
 
 
 @pytest.mark.parametrize("row, message", [

@@ -4,7 +4,7 @@ import pytest
 from bengali_empathy.evaluation.checks import NearDuplicateIndex, degenerate_predictions, train_overlap, warnings_for
 from bengali_empathy.evaluation.evaluator import summarize
 from bengali_empathy.evaluation.metrics import TEXT_SCORES, score_texts
-from conftest import SHARED_DATA, requires_shared
+from conftest import dailydialog_turn_rows
 
 A = "আপনার মন খারাপের কথা শুনে আমারও খারাপ লাগছে। আজ নিজের জন্য ছোট কোনো আরামের কাজ করবেন কি?"
 B = "পরীক্ষার ফল ভালো হয়নি বলে মন খারাপ, বাবা-মা কী বলবেন ভেবে ভয় লাগছে।"
@@ -95,15 +95,13 @@ def test_predictions_that_begin_by_echoing_the_prompt_are_counted():
     assert "1 of 3 predictions begin by echoing the prompt" in warnings_for(None, deg)
 
 
-@requires_shared
 @pytest.mark.parametrize("group_column", ["id", "dialogue_id"])
 def test_per_turn_corpus_split_by_row_leaks_its_test_replies_and_by_dialogue_does_not(tmp_path, group_column):
     """DailyDialog-bn as one row per turn: split by row id, nearly every test reply is a later training
     row's prompt; split by dialogue, (almost) none is."""
     from bengali_empathy.data import CorpusColumns, EmpatheticDialogueDataModule, EncodingSettings
 
-    lines = (SHARED_DATA / "dialogues.jsonl").read_text(encoding="utf-8").splitlines()[:600]
-    (tmp_path / "turns.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    dailydialog_turn_rows(tmp_path / "turns.jsonl")  # 77 dialogues, 565 rows
     dm = EmpatheticDialogueDataModule(corpus_path=str(tmp_path / "turns.jsonl"), max_seq_length=1024,
                                       columns=CorpusColumns(group=group_column),
                                       encoding=EncodingSettings(on_too_long="drop"))

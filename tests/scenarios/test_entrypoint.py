@@ -1,7 +1,10 @@
 """``python -m bengali_empathy`` itself, in a new interpreter (every other CLI test calls ``main`` in-process)."""
+import pytest
+
 from conftest import DEFAULT, run_module
 
 
+@pytest.mark.slow
 def test_python_m_bengali_empathy_answers_and_reports_bad_input(tmp_path):
     r = run_module(["chat", "--max-new-tokens", "2", "-m", "আমি খুব একা।"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
