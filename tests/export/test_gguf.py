@@ -356,6 +356,7 @@ def test_an_exported_gguf_is_a_model_path_again(exports, merged, tmp_path, monke
     tokenizer, chat template and stop tokens, whose logits are those of transformers reading the file itself."""
     from transformers import AutoModelForCausalLM
 
+    from bengali_empathy.data import ChatEncoder
     from bengali_empathy.data.tokenizer import load_tokenizer, stop_token_ids
     from bengali_empathy.models.modeling import resolve_model_path
 
@@ -374,4 +375,8 @@ def test_an_exported_gguf_is_a_model_path_again(exports, merged, tmp_path, monke
     converted_tokenizer = load_tokenizer(str(converted))
     assert converted_tokenizer.chat_template == tokenizer.chat_template
     assert stop_token_ids(converted_tokenizer) == stop_token_ids(tokenizer)
-    assert converted_tokenizer("আজ মনটা খুব ভারী লাগছে।")["input_ids"] == tokenizer("আজ মনটা খুব ভারী লাগছে।")["input_ids"]
+    # the training format over either tokenizer: the same ids for a conversation and its generation prompt
+    turns = [{"role": "user", "content": "আজ মনটা খুব ভারী লাগছে।"}, {"role": "assistant", "content": "কী হয়েছে?"},
+             {"role": "user", "content": "চাকরিটা চলে গেল।"}]
+    assert (ChatEncoder(converted_tokenizer).prompt_ids(info.system_prompt, turns)
+            == ChatEncoder(tokenizer).prompt_ids(info.system_prompt, turns))
