@@ -1,7 +1,7 @@
 """Sizes, wall times and peak host memory of `export` for the Llama-3.1-8B architecture (the GPU machine's gguf8b step).
 
 Usage: python scripts/gguf_8b_probe.py BASE WORKDIR OUT_JSONL
-  BASE: a random-weight bf16 8B checkpoint (gpu_session.sh model8b makes /tmp/llama8b).
+  BASE: a random-weight bf16 8B checkpoint (`bash scripts/gpu_bench.sh model8b` makes /tmp/llama8b).
 
 Makes a LoRA adapter for BASE (r=16 on q/k/v/o with random, nonzero A and B, saved as fit saves one), then runs
 `python -m bengali_empathy export` for bf16 hf, f16 GGUF and q4_k_m GGUF one after another, each in its own process,

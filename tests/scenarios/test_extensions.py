@@ -1,4 +1,4 @@
-"""The README's three extension examples (a backend, a corpus layout, a metric) run as written."""
+"""The three extension examples of docs/architecture.md (a backend, a corpus layout, a metric) run as written."""
 import re
 
 import pytest
@@ -7,13 +7,16 @@ import sacrebleu
 from conftest import ROOT
 
 
-def readme_block(heading: str) -> dict:
-    """Execute the first python block after ``heading`` in README.md; returns its namespace."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+DOC = "docs/architecture.md"
+
+
+def doc_block(heading: str) -> dict:
+    """Execute the first python block after ``heading`` in docs/architecture.md; returns its namespace."""
+    text = (ROOT / DOC).read_text(encoding="utf-8")
     block = re.search(re.escape(heading) + r".*?```python\n(.*?)```", text, re.S)
-    assert block, f"no python block after {heading!r} in README.md"
+    assert block, f"no python block after {heading!r} in {DOC}"
     namespace: dict = {}
-    exec(compile(block.group(1), f"README.md ({heading})", "exec"), namespace)
+    exec(compile(block.group(1), f"{DOC} ({heading})", "exec"), namespace)
     return namespace
 
 
@@ -24,7 +27,7 @@ def test_backend_example_registers_and_trains_fp32_lora(tiny_model_path, tokeniz
     from bengali_empathy.models.lora import LoraSettings
     from conftest import two_pair_batch
 
-    ns = readme_block("**A backend**")
+    ns = doc_block("**A backend**")
     monkeypatch.setattr(backends, "BACKENDS", backends.BACKENDS + ("hf-fp32-lora",))  # "its name in BackendName"
     try:
         backend = backends.make_backend("hf-fp32-lora", load_in_4bit=False, gradient_checkpointing=False)
@@ -42,9 +45,9 @@ def test_backend_example_registers_and_trains_fp32_lora(tiny_model_path, tokeniz
 def test_corpus_layout_example_puts_the_history_before_the_exchange():
     from bengali_empathy.data import CorpusFormat
 
-    ns = readme_block("**A corpus layout**")
+    ns = doc_block("**A corpus layout**")
     fmt = CorpusFormat(["prompt", "response", "history"], "h.jsonl")
-    fmt.to_turns = ns["HistoryThenExchange"]("history", fmt.to_turns)  # what the README's branch does
+    fmt.to_turns = ns["HistoryThenExchange"]("history", fmt.to_turns)  # what the doc's branch does
     conv = fmt.conversation({"prompt": "আজ আবার মন খারাপ।", "response": "আবার কী হলো? বলুন।",
                              "history": ["কাল ঘুম হয়নি।", "কেন, কী হয়েছিল?"]}, "h.jsonl: row 1")
     assert [t["role"] for t in conv.turns] == ["user", "assistant", "user", "assistant"]
@@ -63,10 +66,10 @@ def test_metric_example_reaches_metrics_json_and_the_report(monkeypatch):
 
     original = metrics.text_metrics
     monkeypatch.setitem(metrics.SCORE_NAMES, "ter", None)  # removed again after the test
-    ns = readme_block("**A metric**")
+    ns = doc_block("**A metric**")
     assert metrics.SCORE_NAMES["ter"] == "TER"
     monkeypatch.setattr(metrics, "text_metrics", lambda **kw: MetricCollection(
-        {**dict(original(**kw).items()), "ter": ns["BengaliTER"](**kw)}))  # the README's one added line
+        {**dict(original(**kw).items()), "ter": ns["BengaliTER"](**kw)}))  # the doc's one added line
     preds, refs = ["আমি আছি, বলুন।", "ভয় পাবেন না।"], ["আমি আছি, বলুন কী হয়েছে।", "ভয় পাওয়া স্বাভাবিক।"]
     rows = [EvalRow("x.jsonl", i + 1, str(i), "p", r, prediction=p) for i, (p, r) in enumerate(zip(preds, refs))]
     summary = summarize([r.output() for r in rows], {"loss": 1.0})

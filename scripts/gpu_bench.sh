@@ -1,28 +1,40 @@
 #!/usr/bin/env bash
-# Runs on the lent GPU machine: installs carried wheels, runs GPU tests and benchmarks.
-# Usage: bash scripts/gpu_session.sh STEP...
+# GPU tests and benchmarks on a CUDA machine, from the repository root: bash scripts/gpu_bench.sh STEP...
 #   STEP: tests | unsloth | unsloth_plain | norearm | hf | hf_plain | corpus_packed | corpus_unpacked | corpus_grouped
 #         | model8b | predict | predicts | compare | fitbudget | probe | profile | gguf8b | dpo8b
+# Environment:
+#   WHEELS=DIR   optional: a directory of wheels (e.g. unsloth, bitsandbytes, this package's dependencies) to
+#                install offline into /tmp/site first; without it the script uses the Python environment it
+#                runs in (e.g. after `pip install -e '.[unsloth,test]'`).
+#   OUT=DIR      where results and logs go (default /tmp/out).
+#   CORPUS=FILE  the `messages` JSONL of the corpus_* / predict / fitbudget / dpo8b / probe / profile steps
+#                (default .gpu_data/conversations.jsonl, git-ignored: e.g. a copy of a DailyDialog-bn
+#                conversations.jsonl such as tests/fixtures/dailydialog_bn/conversations.jsonl).
+# model8b writes a random-weight Llama-3.1-8B checkpoint (bf16) into the cache and links it as /tmp/llama8b; the
+# steps that take /tmp/llama8b need it first.
+# compare: Unsloth's TRL SFTTrainer and this package at each memory budget of $BUDGETS, one table.
+# fitbudget: `fit` of the 8B config on $CORPUS for 30 steps at each budget of $FIT_BUDGETS: the plan line,
+# tokens/s and the peak against the budget.
+# predict: `predict` end to end on /tmp/llama8b for each generation batch size in $GEN_BS, on $ROWS training
+# rows of $CORPUS, with $PREDICT_ARGS.
+# predicts: `predict` of the 8B hf config per entry of $VARIANTS ("NAME|ARGS;NAME|ARGS...").
+# probe: scripts/generation_probe.py on /tmp/llama8b with $PROBE_ARGS (engines, batch sizes, reply lengths).
 # profile: scripts/engine_profile.py on /tmp/llama8b, one process per entry of $PROFILES (prefill variants,
 # first call against later calls, kernel profiles, decoding steps).
-# probe: scripts/generation_probe.py on /tmp/llama8b with $PROBE_ARGS (engines, batch sizes, reply lengths).
-# compare: Unsloth's TRL SFTTrainer and this package at each memory budget of $BUDGETS, one table.
-# fitbudget: `fit` of the 8B config on $CORPUS (random 8B from model8b) for 30 steps at each budget of
-# $FIT_BUDGETS: the plan line, tokens/s and the peak against the budget.
-# predict runs `predict` end to end on a random-weight 8B checkpoint (made by model8b in /tmp/llama8b)
-# for each generation batch size in $GEN_BS, on $ROWS training rows of $CORPUS, with $PREDICT_ARGS.
-# gguf8b: export of a random LoRA adapter on /tmp/llama8b (model8b first) as bf16 hf, f16 GGUF and q4_k_m GGUF:
-# wall time, peak host memory and size of each (scripts/gguf_8b_probe.py), one JSON line in $OUT/gguf8b.jsonl.
-# dpo8b: DPO (`fit --model.objective.name dpo`, policy + reference passes) of the random 8B (model8b first) with
-# Unsloth at the 14 GiB budget for $DPO_STEPS steps of $DPO_BS pairs, on pairs built from $CORPUS by
-# scripts/make_preference_pairs.py; prints the plan, the peak against the budget and tokens/s.
-# corpus_* read $CORPUS (default .gpu_data/conversations.jsonl: carry a copy of
-# ../shared/data/dailydialog_bn_sample/conversations.jsonl there, git-ignored).
+# gguf8b: export of a random LoRA adapter on /tmp/llama8b as bf16 hf, f16 GGUF and q4_k_m GGUF: wall time, peak
+# host memory and size of each (scripts/gguf_8b_probe.py), one JSON line each in $OUT/gguf8b.jsonl.
+# dpo8b: DPO (policy + reference passes) of /tmp/llama8b with Unsloth at the 14 GiB budget for $DPO_STEPS steps
+# of $DPO_BS pairs, on pairs built from $CORPUS by scripts/make_preference_pairs.py.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
-export BENGALI_EMPATHY_CACHE=/tmp/be_cache
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -2
-export PYTHONPATH=/tmp/site:$PWD
+export BENGALI_EMPATHY_CACHE=${BENGALI_EMPATHY_CACHE:-/tmp/be_cache}
+if [ -n "${WHEELS:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$WHEELS"/*.whl 2>&1 | tail -2
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 CORPUS=${CORPUS:-.gpu_data/conversations.jsonl}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -31,7 +43,7 @@ S=${STEPS:-25}
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
-    tests) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu --durations=0 tests/test_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} -p no:cacheprovider -rP \
+    tests) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu --durations=0 tests/scenarios/test_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} -p no:cacheprovider -rP \
              -W ignore::UserWarning --tb=short >"$OUT/gpu_tests.log" 2>&1; grep -E "passed|failed|^E |^FAILED" "$OUT/gpu_tests.log" | tail -30 ;;
     unsloth) timeout 240 $B --batch-size 2 --backend unsloth --loop lightning --steps $S --warmup 5 2>&1 | tail -1 ;;
     unsloth_plain) timeout 200 $B --batch-size 2 --backend unsloth --loop plain --steps $S --warmup 5 2>&1 | tail -1 ;;
