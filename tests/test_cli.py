@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from bengali_empathy.cli import next_steps
 from conftest import DEFAULT, run_cli
 
 # On the command line limit_val_batches 1 is the float 1.0 (every batch), so 2 is the fewest whole batches.
@@ -199,3 +200,17 @@ def test_no_init_in_the_package_takes_more_than_15_parameters():
                 if count > 15:
                     too_many.append(f"{path.relative_to(ROOT)}:{node.lineno} ({count})")
     assert not too_many, too_many
+
+
+def test_evaluation_runs_say_what_they_wrote_and_how_to_report_it(tmp_path):
+    (tmp_path / "predictions.jsonl").write_text("{}\n")
+    (tmp_path / "metrics.json").write_text("{}\n")
+    text = next_steps("predict", tmp_path, ["c.yaml"], "runs/version_0/adapter")
+    assert f"predict wrote: {tmp_path / 'predictions.jsonl'}, {tmp_path / 'metrics.json'}" in text
+    assert "python -m bengali_empathy report runs/version_0" in text
+    assert "report " + str(tmp_path) in next_steps("validate", tmp_path, [], None)
+
+
+
+def test_fit_without_an_adapter_says_so(tmp_path):
+    assert "no adapter saved" in next_steps("fit", tmp_path, ["c.yaml"], None)
