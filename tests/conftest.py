@@ -216,8 +216,8 @@ def pytest_collection_modifyitems(items):
     """Group and order the tests for two pytest-xdist workers (longest first, with the default fit's readers
     after the fit); the order within each class is the collection's (or pytest-randomly's).
 
-    1. the tests of tests/test_cli.py that read the shared default fit: one group, on the worker that
-       computes the fit;
+    1. the tests of tests/scenarios/test_readme_run.py (each reads the shared default fit): one group, on the
+       worker that computes the fit;
     2. slow tests that need no default fit (two-process DDP, the DailyDialog fit, ...) and the tests of a
        module fixture's fit (one group each): the other worker starts on these while the fit runs;
     3. the other modules' tests that read the default fit, one group per module (a module's fixtures
@@ -230,7 +230,7 @@ def pytest_collection_modifyitems(items):
         if "default_fit" in names:
             module = Path(str(item.fspath)).stem
             item.add_marker(pytest.mark.xdist_group(f"default_fit_{module}"))
-            return 0 if module == "test_cli" else 2
+            return 0 if module == "test_readme_run" else 2
         fits = sorted(FIT_FIXTURES.intersection(names))
         if fits:  # the tests that read one module fixture's fit, together: it runs once
             item.add_marker(pytest.mark.xdist_group(fits[0]))

@@ -1,7 +1,7 @@
 """Atomic writes: a failed write leaves the old file or directory as it was, and no temporary leftovers."""
 import pytest
 
-from bengali_empathy._io import atomic_directory, atomic_write_text
+from bengali_empathy._io import atomic_directory, atomic_write_text, replace_directory
 
 
 def test_a_failed_text_write_keeps_the_old_file_and_leaves_nothing(tmp_path):
@@ -39,3 +39,14 @@ def test_a_directory_that_must_not_be_replaced_is_kept(tmp_path):
             (tmp / "config.json").write_text("ours")
     assert (target / "config.json").read_text() == "theirs"
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
+
+
+def test_replacing_a_directory_keeps_no_leftovers(tmp_path):
+    target, new = tmp_path / "adapter", tmp_path / ".adapter.tmp-1"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    new.mkdir()
+    (new / "weights").write_text("new")
+    replace_directory(new, target)
+    assert (target / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

@@ -13,6 +13,8 @@ from types import SimpleNamespace
 import pytest
 from conftest import run_cli
 
+from bengali_empathy.generation.chat import EMPTY_REPLY, Reply
+
 gr = pytest.importorskip("gradio", reason="serve needs the serve extra: pip install -e '.[serve]'")
 from gradio_client import Client  # noqa: E402  (installed with gradio)
 
@@ -440,3 +442,13 @@ def test_the_info_line_says_when_earlier_turns_were_left_out():
     assert describe(reply, 768) == ("prompt 700 tokens: system prompt + 2 earlier turns + this message; the 4 oldest "
                                     "turns were left out to fit max_seq_length 768; 6 new tokens in 0.2 s; "
                                     "sampled with seed 7")
+
+
+def test_the_web_page_says_a_reply_is_empty():
+    import pytest
+
+    pytest.importorskip("gradio")  # the serve extra
+    from bengali_empathy.apps.serve import describe
+
+    assert EMPTY_REPLY in describe(Reply("", 5, 0, 0, done=True), 768)
+    assert EMPTY_REPLY not in describe(Reply("", 5, 0, 0, done=False), 768)  # still streaming

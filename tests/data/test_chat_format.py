@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bengali_empathy.data.chat_format import ChatEncoder
+from bengali_empathy.data.formats import DEFAULT_SYSTEM_PROMPT
 from bengali_empathy.data.encode import EncodeOptions, fit_to_length
 from bengali_empathy.data.tokenizer import apply_chat_template_override, load_tokenizer, stop_token_ids
 from bengali_empathy.errors import UserError
@@ -211,3 +212,42 @@ def test_apply_chat_template_override(tmp_path, tokenizer):
     assert "Cutting Knowledge Date" in tok.chat_template
     with pytest.raises(UserError, match="neither Jinja text nor a file"):
         apply_chat_template_override(tok, str(tmp_path / "missing.jinja"))
+
+
+LONG_CONV = [
+    {"role": "user", "content": "গত মাসে আমার বাবা মারা গেছেন। এখনো বিশ্বাস হয় না।"},
+    {"role": "assistant", "content": "আপনার বাবার মৃত্যুর খবরে আমি গভীরভাবে দুঃখিত। এই শোক খুব ভারী।"},
+    {"role": "user", "content": "রাতে ঘুম আসে না, সারাক্ষণ তাঁর কথা মনে পড়ে।"},
+    {"role": "assistant", "content": "ঘুম না আসা শোকের খুব সাধারণ প্রতিক্রিয়া। তাঁর কোন স্মৃতিটা বেশি মনে পড়ে?"},
+    {"role": "user", "content": "ছোটবেলায় উনি আমাকে নদীর ধারে হাঁটতে নিয়ে যেতেন।"},
+    {"role": "assistant", "content": "কী সুন্দর স্মৃতি। সেই হাঁটাগুলো আপনাদের ভালোবাসার চিহ্ন হয়ে থাকবে।"},
+]
+
+
+
+def _tokenized(chat, system, turns):
+    texts = chat.tokenize([system] + [t["content"] for t in turns])
+    return texts[0], [(t["role"], x) for t, x in zip(turns, texts[1:])]
+
+
+@pytest.mark.parametrize("turns", [
+    LONG_CONV,
+    [{"role": "user", "content": "?কেন এমন হলো\nবুঝি না"}, {"role": "assistant", "content": "Okay 123, চলুন  কথা বলি।"}],
+    [{"role": "assistant", "content": "নমস্কার! কেমন আছেন?"}, {"role": "user", "content": "ভালো না।"},
+     {"role": "assistant", "content": "শুনে খারাপ লাগল।"}],
+])
+def test_chat_encoder_equals_apply_chat_template(tokenizer, chat, turns):
+    ids, spans = chat.assemble(*_tokenized(chat, DEFAULT_SYSTEM_PROMPT, turns))
+    ref = tokenizer.apply_chat_template([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}] + turns, tokenize=True)
+    assert ids == list(ref["input_ids"] if hasattr(ref, "keys") else ref)
+    replies = [t["content"] for t in turns if t["role"] == "assistant"]
+    assert [tokenizer.decode(ids[s:e]) for s, e in spans] == [r + "<|eot_id|>" for r in replies]
+    chat.check(DEFAULT_SYSTEM_PROMPT, turns, "here")
+
+
+
+def test_fast_tokenize_equals_the_tokenizer(tokenizer, chat):
+    assert chat.fast is not None  # the embedded tokenizer is Meta's Llama-3 BPE
+    texts = [t["content"] for t in LONG_CONV] + [DEFAULT_SYSTEM_PROMPT, "Okay 123,  চলুন\n\nকথা বলি।",
+                                                  "লিখলাম <|eot_id|> আর <|start_header_id|>", " শুরুতে ফাঁকা"]
+    assert chat.tokenize(texts) == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]

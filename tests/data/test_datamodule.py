@@ -1,5 +1,5 @@
-"""The data package's contract with the model (eval_rows, facts, StreamCounts), the streamed reshuffle,
-one parse per row, and bad corpora as one ``error:`` line (the CLI in-process)."""
+"""The data module's contract with the model (eval_rows, facts, predict on any split), one parse per row, streams
+sharded once DDP's ranks are known, and bad corpora as one ``error:`` line (the CLI in-process)."""
 import json
 import sys
 from collections import Counter
@@ -8,7 +8,7 @@ import pytest
 
 from bengali_empathy.cli import main
 from bengali_empathy.data import (
-    CorpusFormat, EmpatheticDialogueDataModule, EncodingSettings, LoaderSettings, SplitSettings, StreamCounts,
+    IGNORE_INDEX, CorpusFormat, EmpatheticDialogueDataModule, LoaderSettings, PredictSettings, SplitSettings,
 )
 from bengali_empathy.errors import UserError
 from bengali_empathy.schema import CorpusFacts, EvalRow
@@ -24,10 +24,6 @@ def _pairs(n):
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return str(path)
-
-
-def _unpadded(loader):
-    return [tuple(b["input_ids"][0][b["attention_mask"][0].bool()].tolist()) for b in loader]
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -68,60 +64,6 @@ def test_facts_carry_the_corpus_stats_and_training_texts(tmp_path):
     assert streamed.facts.stats == {} and streamed.facts.training_texts() is None
     assert streamed.compute_stats()["train"]["kept"] == facts.stats["train"]["kept"]
     assert streamed.facts.stats["train"]["kept"] == facts.stats["train"]["kept"]
-
-
-def test_streamed_training_split_follows_the_trainers_epoch(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", _pairs(80))
-
-    class Trainer:  # what the loader reads of Lightning's trainer
-        global_rank, world_size, current_epoch = 0, 1, 0
-
-    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, batch_size=1,
-                                      loading=LoaderSettings(shuffle_buffer=40))
-    dm.setup()
-    passes = dm.train_dataloader()
-    epoch0, epoch1 = _unpadded(passes), _unpadded(passes)
-    resumed = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, batch_size=1,
-                                           loading=LoaderSettings(shuffle_buffer=40))
-    resumed.trainer = Trainer()
-    resumed.setup()
-    loader = resumed.train_dataloader()
-    Trainer.current_epoch = 1  # a run resumed in epoch 1 shuffles as the first run's second pass did
-    assert _unpadded(loader) == epoch1 != epoch0
-    Trainer.current_epoch = 0
-    assert _unpadded(loader) == epoch0
-
-
-def test_stream_counts_callback_prints_and_logs_the_epochs_rows(tmp_path, capsys):
-    rows = _pairs(20) + [{"id": "long", "prompt": "দীর্ঘ " * 300, "response": "খ"}, {"id": "e", "prompt": "ক",
-                                                                                      "response": ""}]
-    path = write_jsonl(tmp_path / "p.jsonl", rows)
-    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, max_seq_length=256,
-                                      encoding=EncodingSettings(on_too_long="drop"),
-                                      split=SplitSettings(val_fraction=0.0, test_fraction=0.0))
-    dm.setup()
-    list(dm.train_dataloader())
-    logged = {}
-
-    class Module:
-        print = staticmethod(print)
-
-        def log(self, name, value, **kwargs):
-            logged[name] = value
-
-    class Trainer:
-        datamodule = dm
-
-    StreamCounts().on_train_epoch_end(Trainer(), Module())
-    assert "streamed train rows this epoch: 20 kept, 0 truncated, 1 dropped as too long, 1 dropped as empty" \
-        in capsys.readouterr().out
-    assert logged == {"data/train_truncated_rows": 0.0, "data/train_too_long_rows": 1.0, "data/train_empty_rows": 1.0}
-    in_memory = EmpatheticDialogueDataModule(corpus_path=path, max_seq_length=256,
-                                             encoding=EncodingSettings(on_too_long="drop"))
-    in_memory.setup()
-    Trainer.datamodule = in_memory
-    StreamCounts().on_train_epoch_end(Trainer(), Module())  # counted before the run: nothing to report
-    assert capsys.readouterr().out == "" and len(logged) == 3
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -205,3 +147,47 @@ def test_too_long_error_counts_the_rows_over_the_limit(tmp_path, monkeypatch, ca
     streamed.setup()
     with pytest.raises(UserError, match="long.jsonl: row 4: conversation is .* the first of the stream"):
         list(streamed.splits.datasets["train"])
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_predict_on_the_training_split_has_prompts_even_when_packed(tmp_path, streaming):
+    path = write_jsonl(tmp_path / "p.jsonl", _pairs(60))
+    dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=streaming, pack=True, eval_batch_size=4,
+                                      loading=LoaderSettings(shuffle_buffer=0),
+                                      predict=PredictSettings(split="train", max_samples=6))
+    dm.setup()
+    batches = list(dm.predict_dataloader())
+    assert sum(len(b["eval_rows"]) for b in batches) == 6
+    assert all(b["input_ids"].shape[0] == len(b["eval_rows"]) for b in batches)
+    assert all(r.reference.startswith("উত্তর নম্বর") and r.prompt_ids for b in batches for r in b["eval_rows"])
+
+
+
+def test_datamodule_on_bundled_sample(tokenizer):
+    dm = EmpatheticDialogueDataModule(max_seq_length=1024, batch_size=4)
+    dm.setup()
+    assert dm.facts.stats["train"]["kept"] > 200 and dm.facts.stats["val"]["kept"] > 10
+    assert dm.facts.stats["train"]["turns"] > 2 * dm.facts.stats["train"]["rows"]  # multi-turn conversations are in
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == batch["labels"].shape and batch["input_ids"].shape[0] == 4
+    assert (batch["labels"] != IGNORE_INDEX).sum() > 0
+
+
+
+def test_streams_prepared_before_ddp_are_sharded_once_ranks_are_known(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", _pairs(120))
+
+    class Rank:  # what the data module reads of a DDP trainer
+        global_rank, world_size = 0, 2
+
+        def __init__(self, r):
+            self.global_rank = r
+
+    seen = []
+    for r in (0, 1):
+        dm = EmpatheticDialogueDataModule(corpus_path=path, streaming=True, loading=LoaderSettings(shuffle_buffer=0))
+        dm.setup()  # the CLI's prepare(): one process, no ranks yet
+        dm.trainer = Rank(r)
+        dm.setup("fit")  # Lightning's setup inside the DDP process
+        seen.append({tuple(ex["input_ids"]) for ex in dm.splits.datasets["train"]})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]

@@ -72,15 +72,6 @@ def test_bad_pair_rows_are_one_line_naming_the_row(tmp_path, row, message):
     assert not (tmp_path / "lightning_logs").exists()
 
 
-def test_data_stats_reads_pairs_as_the_config_trains_on_them(tmp_path):
-    write(tmp_path / "prefs.jsonl", [{"prompt": "আমি একা।", "chosen": "আমি আছি।", "rejected": "জানি না।"}] * 3)
-    r = run_cli(["data-stats", "--config", ROOT / "configs" / "dpo.yaml", "--data.split.val_fraction", "0",
-                 "--data.split.test_fraction", "0"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-1500:]
-    train = next(line.split() for line in r.stdout.splitlines() if line.split()[:1] == ["train"])
-    assert train[1] == "3" and train[3] == "6"  # rows, turns (prompt + chosen reply)
-
-
 def test_kto_rows_carry_their_labels_and_train(tmp_path, tiny_lora):
     from bengali_empathy.data import EmpatheticDialogueDataModule, SplitSettings
     from bengali_empathy.training.preference import PreferenceObjective

@@ -8,7 +8,10 @@ from bengali_empathy.evaluation.evaluator import Evaluator, merge_ranks
 from bengali_empathy.generation.decoding import Decoding
 from bengali_empathy.generation.generator import GenerationStats
 from bengali_empathy.evaluation.metrics import SCORE_NAMES, TEXT_SCORES, score_texts
+from bengali_empathy.models.memory import MemorySettings
 from bengali_empathy.schema import EvalRow
+from bengali_empathy.training.module import EmpathyLM
+from conftest import TWO_PAIRS, two_pair_batch
 
 A = "আপনার মন খারাপের কথা শুনে আমারও খারাপ লাগছে।"
 B = "পরীক্ষার ফল ভালো হয়নি বলে মন খারাপ।"
@@ -173,3 +176,12 @@ def test_score_names_are_one_list_for_reports_and_summaries():
     table = "\n".join(_metrics_section(metrics))
     assert all(f"| {name} |" in table for name in SCORE_NAMES.values())
     assert _key_scores(metrics) == ", ".join(f"{k}=0.5000" for k in SCORE_NAMES)
+
+
+def test_reply_characters_are_those_of_the_reference_replies(tiny_model_path):
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", memory=MemorySettings(load_in_4bit=False))
+    lm.configure_model()
+    from bengali_empathy.evaluation.evaluator import reply_chars
+
+    batch = two_pair_batch(lm.tokenizer)
+    assert reply_chars(lm.tokenizer, batch) == sum(len(reply) for _, reply in TWO_PAIRS)

@@ -1,5 +1,6 @@
 """Conversations (bengali_empathy.generation.chat): whole-grapheme streaming, the history length rule, one
 generation at a time, and terminal chat as a conversation."""
+import io
 import threading
 import time
 
@@ -8,7 +9,7 @@ import regex
 import torch
 from conftest import run_cli, trained_tiny_lora
 
-from bengali_empathy.generation.chat import GraphemeStreamer, Replier, settled_text
+from bengali_empathy.generation.chat import EMPTY_REPLY, GraphemeStreamer, Replier, Reply, chat_loop, settled_text
 from bengali_empathy.data import DEFAULT_SYSTEM_PROMPT, ChatEncoder
 from bengali_empathy.errors import UserError
 from bengali_empathy.generation.decoding import Decoding
@@ -187,3 +188,25 @@ def test_a_reader_that_leaves_ends_compiled_decoding(tiny_lora):
     assert replier._lock.acquire(timeout=5)
     replier._lock.release()
     assert 1 <= len(steps) < 32  # it stopped soon after the reader left, not after 64 tokens
+
+
+class _Replier:
+    """Answers every message with the given texts, as :class:`Replier.stream` streams them."""
+
+    max_seq_length = 768
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def stream(self, turns, decoding=None):
+        yield Reply(self.text, prompt_tokens=5, history_turns=0, dropped_turns=0, done=True)
+
+
+
+def test_chat_shows_an_empty_reply_as_such():
+    out, notes = io.StringIO(), []
+    chat_loop(_Replier(""), ["আজ মন খারাপ।"], out, notes.append)
+    assert out.getvalue() == "\n" and notes == [EMPTY_REPLY]
+    out, notes = io.StringIO(), []
+    chat_loop(_Replier("আমি শুনছি।"), ["আজ মন খারাপ।"], out, notes.append)
+    assert out.getvalue() == "আমি শুনছি।\n" and notes == []

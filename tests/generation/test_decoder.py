@@ -174,3 +174,28 @@ def test_out_of_memory_in_the_compiled_engine_halves_the_batch_and_drops_its_cac
     assert got == want and tried == [7, 3, 1] and stats.batch_size == 1  # 7 rows, 3, then one at a time (one cache)
     assert gen.batch_size == 1 and lines == [f"generating: out of GPU memory, batch size now {n} for the rest of this run"
                                              for n in (3, 1)]
+
+
+def test_sliced_prefill_fills_the_cache_as_one_padded_forward_does_without_gradients(tiny_lora):
+    """Each slice's keys sit where the batch's left padding puts them; nothing keeps an autograd graph
+    (a batch's prefill with one would hold every layer's activations: out of memory on an 8B model)."""
+    from transformers import DynamicCache, StaticCache
+
+    from bengali_empathy.generation.decoder import left_padded, prefill
+
+    _, model, tok = tiny_lora
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(1000, 120000, (n,), generator=g).tolist() for n in (12, 7, 7, 2)]
+    width = len(prompts[0])
+    cache = StaticCache(config=model.config, max_cache_len=width + 3)
+    prefill(model, cache, prompts, width, tok.pad_token_id, token_budget=12)  # slices of 1, 2 and 1 rows
+    ids, mask = left_padded([p[:-1] for p in prompts], width - 1, tok.pad_token_id)
+    full = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+              past_key_values=full)
+    real = mask.bool()
+    for layer, want in zip(cache.layers, full.layers):
+        assert not layer.keys.requires_grad and int(layer.cumulative_length) == width - 1
+        got = layer.keys[:, :, : width - 1].transpose(1, 2)[real]
+        assert torch.allclose(got, want.keys.transpose(1, 2)[real], atol=1e-5)

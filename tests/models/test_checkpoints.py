@@ -8,7 +8,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from safetensors.torch import load_file
 
-from bengali_empathy._io import replace_directory
 from bengali_empathy.models.checkpoints import check_adapter, lora_state_from_ckpt, read_info
 from bengali_empathy.data import EmpatheticDialogueDataModule
 from bengali_empathy.errors import UserError
@@ -89,17 +88,6 @@ def test_adapter_checks(fitted, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a LoRA adapter directory"):
         check_adapter(str(tmp_path / "empty"), base, LORA)
-
-
-def test_replacing_a_directory_keeps_no_leftovers(tmp_path):
-    target, new = tmp_path / "adapter", tmp_path / ".adapter.tmp-1"
-    target.mkdir()
-    (target / "weights").write_text("old")
-    new.mkdir()
-    (new / "weights").write_text("new")
-    replace_directory(new, target)
-    assert (target / "weights").read_text() == "new"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
 def test_chat_uses_the_adapters_system_prompt_and_length(fitted, monkeypatch, capsys):

@@ -1,7 +1,10 @@
 """LoRA settings: one type from the module's options or an adapter directory to peft and the records."""
 import json
 
+import torch
+
 from bengali_empathy.models.lora import DEFAULT_LORA, LoraSettings
+from bengali_empathy.training.module import EmpathyLM
 
 
 def test_the_modules_default_is_the_default_and_the_seed_is_no_part_of_an_adapters_identity():
@@ -29,3 +32,40 @@ def test_adapter_directory_to_settings_to_peft_to_record(tmp_path):
                       "modules_to_save": ["lm_head"], "seed": 3407}
     assert json.loads(json.dumps(record)) == record  # plain JSON for run.json and the registry
     assert LoraSettings(**record) == read
+
+
+def test_llama31_8b_lora_has_13_6m_trainable_params_with_the_project_defaults():
+    import inspect
+
+    from peft import get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from bengali_empathy.models.lora import LoraSettings
+    from bengali_empathy.models.modeling import LLAMA31_8B_ARCH, llama31_config
+
+    lora = inspect.signature(EmpathyLM).parameters["lora"].default
+    assert lora == LoraSettings()
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama31_config(LLAMA31_8B_ARCH))
+    assert sum(p.numel() for p in model.parameters()) == 8_030_261_248  # Llama-3.1-8B
+    model = get_peft_model(model, lora.to_peft())
+    assert model.get_nb_trainable_parameters()[0] == 13_631_488
+
+
+def test_tied_embeddings_stay_tied():
+    """A model whose LM head is its embedding keeps one trained copy of both."""
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bengali_empathy.models.lora import LoraSettings
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=True)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraSettings(modules_to_save=("embed_tokens", "lm_head"))
+                           .to_peft(tied_embeddings=True))
+    base = model.get_base_model()
+    emb = base.get_input_embeddings().modules_to_save["default"].weight
+    head = base.get_output_embeddings().modules_to_save["default"].weight
+    with torch.no_grad():
+        emb.add_(1.0)
+    assert torch.equal(emb, head)

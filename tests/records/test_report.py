@@ -1,7 +1,8 @@
-"""Which runs the report puts together: a fit and the evaluations of its adapter."""
+"""Which runs the report puts together (a fit and the evaluations of its adapter), and no run as one line."""
 import yaml
 
 from bengali_empathy.records.report import find_evaluation, find_fit
+from conftest import run_cli
 
 
 def test_a_relative_adapter_path_is_found_from_any_directory(tmp_path, monkeypatch):
@@ -32,3 +33,13 @@ def test_the_category_table_has_a_row_per_category_and_model_with_every_text_sco
     assert lines[5].count("0.5000") == 1 and len(lines) == 7  # the rows, then the blank line
     plain = _category_section({"by_category": {"sad": scores}})
     assert plain[2].startswith("| category | rows | BLEU |") and plain[4].startswith("| sad | 2 |")
+
+
+def test_report_without_a_run_is_one_line(tmp_path):
+    (tmp_path / "empty_dir").mkdir()
+    for target, message in ((tmp_path / "empty_dir", "no run in"), (tmp_path / "missing", "not found")):
+        r = run_cli(["report", str(target)], cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and message in err[0], r.stderr[-2000:]
+    assert list((tmp_path / "empty_dir").iterdir()) == []

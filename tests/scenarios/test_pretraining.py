@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import ROOT, run_cli
 
@@ -87,22 +86,3 @@ def test_embedding_learning_rate_needs_modules_to_save(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith(
         "error: model.optimization.embedding_learning_rate is the learning rate of model.lora.modules_to_save, "
         "which is empty")
-
-
-def test_tied_embeddings_stay_tied():
-    """A model whose LM head is its embedding keeps one trained copy of both."""
-    from peft import get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from bengali_empathy.models.lora import LoraSettings
-
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, tie_word_embeddings=True)
-    model = get_peft_model(LlamaForCausalLM(cfg), LoraSettings(modules_to_save=("embed_tokens", "lm_head"))
-                           .to_peft(tied_embeddings=True))
-    base = model.get_base_model()
-    emb = base.get_input_embeddings().modules_to_save["default"].weight
-    head = base.get_output_embeddings().modules_to_save["default"].weight
-    with torch.no_grad():
-        emb.add_(1.0)
-    assert torch.equal(emb, head)

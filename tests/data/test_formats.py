@@ -1,4 +1,4 @@
-"""Corpus formats -> conversations, the group split and bad-input errors (bengali_empathy.data.formats, .files)."""
+"""Corpus layouts -> conversations, the group split and bad rows (bengali_empathy.data.formats)."""
 import json
 
 import pytest
@@ -36,33 +36,6 @@ def test_messages_and_sharegpt_are_detected(tmp_path):
     write_jsonl(tmp_path / "s.jsonl", [{"conversations": share}])
     (c,) = conversations(tmp_path / "s.jsonl")
     assert c.turns == CONV and c.system is None
-
-
-def test_csv_templates_with_multiline_quotes_bom_crlf(tmp_path):
-    p = tmp_path / "counsel.csv"
-    text = ('\ufeffTopics,Question-Title,Questions,Answers\r\n'
-            'উদ্বেগ,"রাতে ঘুম আসে না","প্রতি রাতে চিন্তা হয়,\r\nবুক ধড়ফড় করে। ""কী করব""?","ঘুমের আগে ধীরে শ্বাস নিন।"\r\n')
-    p.write_bytes(text.encode("utf-8"))
-    (c,) = conversations(p, prompt_template="{Question-Title}\n{Questions}", response_template="{Answers}",
-                         category_column="Topics")
-    assert c.turns[0]["content"] == 'রাতে ঘুম আসে না\nপ্রতি রাতে চিন্তা হয়,\r\nবুক ধড়ফড় করে। "কী করব"?'
-    assert c.turns[1]["content"] == "ঘুমের আগে ধীরে শ্বাস নিন।" and c.category == "উদ্বেগ"
-
-
-def test_tsv_parquet_json_directory_and_glob(tmp_path):
-    import pandas as pd  # installed with datasets
-    rows = [{"id": f"r{i}", "prompt": f"প্রশ্ন {i}", "response": f"উত্তর {i}"} for i in range(4)]
-    pd.DataFrame(rows).to_csv(tmp_path / "a.tsv", sep="\t", index=False)
-    pd.DataFrame(rows).to_parquet(tmp_path / "b.parquet")
-    (tmp_path / "c.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    for name in ("a.tsv", "b.parquet", "c.json"):
-        assert [c.turns[1]["content"] for c in conversations(tmp_path / name)] == [r["response"] for r in rows]
-    d = tmp_path / "dir"
-    d.mkdir()
-    write_jsonl(d / "1.jsonl", rows[:2])
-    write_jsonl(d / "2.jsonl", rows[2:])
-    assert [c.id for c in conversations(d)] == ["r0", "r1", "r2", "r3"]
-    assert [c.id for c in conversations(str(d / "*.jsonl"))] == ["r0", "r1", "r2", "r3"]
 
 
 def test_system_column_overrides_default_per_row(tmp_path):
@@ -113,29 +86,4 @@ def test_bad_rows_name_file_and_row(tmp_path, rows, kwargs, message):
     p = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(UserError, match="bad.jsonl") as err:
         EmpatheticDialogueDataModule(corpus_path=str(p), **kwargs).setup()
-    assert message in str(err.value)
-
-
-def test_malformed_json_line_and_non_utf8_name_the_line(tmp_path):
-    p = tmp_path / "broken.jsonl"
-    p.write_text('{"prompt": "ক", "response": "খ"}\n{"prompt": "গ", "response": \n', encoding="utf-8")
-    with pytest.raises(UserError, match=r"broken.jsonl:2: invalid JSON"):
-        EmpatheticDialogueDataModule(corpus_path=str(p)).setup()
-    p = tmp_path / "latin1.csv"
-    p.write_bytes("prompt,response\nক,খ\ncaf\xe9,ok\n".encode("utf-8").replace(b"\xc3\xa9", b"\xe9"))
-    with pytest.raises(UserError, match=r"latin1.csv:3: not UTF-8"):
-        EmpatheticDialogueDataModule(corpus_path=str(p)).setup()
-
-
-@pytest.mark.parametrize("body, message", [
-    ("ভয় লাগছে, কী করব,ভয় স্বাভাবিক।\nএকা,আছি\n", "unquoted.csv:2: the first row has more fields than the header"),
-    ("একা,আছি\nভয় লাগছে, কী করব,ভয় স্বাভাবিক।\n", "Expected 2 fields in line 3, saw 3"),  # pandas says it
-])
-def test_csv_row_with_an_unquoted_delimiter_is_one_error_not_shifted_columns(tmp_path, body, message):
-    """pandas reads a first row with one field too many with the first column as the index (every
-    prompt would be the next column's text): that must not pass silently."""
-    p = tmp_path / "unquoted.csv"
-    p.write_text("prompt,response\n" + body, encoding="utf-8")
-    with pytest.raises(UserError, match=r"unquoted.csv") as err:
-        EmpatheticDialogueDataModule(corpus_path=str(p)).setup()
     assert message in str(err.value)

@@ -1,4 +1,5 @@
-"""metrics.json of an evaluation: base vs tuned, per category, and the honesty checks."""
+"""The honesty checks (bengali_empathy.evaluation.checks): echoed references, repeated, empty and prompt-echoing
+predictions, training overlap; and the summary that carries their warnings (evaluator.summarize)."""
 import pytest
 
 from bengali_empathy.evaluation.checks import NearDuplicateIndex, degenerate_predictions, train_overlap, warnings_for

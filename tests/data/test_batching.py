@@ -1,0 +1,74 @@
+"""Packing, first-fit groups and the collator's loss tensors and generation prompts (bengali_empathy.data.batching)."""
+import pytest
+import torch
+
+from bengali_empathy.data import DEFAULT_SYSTEM_PROMPT, Collator, pack_examples, pack_groups
+from conftest import TWO_PAIRS, encode_pairs
+
+
+LONG_CONV = [
+    {"role": "user", "content": "গত মাসে আমার বাবা মারা গেছেন। এখনো বিশ্বাস হয় না।"},
+    {"role": "assistant", "content": "আপনার বাবার মৃত্যুর খবরে আমি গভীরভাবে দুঃখিত। এই শোক খুব ভারী।"},
+    {"role": "user", "content": "রাতে ঘুম আসে না, সারাক্ষণ তাঁর কথা মনে পড়ে।"},
+    {"role": "assistant", "content": "ঘুম না আসা শোকের খুব সাধারণ প্রতিক্রিয়া। তাঁর কোন স্মৃতিটা বেশি মনে পড়ে?"},
+    {"role": "user", "content": "ছোটবেলায় উনি আমাকে নদীর ধারে হাঁটতে নিয়ে যেতেন।"},
+    {"role": "assistant", "content": "কী সুন্দর স্মৃতি। সেই হাঁটাগুলো আপনাদের ভালোবাসার চিহ্ন হয়ে থাকবে।"},
+]
+
+
+
+def _tokenized(chat, system, turns):
+    texts = chat.tokenize([system] + [t["content"] for t in turns])
+    return texts[0], [(t["role"], x) for t, x in zip(turns, texts[1:])]
+
+
+def test_collator_pads_right_for_training_and_keeps_generation_prompts_unpadded():
+    batch = [
+        {"input_ids": [1, 2, 3], "label_spans": [1, 3], "prompt_len": 1, "file": "c.jsonl", "line": 1, "id": "a",
+         "prompt": "p", "reference": "r"},
+        {"input_ids": [4, 5], "label_spans": [1, 2], "prompt_len": 1, "file": "c.jsonl", "line": 2, "id": "b",
+         "prompt": "q", "reference": "s"},
+    ]
+    out = Collator(pad_id=0, pad_to_multiple_of=4)(batch)
+    assert out["input_ids"].tolist() == [[1, 2, 3, 0], [4, 5, 0, 0]]
+    assert out["labels"].tolist() == [[-100, 2, 3, -100], [-100, 5, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
+    assert [r.prompt_ids for r in out["eval_rows"]] == [[1], [4]]
+    assert [(r.where, r.id, r.reference) for r in out["eval_rows"]] == [("c.jsonl: row 1", "a", "r"),
+                                                                         ("c.jsonl: row 2", "b", "s")]
+    assert not {"gen_input_ids", "gen_attention_mask", "id", "prompt", "reference", "category", "row"} & set(out)
+
+
+
+def test_packing_multi_turn_equals_per_conversation_loss(tiny_lora):
+    backend, model, tok = tiny_lora
+    from bengali_empathy.data import ChatEncoder
+
+    chat = ChatEncoder(tok)
+    exs = encode_pairs(tok, TWO_PAIRS)
+    ids, spans = chat.assemble(*_tokenized(chat, DEFAULT_SYSTEM_PROMPT, LONG_CONV))
+    exs.append({"input_ids": ids, "label_spans": [x for s in spans for x in s]})
+    packed = pack_examples(exs)
+    assert packed["seq_lens"] == [len(e["input_ids"]) for e in exs]
+    collate = Collator(tok.pad_token_id)
+    pb = collate([pack_examples(exs[:2]), pack_examples(exs[2:])])  # two packed rows, the second padded
+    assert pb["position_ids"][0, len(exs[0]["input_ids"])] == 0 and pb["attention_mask"] is None
+    width = pb["input_ids"].shape[1]
+    assert int(pb["packed_seq_lengths"].sum()) == 2 * width
+    model.eval()
+    with torch.no_grad():
+        lp, n_p = backend.loss(model, pb)
+        singles = [backend.loss(model, collate([{k: e[k] for k in ("input_ids", "label_spans")}])) for e in exs]
+    weighted = sum(l * n for l, n in singles) / sum(n for _, n in singles)
+    assert int(n_p) == sum(int(n) for _, n in singles)
+    assert float(lp) == pytest.approx(float(weighted), rel=1e-4)
+
+
+
+def test_first_fit_packing_fills_rows_and_respects_the_limit():
+    lengths = [5, 3, 4, 8, 1, 1, 4]
+    groups = list(pack_groups(enumerate(lengths), 8))
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in g) <= 8 for g in groups)
+    assert groups == [[0, 1], [2, 4, 5], [3], [6]]  # 1s fill the second pack, not a new one
+    assert [len(g) for g in pack_groups(enumerate(lengths), 8, open_packs=1)] == [2, 1, 1, 3]
