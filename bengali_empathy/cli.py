@@ -113,7 +113,7 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
             from .training.callbacks import StepBoundedProgressBar
 
             # Where Lightning's default bar is its rich one (rich installed), the same bar with the epoch right.
-            config = self.config_init[self.subcommand].trainer
+            config = (self.config_init[self.subcommand] if self.subcommand else self.config_init).trainer
             if importlib.util.find_spec("rich") and config.get("enable_progress_bar") is not False and not any(
                     isinstance(c, ProgressBar) for c in config.get("callbacks") or []):
                 kwargs["callbacks"] = [*(config.get("callbacks") or []), StepBoundedProgressBar()]

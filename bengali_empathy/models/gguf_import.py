@@ -66,7 +66,7 @@ def gguf_metadata(path: Path) -> dict:
         return bytes(value).decode() if field.types and field.types[0].name == "STRING" else int(value[0])
 
     rope_freqs = next((t.data.tolist() for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    return {"architecture": scalar("general.architecture"),
+    return {"architecture": scalar("general.architecture"), "pre_tokenizer": scalar("tokenizer.ggml.pre"),
             "special_tokens": {name: scalar(key) for name, key in SPECIAL_TOKEN_IDS.items() if scalar(key) is not None},
             "tensor_types": sorted({t.tensor_type.name for t in reader.tensors}), "rope_freqs": rope_freqs}
 
@@ -129,6 +129,12 @@ def _write_checkpoint(path: Path, meta: dict, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if meta["pre_tokenizer"] == "llama-bpe":
+        # transformers' GGUF conversion gives a Llama 3 vocabulary another pre-tokenizer ("\n\n" before a word
+        # became two tokens, not Llama 3's one); the embedded Llama 3 tokenizer has the real one.
+        from ..data.tokenizer import load_tokenizer
+
+        tokenizer.backend_tokenizer.pre_tokenizer = load_tokenizer(None).backend_tokenizer.pre_tokenizer
     names = tokenizer.convert_ids_to_tokens(list(meta["special_tokens"].values()))
     tokenizer.add_special_tokens(dict(zip(meta["special_tokens"], names)))
     if not tokenizer.chat_template:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -249,6 +249,10 @@ class EmpathyLM(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints / adapters / records
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The option groups as plain dicts: a resume loads the file with torch.load(weights_only=True), which
+        # refuses pickled classes of this package.
+        hparams = checkpoint.get("hyper_parameters") or {}
+        checkpoint["hyper_parameters"] = {k: asdict(v) if is_dataclass(v) else v for k, v in hparams.items()}
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 

@@ -373,7 +373,7 @@ def test_two_browsers_keep_separate_conversations(browser, server):
 def test_browser_side_by_side(browser, server):
     """The two boxes hold the tuned model's and the base model's greedy replies to the message: those of a
     Replier loaded here on the same adapter, and the tuned one is what the chat answers."""
-    from bengali_empathy.cli import load_chat
+    from bengali_empathy.apps.chat import load_chat
     from bengali_empathy.models.checkpoints import read_info
 
     message = "আজ খুব ভয় লাগছে, কী করব?"

@@ -97,7 +97,7 @@ def test_plan_counts_a_probe_the_card_cannot_hold_as_over_budget(card):
 def test_budget_below_the_minimum_is_one_error_naming_it(card):
     from bengali_empathy.errors import UserError
 
-    with pytest.raises(UserError, match=r"memory_budget_gib 5.00 is below the 6.50 GiB training needs at batch 2 x "
+    with pytest.raises(UserError, match=r"model.memory.budget_gib 5.00 is below the 6.50 GiB training needs at batch 2 x "
                                         r"2048 tokens with every layer checkpointed; give at least 6.5"):
         _plan(card, 5.0)
 

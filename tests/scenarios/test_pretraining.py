@@ -60,7 +60,7 @@ def test_pretraining_lowers_val_loss_with_two_learning_rates(pretrain_fit):
     s = {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
     assert s["val/loss"][-1] < s["val/loss"][0] - 0.5, s["val/loss"]
     model = yaml.safe_load((ROOT / "configs" / "pretrain.yaml").read_text())["model"]
-    ratio = model["embedding_learning_rate"] / model["learning_rate"]
+    ratio = model["optimization"]["embedding_learning_rate"] / model["learning_rate"]
     assert len(s["lr/lora"]) == len(s["lr/embeddings"]) == 6
     for lora, emb in zip(s["lr/lora"][1:], s["lr/embeddings"][1:]):  # the same schedule, scaled
         assert emb == pytest.approx(ratio * lora, rel=1e-5)

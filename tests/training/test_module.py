@@ -67,7 +67,7 @@ def test_generation_keeps_the_batch_size_it_halved_to(monkeypatch, tiny_model_pa
     asked = []
 
     def small_card(model, tokenizer, prompts, decoding, batch_size, stop_ids, desc, progress, on_oom, engine,
-                   kv_slots, prefill_tokens):
+                   kv_slots):
         asked.append(batch_size)
         while batch_size > 2:  # as generate_replies does on out-of-memory
             batch_size //= 2
