@@ -146,12 +146,13 @@ def lightning_cli(args: Optional[list[str]] = None, run: bool = True):
             self._say_next("predict")
 
         def _say_next(self, subcommand: str) -> None:
-            if self.trainer.is_global_zero and self.trainer.log_dir:
+            log_dir = self.trainer.log_dir  # a collective call under DDP: every rank asks
+            if self.trainer.is_global_zero and log_dir:
                 # The run's own saved config holds every option it ran with, command-line ones too.
-                saved = Path(self.trainer.log_dir) / "config.yaml"
+                saved = Path(log_dir) / "config.yaml"
                 configs = ([str(_shown(saved))] if saved.is_file()
                            else [str(c) for c in self.config[subcommand].get("config") or []])
-                print(next_steps(subcommand, _shown(Path(self.trainer.log_dir)), configs,
+                print(next_steps(subcommand, _shown(Path(log_dir)), configs,
                                  self.config[subcommand].model.adapter_path), file=sys.stderr)
 
         def _run_subcommand(self, subcommand: str) -> None:

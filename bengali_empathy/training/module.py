@@ -251,8 +251,9 @@ class EmpathyLM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The option groups as plain dicts: a resume loads the file with torch.load(weights_only=True), which
         # refuses pickled classes of this package.
-        hparams = checkpoint.get("hyper_parameters") or {}
-        checkpoint["hyper_parameters"] = {k: asdict(v) if is_dataclass(v) else v for k, v in hparams.items()}
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):  # the data module's groups too
+            if key in checkpoint:
+                checkpoint[key] = {k: asdict(v) if is_dataclass(v) else v for k, v in checkpoint[key].items()}
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
