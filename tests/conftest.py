@@ -22,6 +22,56 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 DEFAULT = ["--config", str(ROOT / "configs" / "default.yaml")]  # the README's main command's config
 
 
+# On the command line limit_val_batches 1 is the float 1.0 (every batch), so 2 is the fewest whole batches.
+QUICK = [*DEFAULT, "--trainer.limit_val_batches", "2", "--model.decoding.max_new_tokens", "4",
+         "--data.predict.max_samples", "4"]
+
+
+def tensorboard_events(vdir):
+    """The TensorBoard scalars a run directory holds."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(next(vdir.glob("events.out.tfevents*"))))
+    ea.Reload()
+    return ea
+
+
+# A six-turn Bengali conversation (grief), for chat-format, encoding and packing tests.
+LONG_CONV = [
+    {"role": "user", "content": "গত মাসে আমার বাবা মারা গেছেন। এখনো বিশ্বাস হয় না।"},
+    {"role": "assistant", "content": "আপনার বাবার মৃত্যুর খবরে আমি গভীরভাবে দুঃখিত। এই শোক খুব ভারী।"},
+    {"role": "user", "content": "রাতে ঘুম আসে না, সারাক্ষণ তাঁর কথা মনে পড়ে।"},
+    {"role": "assistant", "content": "ঘুম না আসা শোকের খুব সাধারণ প্রতিক্রিয়া। তাঁর কোন স্মৃতিটা বেশি মনে পড়ে?"},
+    {"role": "user", "content": "ছোটবেলায় উনি আমাকে নদীর ধারে হাঁটতে নিয়ে যেতেন।"},
+    {"role": "assistant", "content": "কী সুন্দর স্মৃতি। সেই হাঁটাগুলো আপনাদের ভালোবাসার চিহ্ন হয়ে থাকবে।"},
+]
+
+
+def tokenized(chat, system, turns):
+    """(system ids, [(role, ids)]) of a conversation, as :meth:`ChatEncoder.assemble` takes it."""
+    texts = chat.tokenize([system] + [t["content"] for t in turns])
+    return texts[0], [(t["role"], x) for t, x in zip(turns, texts[1:])]
+
+
+def write_jsonl(path, rows) -> str:
+    """``rows`` as a JSONL corpus at ``path``; its path as a corpus_path takes it."""
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def conversations(path, **kwargs):
+    """Every row of a corpus as (system, turns), through the same format detection as the data module."""
+    from bengali_empathy.data.files import corpus_files, load_file
+    from bengali_empathy.data.formats import CorpusFormat
+
+    out = []
+    for f in corpus_files(str(path)):
+        ds = load_file(f, streaming=False)
+        fmt = CorpusFormat(ds.column_names, str(f), **kwargs)
+        out += [fmt.conversation(row, f"{f}: row {i + 1}") for i, row in enumerate(ds)]
+    return out
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from bengali_empathy.data.tokenizer import load_tokenizer
@@ -129,7 +179,7 @@ def run_cli(args, cwd, stdin=None):
     try:
         os.chdir(cwd)
         for handler in handlers:
-            handler.setStream(err)
+            _point(handler, err)
         with (contextlib.redirect_stdout(out), contextlib.redirect_stderr(err),
               mock.patch.object(sys, "stdin", io.StringIO(stdin or "")),
               mock.patch.object(sys, "argv", ["bengali_empathy"])):  # the arguments are main's, not pytest's
@@ -144,13 +194,22 @@ def run_cli(args, cwd, stdin=None):
                 code = 1
     finally:
         for handler, stream in handlers.items():
-            handler.setStream(stream)
+            _point(handler, sys.stderr if getattr(stream, "closed", False) else stream)
         os.chdir(saved[0])
         os.environ.clear()
         os.environ.update(saved[1])
         torch.set_default_dtype(saved[2])
         torch.set_num_threads(saved[3])
     return subprocess.CompletedProcess(["bengali_empathy", *args], code, out.getvalue(), err.getvalue())
+
+
+def _point(handler: logging.StreamHandler, stream) -> None:
+    """Point ``handler`` at ``stream``. A handler made while an earlier test captured output (capsys) may hold
+    that test's stream, closed since: setStream would flush it and fail, so it is replaced as it is."""
+    if getattr(handler.stream, "closed", False):
+        handler.stream = stream
+    else:
+        handler.setStream(stream)
 
 
 def _stream_handlers() -> dict:

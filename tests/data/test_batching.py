@@ -3,23 +3,10 @@ import pytest
 import torch
 
 from bengali_empathy.data import DEFAULT_SYSTEM_PROMPT, Collator, pack_examples, pack_groups
-from conftest import TWO_PAIRS, encode_pairs
-
-
-LONG_CONV = [
-    {"role": "user", "content": "গত মাসে আমার বাবা মারা গেছেন। এখনো বিশ্বাস হয় না।"},
-    {"role": "assistant", "content": "আপনার বাবার মৃত্যুর খবরে আমি গভীরভাবে দুঃখিত। এই শোক খুব ভারী।"},
-    {"role": "user", "content": "রাতে ঘুম আসে না, সারাক্ষণ তাঁর কথা মনে পড়ে।"},
-    {"role": "assistant", "content": "ঘুম না আসা শোকের খুব সাধারণ প্রতিক্রিয়া। তাঁর কোন স্মৃতিটা বেশি মনে পড়ে?"},
-    {"role": "user", "content": "ছোটবেলায় উনি আমাকে নদীর ধারে হাঁটতে নিয়ে যেতেন।"},
-    {"role": "assistant", "content": "কী সুন্দর স্মৃতি। সেই হাঁটাগুলো আপনাদের ভালোবাসার চিহ্ন হয়ে থাকবে।"},
-]
+from conftest import LONG_CONV, TWO_PAIRS, encode_pairs, tokenized
 
 
 
-def _tokenized(chat, system, turns):
-    texts = chat.tokenize([system] + [t["content"] for t in turns])
-    return texts[0], [(t["role"], x) for t, x in zip(turns, texts[1:])]
 
 
 def test_collator_pads_right_for_training_and_keeps_generation_prompts_unpadded():
@@ -46,7 +33,7 @@ def test_packing_multi_turn_equals_per_conversation_loss(tiny_lora):
 
     chat = ChatEncoder(tok)
     exs = encode_pairs(tok, TWO_PAIRS)
-    ids, spans = chat.assemble(*_tokenized(chat, DEFAULT_SYSTEM_PROMPT, LONG_CONV))
+    ids, spans = chat.assemble(*tokenized(chat, DEFAULT_SYSTEM_PROMPT, LONG_CONV))
     exs.append({"input_ids": ids, "label_spans": [x for s in spans for x in s]})
     packed = pack_examples(exs)
     assert packed["seq_lens"] == [len(e["input_ids"]) for e in exs]

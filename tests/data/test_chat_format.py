@@ -12,7 +12,7 @@ import pytest
 from bengali_empathy.data.chat_format import ChatEncoder
 from bengali_empathy.data.formats import DEFAULT_SYSTEM_PROMPT
 from bengali_empathy.data.encode import EncodeOptions, fit_to_length
-from bengali_empathy.data.tokenizer import apply_chat_template_override, load_tokenizer, stop_token_ids
+from bengali_empathy.data.tokenizer import apply_chat_template_override, stop_token_ids
 from bengali_empathy.errors import UserError
 
 # SmolLM2-Instruct's template: ChatML, with a default system turn when a chat has none; texts are not trimmed.
@@ -43,6 +43,7 @@ GEMMA_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
 )
+from conftest import LONG_CONV, tokenized
 
 META_LLAMA31_TEMPLATE = Path(__file__).parent / "templates" / "llama-3.1-instruct.jinja"
 
@@ -214,20 +215,7 @@ def test_apply_chat_template_override(tmp_path, tokenizer):
         apply_chat_template_override(tok, str(tmp_path / "missing.jinja"))
 
 
-LONG_CONV = [
-    {"role": "user", "content": "গত মাসে আমার বাবা মারা গেছেন। এখনো বিশ্বাস হয় না।"},
-    {"role": "assistant", "content": "আপনার বাবার মৃত্যুর খবরে আমি গভীরভাবে দুঃখিত। এই শোক খুব ভারী।"},
-    {"role": "user", "content": "রাতে ঘুম আসে না, সারাক্ষণ তাঁর কথা মনে পড়ে।"},
-    {"role": "assistant", "content": "ঘুম না আসা শোকের খুব সাধারণ প্রতিক্রিয়া। তাঁর কোন স্মৃতিটা বেশি মনে পড়ে?"},
-    {"role": "user", "content": "ছোটবেলায় উনি আমাকে নদীর ধারে হাঁটতে নিয়ে যেতেন।"},
-    {"role": "assistant", "content": "কী সুন্দর স্মৃতি। সেই হাঁটাগুলো আপনাদের ভালোবাসার চিহ্ন হয়ে থাকবে।"},
-]
 
-
-
-def _tokenized(chat, system, turns):
-    texts = chat.tokenize([system] + [t["content"] for t in turns])
-    return texts[0], [(t["role"], x) for t, x in zip(turns, texts[1:])]
 
 
 @pytest.mark.parametrize("turns", [
@@ -237,7 +225,7 @@ def _tokenized(chat, system, turns):
      {"role": "assistant", "content": "শুনে খারাপ লাগল।"}],
 ])
 def test_chat_encoder_equals_apply_chat_template(tokenizer, chat, turns):
-    ids, spans = chat.assemble(*_tokenized(chat, DEFAULT_SYSTEM_PROMPT, turns))
+    ids, spans = chat.assemble(*tokenized(chat, DEFAULT_SYSTEM_PROMPT, turns))
     ref = tokenizer.apply_chat_template([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}] + turns, tokenize=True)
     assert ids == list(ref["input_ids"] if hasattr(ref, "keys") else ref)
     replies = [t["content"] for t in turns if t["role"] == "assistant"]

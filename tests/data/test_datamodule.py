@@ -12,18 +12,13 @@ from bengali_empathy.data import (
 )
 from bengali_empathy.errors import UserError
 from bengali_empathy.schema import CorpusFacts, EvalRow
-from conftest import ROOT
+from conftest import ROOT, write_jsonl
 
 DEFAULT = ["--config", str(ROOT / "configs" / "default.yaml")]
 
 
 def _pairs(n):
     return [{"id": f"r{i}", "prompt": f"প্রশ্ন নম্বর {i}", "response": f"উত্তর নম্বর {i}"} for i in range(n)]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
 
 
 @pytest.mark.parametrize("streaming", [False, True])

@@ -1,6 +1,5 @@
 """Conversation -> ids and reply labels, the length policy and the reference-in-prompt check
 (bengali_empathy.data.encode)."""
-import json
 
 import pytest
 
@@ -9,31 +8,13 @@ from bengali_empathy.data import (
     SplitSettings, format_stats,
 )
 from bengali_empathy.errors import UserError
-
-LONG_CONV = [
-    {"role": "user", "content": "গত মাসে আমার বাবা মারা গেছেন। এখনো বিশ্বাস হয় না।"},
-    {"role": "assistant", "content": "আপনার বাবার মৃত্যুর খবরে আমি গভীরভাবে দুঃখিত। এই শোক খুব ভারী।"},
-    {"role": "user", "content": "রাতে ঘুম আসে না, সারাক্ষণ তাঁর কথা মনে পড়ে।"},
-    {"role": "assistant", "content": "ঘুম না আসা শোকের খুব সাধারণ প্রতিক্রিয়া। তাঁর কোন স্মৃতিটা বেশি মনে পড়ে?"},
-    {"role": "user", "content": "ছোটবেলায় উনি আমাকে নদীর ধারে হাঁটতে নিয়ে যেতেন।"},
-    {"role": "assistant", "content": "কী সুন্দর স্মৃতি। সেই হাঁটাগুলো আপনাদের ভালোবাসার চিহ্ন হয়ে থাকবে।"},
-]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
+from conftest import LONG_CONV, tokenized, write_jsonl
 
 
 def dm_for(tmp_path, rows, **kwargs):
     dm = EmpatheticDialogueDataModule(corpus_path=write_jsonl(tmp_path / "c.jsonl", rows), **kwargs)
     dm.setup()
     return dm
-
-
-def _tokenized(chat, system, turns):
-    texts = chat.tokenize([system] + [t["content"] for t in turns])
-    return texts[0], [(t["role"], x) for t, x in zip(turns, texts[1:])]
 
 
 @pytest.mark.parametrize("train_on", ["all_assistant", "last_assistant"])
@@ -61,8 +42,8 @@ def test_eval_prompt_is_history_up_to_the_final_reply(tmp_path, tokenizer):
 
 
 def test_too_long_policies(tmp_path, tokenizer, chat):
-    full = len(chat.assemble(*_tokenized(chat, DEFAULT_SYSTEM_PROMPT, LONG_CONV))[0])
-    final_only = len(chat.assemble(*_tokenized(chat, DEFAULT_SYSTEM_PROMPT, LONG_CONV[4:]))[0])
+    full = len(chat.assemble(*tokenized(chat, DEFAULT_SYSTEM_PROMPT, LONG_CONV))[0])
+    final_only = len(chat.assemble(*tokenized(chat, DEFAULT_SYSTEM_PROMPT, LONG_CONV[4:]))[0])
     rows = [{"id": "long", "messages": LONG_CONV}, {"id": "short", "messages": [
         {"role": "user", "content": "ক"}, {"role": "assistant", "content": "খ"}]}]
     limit = final_only + 5
@@ -89,7 +70,7 @@ def test_too_long_policies(tmp_path, tokenizer, chat):
     text = tokenizer.decode(long["input_ids"])
     assert DEFAULT_SYSTEM_PROMPT in text and LONG_CONV[4]["content"] in text and LONG_CONV[0]["content"] not in text
     # with room for two exchanges, only the oldest one goes
-    two = len(chat.assemble(*_tokenized(chat, DEFAULT_SYSTEM_PROMPT, LONG_CONV[2:]))[0])
+    two = len(chat.assemble(*tokenized(chat, DEFAULT_SYSTEM_PROMPT, LONG_CONV[2:]))[0])
     dm = dm_for(tmp_path, rows, max_seq_length=two, encoding=EncodingSettings(on_too_long="truncate_history"),
                 split=SplitSettings(val_fraction=0.0, test_fraction=0.0))
     assert dm.encoded()[0]["n_turns"] == 4

@@ -4,24 +4,9 @@ import json
 
 import pytest
 
-from bengali_empathy.data import CorpusFormat, EmpatheticDialogueDataModule, bundled_corpus_path, corpus_files, load_file
+from bengali_empathy.data import EmpatheticDialogueDataModule, bundled_corpus_path
 from bengali_empathy.errors import UserError
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-
-def conversations(path, **kwargs):
-    """Every row of a corpus as (system, turns), through the same format detection as the data module."""
-    out = []
-    for f in corpus_files(str(path)):
-        ds = load_file(f, streaming=False)
-        fmt = CorpusFormat(ds.column_names, str(f), **kwargs)
-        out += [fmt.conversation(row, f"{f}: row {i + 1}") for i, row in enumerate(ds)]
-    return out
+from conftest import conversations, write_jsonl
 
 
 def test_csv_templates_with_multiline_quotes_bom_crlf(tmp_path):

@@ -1,31 +1,15 @@
 """Corpus layouts -> conversations, the group split and bad rows (bengali_empathy.data.formats)."""
-import json
 
 import pytest
 
 from bengali_empathy.data import (
-    CorpusColumns, CorpusFormat, EmpatheticDialogueDataModule, EncodingSettings, corpus_files, load_file, split_of,
+    CorpusColumns, EmpatheticDialogueDataModule, EncodingSettings, split_of,
 )
 from bengali_empathy.errors import UserError
-from conftest import dailydialog_turn_rows
+from conftest import conversations, dailydialog_turn_rows, write_jsonl
 
 CONV = [{"role": "user", "content": "আজ মনটা ভারী।"}, {"role": "assistant", "content": "কী হয়েছে, বলবেন?"},
         {"role": "user", "content": "চাকরিটা চলে গেল।"}, {"role": "assistant", "content": "খুব কঠিন সময়, আমি শুনছি।"}]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def conversations(path, **kwargs):
-    """Every row of a corpus as (system, turns), through the same format detection as the data module."""
-    out = []
-    for f in corpus_files(str(path)):
-        ds = load_file(f, streaming=False)
-        fmt = CorpusFormat(ds.column_names, str(f), **kwargs)
-        out += [fmt.conversation(row, f"{f}: row {i + 1}") for i, row in enumerate(ds)]
-    return out
 
 
 def test_messages_and_sharegpt_are_detected(tmp_path):

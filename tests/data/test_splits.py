@@ -1,6 +1,5 @@
 """The encoded splits in memory or streamed: the same rows either way, the per-epoch order, ranks, the counts of a
 stream and deduplication (bengali_empathy.data.splits)."""
-import json
 
 import pytest
 
@@ -8,11 +7,7 @@ from bengali_empathy.data import (
     EmpatheticDialogueDataModule, EncodingSettings, LoaderSettings, PredictSettings, SplitSettings,
 )
 from bengali_empathy.errors import UserError
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
+from conftest import write_jsonl
 
 
 def _pairs(n):

@@ -1,17 +1,12 @@
 """The per-epoch report of a streamed corpus (bengali_empathy.data.stream_counts)."""
-import json
 
 from bengali_empathy.data import EmpatheticDialogueDataModule, EncodingSettings, SplitSettings, StreamCounts
+from conftest import write_jsonl
 
 
 def _pairs(n):
     return [{"id": f"r{i}", "prompt": f"প্রশ্ন নম্বর {i}", "response": f"উত্তর নম্বর {i}"} for i in range(n)]
 
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
 
 
 def test_stream_counts_callback_prints_and_logs_the_epochs_rows(tmp_path, capsys):

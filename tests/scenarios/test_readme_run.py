@@ -9,21 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEFAULT, run_cli
-
-
-# On the command line limit_val_batches 1 is the float 1.0 (every batch), so 2 is the fewest whole batches.
-QUICK = [*DEFAULT, "--trainer.limit_val_batches", "2", "--model.decoding.max_new_tokens", "4",
-         "--data.predict.max_samples", "4"]
-
-
-
-def _events(vdir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(next(vdir.glob("events.out.tfevents*"))))
-    ea.Reload()
-    return ea
+from conftest import QUICK, run_cli, tensorboard_events
 
 
 @pytest.mark.slow
@@ -31,7 +17,7 @@ def test_default_fit_visibly_learns_and_logs(default_fit):
     _, vdir, r = default_fit
     assert (vdir / "adapter" / "adapter_model.safetensors").is_file()
     assert "dropped_too_long" in r.stderr and "train" in r.stderr  # the data statistics table is printed
-    ea = _events(vdir)
+    ea = tensorboard_events(vdir)
     for tag in ("train/loss_step", "val/loss", "val/perplexity", "val/bleu", "val/rougeL", "val/chrf", "lr",
                 "perf/tokens_per_sec"):
         assert tag in ea.Tags()["scalars"], tag
@@ -45,7 +31,6 @@ def test_default_fit_visibly_learns_and_logs(default_fit):
     # TensorBoard's HPARAMS view gets the final validation scores, not a placeholder -1
     assert [e.value for e in ea.Scalars("hp_metric")] == [pytest.approx(val[-1])]
     assert ea.Scalars("hp/val_chrf")[-1].value == pytest.approx(ea.Scalars("val/chrf")[-1].value)
-
 
 
 @pytest.mark.slow
@@ -65,7 +50,6 @@ def test_predict_on_the_adapter_scores_tuned_and_base(default_fit, tmp_path):
     assert metrics["delta"]["loss"] == pytest.approx(metrics["loss"] - metrics["base"]["loss"])
     assert metrics["generation"]["rows"] == 4 and metrics["generation"]["batch_size"] == 3
     assert sum(c["n"] for c in metrics["by_category"].values()) == 4
-
 
 
 @pytest.mark.slow
@@ -90,9 +74,8 @@ def test_predict_on_a_merged_copy_gives_the_adapter_models_replies(default_fit, 
     assert metrics["generation"]["weights"] == "adapter" and merged_metrics["generation"]["weights"] == "merged"
     assert merged_metrics["generation"]["base"]["weights"] == "merged"
     assert "merged 16-bit copy (LoRA folded into the dequantised base), eager engine" in log
-    rate = _events(tmp_path / "merged" / "lightning_logs" / "version_0").Scalars("predict/generated_tokens_per_sec")
+    rate = tensorboard_events(tmp_path / "merged" / "lightning_logs" / "version_0").Scalars("predict/generated_tokens_per_sec")
     assert rate[-1].value == pytest.approx(merged_metrics["generation"]["tokens_per_sec"])
-
 
 
 @pytest.mark.slow
@@ -100,7 +83,6 @@ def test_validate_on_the_adapter(default_fit, tmp_path):
     r = run_cli(["validate", *QUICK, "--model.adapter_path", str(default_fit[1] / "adapter")], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "val/perplexity" in r.stdout and "val/bits_per_char" in r.stdout
-
 
 
 @pytest.mark.slow
@@ -112,7 +94,6 @@ def test_chat_answers_each_message_once(default_fit, tmp_path):
     assert len(r.stdout.strip().splitlines()) == 2
     r = run_cli(["chat", "--adapter", adapter, "--max-new-tokens", "2"], cwd=tmp_path, stdin="একা\n\nভয়\n")
     assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 2  # the empty line is skipped
-
 
 
 @pytest.mark.slow
@@ -135,7 +116,6 @@ def test_export_merges_the_adapter(default_fit, tmp_path):
         assert torch.allclose(mm(ids).logits, pm(input_ids=ids).logits, atol=1e-4)
 
 
-
 @pytest.mark.slow
 def test_report_on_the_default_run(default_fit, tmp_path):
     cwd, vdir, _ = default_fit
@@ -152,7 +132,7 @@ def test_report_on_the_default_run(default_fit, tmp_path):
         assert f"]({png})" in report
     cells = {line.split(" | ")[0].strip("| "): line.split(" | ")[1].strip(" |")
              for line in report.splitlines() if line.startswith("| ") and " | " in line}
-    ea = _events(vdir)
+    ea = tensorboard_events(vdir)
     run = json.loads((vdir / "run.json").read_text())
     assert cells["final val/loss"] == f"{ea.Scalars('val/loss')[-1].value:.4f}"
     assert cells["final val/chrf"] == f"{ea.Scalars('val/chrf')[-1].value:.4f}"

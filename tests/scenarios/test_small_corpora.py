@@ -4,22 +4,7 @@ import json
 
 import pytest
 
-from conftest import DAILYDIALOG, DEFAULT, run_cli
-
-
-# On the command line limit_val_batches 1 is the float 1.0 (every batch), so 2 is the fewest whole batches.
-QUICK = [*DEFAULT, "--trainer.limit_val_batches", "2", "--model.decoding.max_new_tokens", "4",
-         "--data.predict.max_samples", "4"]
-
-
-
-def _events(vdir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(next(vdir.glob("events.out.tfevents*"))))
-    ea.Reload()
-    return ea
-
+from conftest import DAILYDIALOG, QUICK, run_cli, tensorboard_events
 
 
 def _qa_csv(path, rows=24):
@@ -27,7 +12,6 @@ def _qa_csv(path, rows=24):
     lines = ["prompt,response"] + [f"প্রশ্ন {i}: আমার মন খারাপ।,আমি শুনছি {i}; বলুন।" for i in range(rows)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
 
 
 # Half of the 24 rows for validation: 9 training rows, 3 batches per epoch, fewer than the default
@@ -52,13 +36,12 @@ def test_dailydialog_conversations_fit_validate_predict(tmp_path):
     assert len(rows) == 4 and json.loads(rows[0])["id"].startswith("ddbn-sample-")
 
 
-
 def test_validation_every_n_steps_spans_epochs_of_a_small_corpus(tmp_path):
     corpus = _qa_csv(tmp_path / "qa.csv")
     r = run_cli(["fit", *QUICK, *SMALL, "--data.corpus_path", corpus, "--trainer.max_steps", "4"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     vdir = tmp_path / "lightning_logs" / "version_0"
-    ea = _events(vdir)
+    ea = tensorboard_events(vdir)
     assert [e.step for e in ea.Scalars("val/loss")] == [3]  # after step 4 (logged at 0-based step 3)
     assert ea.Scalars("epoch")[-1].value == 1  # in the small corpus's second epoch
     assert (vdir / "adapter" / "adapter_model.safetensors").is_file()
