@@ -17,8 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from .text import is_empty_reply
+
 # What predictions.jsonl holds per row, in this order (``None`` fields are left out); each reply is
-# followed by ``<field>_empty``, true where the model ended its turn without text.
+# followed by ``<field>_empty``, true where the reply has no words (:func:`.text.is_empty_reply`).
 OUTPUT_FIELDS = ("id", "prompt", "reference", "prediction", "base_prediction", "category")
 REPLY_FIELDS = ("prediction", "base_prediction")
 
@@ -55,7 +57,7 @@ class EvalRow:
             if value is not None:
                 out[k] = value
                 if k in REPLY_FIELDS:
-                    out[f"{k}_empty"] = not value.strip()
+                    out[f"{k}_empty"] = is_empty_reply(value)
         return out
 
 

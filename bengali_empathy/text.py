@@ -23,6 +23,11 @@ def normalize_bn(text: str) -> str:
     return _WS.sub(" ", text).strip()
 
 
+def is_empty_reply(text: str) -> bool:
+    """A reply without words: nothing but white space and punctuation (``"।"`` included)."""
+    return not normalize_bn(text)
+
+
 def tokenize_bn(text: str) -> list[str]:
     """Word tokens of :func:`normalize_bn` text (split on white space)."""
     return text.split()

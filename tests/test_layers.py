@@ -6,7 +6,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bengali_empathy"
 
 # The package's layers, lower to higher: the four shared modules, then one subpackage per layer, then the
 # command line. A module may import from its own layer (its subpackage) and the ones below it.
-LAYERS = [["errors"], ["_io"], ["schema"], ["text"], ["data"], ["models"], ["generation"], ["evaluation"],
+LAYERS = [["errors"], ["_io"], ["text"], ["schema"], ["data"], ["models"], ["generation"], ["evaluation"],
           ["records"], ["training"], ["export"], ["apps"], ["cli"], ["__main__", "__init__"]]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 SUBPACKAGES = {"data", "models", "generation", "evaluation", "records", "training", "export", "apps"}

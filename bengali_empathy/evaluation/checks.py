@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 from typing import Iterable, Sequence
 
 from .metrics import sentence_scores
-from ..text import normalize_bn
+from ..text import is_empty_reply, normalize_bn
 
 NEAR_JACCARD = 0.8
 MIN_OVERLAP_WORDS = 4
@@ -119,10 +119,10 @@ def degenerate_predictions(rows: Sequence[dict], key: str = "prediction") -> dic
     copy_examples: list[dict] = []
     counts: Counter = Counter()
     for r in rows:
-        pred = normalize_bn(r.get(key) or "")
-        if not pred:
+        if is_empty_reply(r.get(key) or ""):
             empty += 1
             continue
+        pred = normalize_bn(r[key])
         counts[pred] += 1
         scores = sentence_scores(r[key], r["reference"])
         perfect_bleu += scores["bleu"] >= 0.999

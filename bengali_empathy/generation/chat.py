@@ -32,6 +32,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..data.encode import drop_oldest_exchanges
 from ..errors import UserError
+from ..text import is_empty_reply
 from .decoding import Decoding
 from .engines import Engine, make_engine
 
@@ -106,8 +107,9 @@ class Reply:
 
     @property
     def empty(self) -> bool:
-        """A finished reply without text: the model ended its turn at once (an undertrained model often does)."""
-        return self.done and not self.text.strip()
+        """A finished reply without words: the model ended its turn at once, or said only punctuation (an
+        undertrained model often does)."""
+        return self.done and is_empty_reply(self.text)
 
 
 EMPTY_REPLY = "(empty reply: the model ended its turn at once)"

@@ -67,7 +67,8 @@ def gguf_metadata(path: Path) -> dict:
 
     rope_freqs = next((t.data.tolist() for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     return {"architecture": scalar("general.architecture"), "pre_tokenizer": scalar("tokenizer.ggml.pre"),
-            "special_tokens": {name: scalar(key) for name, key in SPECIAL_TOKEN_IDS.items() if scalar(key) is not None},
+            "special_tokens": {name: token for name, key in SPECIAL_TOKEN_IDS.items()
+                               if (token := scalar(key)) is not None},
             "tensor_types": sorted({t.tensor_type.name for t in reader.tensors}), "rope_freqs": rope_freqs}
 
 
