@@ -335,5 +335,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ArgumentError as exc:
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+        # A check that ran while the arguments were parsed (an argument link's function) says it best itself.
+        cause = exc
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__ or cause.__context__
+        print("error: " + " ".join(str(cause or exc).split()), file=sys.stderr)
         return 2

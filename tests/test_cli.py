@@ -6,11 +6,7 @@ import pytest
 import torch
 
 from bengali_empathy.cli import next_steps
-from conftest import DEFAULT, run_cli
-
-# On the command line limit_val_batches 1 is the float 1.0 (every batch), so 2 is the fewest whole batches.
-QUICK = [*DEFAULT, "--trainer.limit_val_batches", "2", "--model.decoding.max_new_tokens", "4",
-         "--data.predict.max_samples", "4"]
+from conftest import DEFAULT, QUICK, run_cli
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -214,3 +210,11 @@ def test_evaluation_runs_say_what_they_wrote_and_how_to_report_it(tmp_path):
 
 def test_fit_without_an_adapter_says_so(tmp_path):
     assert "no adapter saved" in next_steps("fit", tmp_path, ["c.yaml"], None)
+
+
+def test_a_missing_gguf_model_is_one_line_and_writes_nothing(tmp_path):
+    """The data module's tokenizer link converts a .gguf model: a missing file stops the parse with the
+    converter's own line, not jsonargparse's account of the link."""
+    r = run_cli(["fit", *DEFAULT, "--model.model_name_or_path", "absent.gguf"], cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: GGUF file not found: {tmp_path / 'absent.gguf'}"]
+    assert list(tmp_path.iterdir()) == []
