@@ -228,30 +228,51 @@ def run_module(args, cwd, timeout=600, stdin=None):
                           input=stdin, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="session")
-def default_fit(tmp_path_factory):
-    """``python -m bengali_empathy fit --config configs/default.yaml``, exactly as README runs it, once per
-    test session (once for all pytest-xdist workers): (its working directory, its run directory, the run).
-
-    Tests read what it wrote and may run further commands on its adapter; only the report test adds runs
-    beside it (a test run in the same lightning_logs, as a user would).
-    """
+def _shared_fit(tmp_path_factory, name: str, args: list) -> tuple:
+    """``python -m bengali_empathy fit ARGS`` once per test session (once for all pytest-xdist workers):
+    (its working directory, its run directory, the run)."""
     from filelock import FileLock
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # shared by the workers of this session
-    cwd, result = root / "default_fit", root / "default_fit.json"
-    with FileLock(str(root / "default_fit.lock")):
+    cwd, result = root / name, root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
         if result.is_file():
             r = subprocess.CompletedProcess(**json.loads(result.read_text(encoding="utf-8")))
         else:
             cwd.mkdir()
-            r = run_cli(["fit", *DEFAULT], cwd=cwd)
+            r = run_cli(["fit", *args], cwd=cwd)
             result.write_text(json.dumps({"args": r.args, "returncode": r.returncode, "stdout": r.stdout,
                                           "stderr": r.stderr}), encoding="utf-8")
     assert r.returncode == 0, r.stderr[-3000:]
     return cwd, cwd / "lightning_logs" / "version_0", r
+
+
+@pytest.fixture(scope="session")
+def default_fit(tmp_path_factory):
+    """``python -m bengali_empathy fit --config configs/default.yaml``, exactly as README runs it, once per
+    test session: (its working directory, its run directory, the run).
+
+    Tests read what it wrote and may run further commands on its adapter; only the report test adds runs
+    beside it (a test run in the same lightning_logs, as a user would).
+    """
+    return _shared_fit(tmp_path_factory, "default_fit", DEFAULT)
+
+
+# configs/smollm2_bn.yaml cut to 3 steps of 2 conversations of at most 512 tokens: a real model's adapter, its
+# validation replies and scores in about a minute on one core.
+SMOLLM2 = ["--config", str(ROOT / "configs" / "smollm2_bn.yaml"), "--trainer.max_steps", "3",
+           "--trainer.val_check_interval", "3", "--data.max_seq_length", "512", "--data.eval_batch_size", "2",
+           "--model.decoding.max_new_tokens", "8", "--model.generation.log_samples", "2",
+           "--data.predict.max_samples", "4"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_fit(tmp_path_factory):
+    """The real model (SmolLM2-135M-Instruct, ChatML) fitted once per test session with :data:`SMOLLM2`:
+    (its working directory, its run directory, the run). Its readers run further commands on its adapter."""
+    return _shared_fit(tmp_path_factory, "smollm2_fit", SMOLLM2)
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -286,9 +307,10 @@ def pytest_collection_modifyitems(items):
     """
     def rank(item):
         names = getattr(item, "fixturenames", ())
-        if "default_fit" in names:
+        shared = [f for f in ("default_fit", "smollm2_fit") if f in names]
+        if shared:
             module = Path(str(item.fspath)).stem
-            item.add_marker(pytest.mark.xdist_group(f"default_fit_{module}"))
+            item.add_marker(pytest.mark.xdist_group(f"{shared[0]}_{module}"))
             return 0 if module == "test_readme_run" else 2
         fits = sorted(FIT_FIXTURES.intersection(names))
         if fits:  # the tests that read one module fixture's fit, together: it runs once
