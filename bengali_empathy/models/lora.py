@@ -89,8 +89,10 @@ DEFAULT_LORA = LoraSettings()
 
 def check_modules_trained(model, modules_to_save: tuple[str, ...]) -> None:
     """Refuse a model in which a module named in ``modules_to_save`` is frozen or missing: peft skips a
-    name that matches no module without a word, and a backend may drop one (Unsloth's embeddings)."""
-    trained = {n for n, p in model.named_parameters() if p.requires_grad and ".modules_to_save." in n}
+    name that matches no module without a word, and a backend may drop one (Unsloth's embeddings). With tied
+    embeddings the lm_head copy is the embed_tokens copy: counted under both names."""
+    trained = {n for n, p in model.named_parameters(remove_duplicate=False)
+               if p.requires_grad and ".modules_to_save." in n}
     frozen = [m for m in modules_to_save if not any(f".{m}.modules_to_save." in f".{n}" for n in trained)]
     if frozen:
         raise UserError(f"model.lora.modules_to_save names {', '.join(frozen)}, but no trainable copy of "

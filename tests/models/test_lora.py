@@ -52,12 +52,13 @@ def test_llama31_8b_lora_has_13_6m_trainable_params_with_the_project_defaults():
     assert model.get_nb_trainable_parameters()[0] == 13_631_488
 
 
-def test_tied_embeddings_stay_tied():
-    """A model whose LM head is its embedding keeps one trained copy of both."""
-    from peft import get_peft_model
+def test_tied_embeddings_stay_tied(tmp_path):
+    """A model whose LM head is its embedding (SmolLM2) keeps one trained copy of both, counts it as trained under
+    both names (continued pretraining's modules_to_save), and loads back tied."""
+    from peft import PeftModel, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bengali_empathy.models.lora import LoraSettings
+    from bengali_empathy.models.lora import LoraSettings, check_modules_trained
 
     cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=1, tie_word_embeddings=True)
@@ -69,3 +70,10 @@ def test_tied_embeddings_stay_tied():
     with torch.no_grad():
         emb.add_(1.0)
     assert torch.equal(emb, head)
+    check_modules_trained(model, ("embed_tokens", "lm_head"))
+    model.save_pretrained(tmp_path / "adapter")
+    torch.manual_seed(1)
+    again = PeftModel.from_pretrained(LlamaForCausalLM(cfg), tmp_path / "adapter").get_base_model()
+    loaded = again.get_input_embeddings().modules_to_save["default"].weight
+    assert torch.equal(loaded, emb)
+    assert loaded.data_ptr() == again.get_output_embeddings().modules_to_save["default"].weight.data_ptr()
