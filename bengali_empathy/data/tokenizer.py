@@ -195,6 +195,9 @@ def _parsed_tokenizer(path: str, files: tuple):
     if not tok.chat_template and START_HEADER in tok.get_vocab():
         tok.chat_template = LLAMA31_CHAT_TEMPLATE
     tok.padding_side = "right"
+    # transformers 5 ignores this WordPiece clean-up for BPE tokenizers anyway (it would strip spaces before
+    # punctuation) and warns at every decode where a checkpoint (Llama 3's, a converted GGUF's) asks for it.
+    tok.clean_up_tokenization_spaces = False
     return tok
 
 

@@ -60,13 +60,15 @@ class LoraSettings:
 
     def to_peft(self, tied_embeddings: bool = False):
         """The peft ``LoraConfig`` (causal LM, no bias). For a model whose LM head is its input embedding
-        (``tie_word_embeddings``), the trained copies of ``embed_tokens`` and ``lm_head`` stay one tensor."""
+        (``tie_word_embeddings``), the trained copies of ``embed_tokens`` and ``lm_head`` stay one tensor (asked
+        only when one of them is trained: peft warns at every load otherwise)."""
         from peft import LoraConfig
 
+        tie = tied_embeddings and bool({"embed_tokens", "lm_head"} & set(self.modules_to_save))
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                           target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
                           modules_to_save=list(self.modules_to_save) or None,
-                          **({"ensure_weight_tying": True} if tied_embeddings else {}))
+                          **({"ensure_weight_tying": True} if tie else {}))
 
     def as_record(self) -> dict:
         """Plain values for run.json, the adapter's metadata and the registry's ``lora_config``."""
