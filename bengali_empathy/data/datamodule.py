@@ -149,9 +149,12 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
             self.facts.stats.update(self.splits.stats)
 
     def compute_stats(self) -> dict[str, dict]:
-        """Per-split statistics; streaming reads the corpus once for them."""
+        """Per-split statistics, with the tokenizer's tokens per word and per character of the turns' texts
+        (:func:`~.stats.text_stats`); streaming reads the corpus once for them."""
         self.setup()
-        self.facts.stats.update(self.splits.compute_stats())
+        tok = self.tokenizer
+        tokenize = lambda texts: tok(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.facts.stats.update(self.splits.compute_stats(tokenize))
         return self.facts.stats
 
     def prepare(self) -> None:

@@ -59,6 +59,8 @@ def test_facts_carry_the_corpus_stats_and_training_texts(tmp_path):
     assert streamed.facts.stats == {} and streamed.facts.training_texts() is None
     assert streamed.compute_stats()["train"]["kept"] == facts.stats["train"]["kept"]
     assert streamed.facts.stats["train"]["kept"] == facts.stats["train"]["kept"]
+    assert streamed.facts.stats == dm.compute_stats()  # tokens per word and character too, each split's
+    assert dm.facts.stats["val"]["text_words"] == 3 * 2 * dm.facts.stats["val"]["rows"]  # প্রশ্ন/উত্তর নম্বর i
 
 
 @pytest.mark.parametrize("streaming", [False, True])
