@@ -74,8 +74,13 @@ def refuse_moved_options(args: list[str]) -> None:
             path = Path(value or "")
             if path.is_file():
                 walk(yaml.safe_load(path.read_text(encoding="utf-8")))
+        elif isinstance(value, str) and value.startswith("{"):
+            try:
+                moved(key, yaml.safe_load(value))
+            except yaml.YAMLError:  # text that only opens like a mapping: a Jinja chat template
+                moved(key, value)
         else:
-            moved(key, yaml.safe_load(value) if isinstance(value, str) and value.startswith("{") else value)
+            moved(key, value)
 
 
 def lightning_cli(args: Optional[list[str]] = None, run: bool = True):

@@ -8,9 +8,10 @@ the CLI's ``link_arguments``), so neither side reaches into the other's attribut
 * :class:`EvalRow` -- one conversation to evaluate: where it was read, its texts, and its
   generation prompt as unpadded token ids (the generator pads per batch). The evaluator fills in
   ``prediction`` / ``base_prediction``.
-* :class:`CorpusFacts` -- the corpus a run used: its path, per-split statistics, and the texts of
-  the training split for the honesty checks. The data module builds it; the CLI hands it to the
-  model with ``EmpathyLM.connect`` (litgpt's ``connect`` pattern).
+* :class:`CorpusFacts` -- the corpus a run used: its path, per-split statistics, the texts of
+  the training split for the honesty checks, and the chat template it was encoded with. The data
+  module builds it; the CLI hands it to the model with ``EmpathyLM.connect`` (litgpt's ``connect``
+  pattern).
 """
 from __future__ import annotations
 
@@ -73,9 +74,12 @@ class CorpusFacts:
     it streams). ``training_texts`` returns the training split's texts for the honesty checks, or
     ``None`` where that would take an extra pass over the corpus (streaming). ``batching`` is how the
     data module batches, as run.json records it (``pack``, ``group_by_length``, ``streaming``).
+    ``chat_template`` is the template the conversations were encoded with, once the data module is set up:
+    the model generates with it and saves it with the adapter.
     """
 
     corpus_path: str
     stats: dict[str, dict] = field(default_factory=dict)
     training_texts: Callable[[], Optional[TrainingTexts]] = field(default=lambda: None, repr=False)
     batching: dict[str, bool] = field(default_factory=dict)
+    chat_template: Optional[str] = field(default=None, repr=False)

@@ -36,6 +36,10 @@ from conftest import DEFAULT, QUICK, run_cli
     (["--trainer.max_steps", "abc"], "trainer.max_steps"),
     (["--data.encoding.on_too_long", "cut"], "data.encoding.on_too_long"),
     (["--data.encoding.train_on", "every_turn"], "data.encoding.train_on"),
+    (["--data.encoding.chat_template", "missing.jinja"],
+     "data.encoding.chat_template 'missing.jinja' is neither Jinja text nor a file"),
+    (["--data.encoding.chat_template", "{% for m in messages %}{{ m['content'] }}{% endfor %}"],
+     "data.encoding.chat_template: the tokenizer's chat template does not close an assistant reply with a special"),
     (["--data.corpus_path", "role.jsonl", "--data.columns.group", "dialogue"], "missing column(s) 'dialogue'"),
     (["--data.corpus_path", "role.jsonl", "--data.columns.messages", "chat"], "missing column(s) 'chat'"),
     (["--data.max_seq_length", "64"], "longer than max_seq_length"),
@@ -148,6 +152,7 @@ def test_print_config_shows_the_option_groups(tmp_path):
     assert model["learning_rate"] == 0.02 and model["objective"]["name"] == "sft"
     assert {"columns", "encoding", "split", "loading", "predict"} <= set(data)
     assert data["columns"]["prompt"] == "prompt" and data["predict"]["max_samples"] == 16
+    assert data["encoding"] == {"on_too_long": "error", "train_on": "all_assistant", "chat_template": None}
 
 
 @pytest.mark.parametrize("command", ["fit", "data-stats"])

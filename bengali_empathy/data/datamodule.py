@@ -11,7 +11,7 @@ import lightning as L
 
 from ..errors import UserError
 from ..schema import CorpusFacts
-from .tokenizer import load_tokenizer
+from .tokenizer import load_tokenizer, read_chat_template
 from .batching import Collator
 from .chat_format import PROBE_TURNS, ChatEncoder
 from .encode import EncodeOptions, EncodingSettings, RowEncoder, SplitSettings, check_options, encode_in_memory
@@ -63,7 +63,8 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
             ``dpo`` rows of ``prompt`` or ``messages`` (ending in a user turn) with ``chosen`` / ``rejected``;
             ``kto`` rows with ``completion`` / ``label`` (see :mod:`.pairs`).
         columns: the corpus layout (:class:`~.formats.CorpusColumns`).
-        encoding: too-long conversations and which replies are trained on (:class:`~.encode.EncodingSettings`).
+        encoding: too-long conversations, which replies are trained on and the chat template
+            (:class:`~.encode.EncodingSettings`).
         split: the hash split and deduplication (:class:`~.encode.SplitSettings`).
         loading / predict: see :class:`LoaderSettings` and :class:`PredictSettings`.
     """
@@ -88,6 +89,7 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
                             "set data.pack to false (data.group_by_length cuts the padding instead)")
         self.corpus_path = str(corpus_path) if corpus_path else str(bundled_corpus_path())
         # Bad columns or templates fail here, before any output is written.
+        self.chat_template = read_chat_template(encoding.chat_template) if encoding.chat_template else None
         self.formats = {f: columns.format_of(list(first_row(f)), str(f), objective)
                         for f in corpus_files(self.corpus_path)}
         self.splits: Optional[CorpusSplits] = None
@@ -97,7 +99,13 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
 
     @cached_property
     def tokenizer(self):
-        return load_tokenizer(self.hparams.tokenizer_path)
+        tok = load_tokenizer(self.hparams.tokenizer_path)
+        if self.chat_template is not None:
+            tok.chat_template = self.chat_template
+        elif not tok.chat_template:  # the embedded tokenizer always has one
+            raise UserError(f"the tokenizer of {self.hparams.tokenizer_path} has no chat template: set "
+                            "data.encoding.chat_template to a template file or Jinja text (e.g. ChatML)")
+        return tok
 
     def collator(self) -> Collator:
         return Collator(self.tokenizer.pad_token_id)
@@ -109,8 +117,13 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
                              self.split.val_fraction, self.split.test_fraction, self.split.seed)
 
     def _encoders(self) -> dict[Path, RowEncoder]:
-        chat = ChatEncoder(self.tokenizer)
-        chat.check(self.hparams.system_prompt, PROBE_TURNS, f"tokenizer {self.hparams.tokenizer_path or 'embedded'}")
+        where = ("data.encoding.chat_template" if self.chat_template is not None
+                 else f"tokenizer {self.hparams.tokenizer_path or 'embedded'}")
+        try:
+            chat = ChatEncoder(self.tokenizer)
+        except UserError as exc:  # a template this package cannot train on: say which one
+            raise UserError(f"{where}: {exc}") from exc
+        chat.check(self.hparams.system_prompt, PROBE_TURNS, where)
         return {f: RowEncoder(fmt, chat, self.options, str(f)) for f, fmt in self.formats.items()}
 
     def encoded(self):
@@ -119,6 +132,7 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         h = self.hparams
+        self.facts.chat_template = self.tokenizer.chat_template
         batching = Batching(h.batch_size, h.eval_batch_size or h.batch_size, h.max_seq_length, h.pack,
                             h.group_by_length, self.loading.num_workers, self.split.seed, self.collator())
         trainer = self.trainer
@@ -135,9 +149,12 @@ class EmpatheticDialogueDataModule(L.LightningDataModule):
             self.facts.stats.update(self.splits.stats)
 
     def compute_stats(self) -> dict[str, dict]:
-        """Per-split statistics; streaming reads the corpus once for them."""
+        """Per-split statistics, with the tokenizer's tokens per word and per character of the turns' texts
+        (:func:`~.stats.text_stats`); streaming reads the corpus once for them."""
         self.setup()
-        self.facts.stats.update(self.splits.compute_stats())
+        tok = self.tokenizer
+        tokenize = lambda texts: tok(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+        self.facts.stats.update(self.splits.compute_stats(tokenize))
         return self.facts.stats
 
     def prepare(self) -> None:

@@ -64,10 +64,14 @@ class EncodingSettings:
             ``truncate`` its tail; or ``truncate_history``: drop the oldest whole turns (keeping the system
             prompt and the final exchange), then cut the reply's tail.
         train_on: loss on ``all_assistant`` replies or only the ``last_assistant`` one.
+        chat_template: the chat format to train in instead of the tokenizer's own, as Jinja text or the path of a
+            ``.jinja`` file (e.g. ChatML for a checkpoint whose tokenizer has none); the model generates and the
+            adapter is saved with it.
     """
 
     on_too_long: OnTooLong = "error"
     train_on: TrainOn = "all_assistant"
+    chat_template: Optional[str] = None
 
 
 @dataclass(frozen=True)

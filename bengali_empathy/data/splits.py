@@ -24,7 +24,7 @@ from .batching import EpochSampler, PackedDataset, pack_examples, pack_groups
 from .encode import PREFERENCE_COLUMNS, RowEncoder, raise_reference_in_prompt, too_long_error, where
 from .files import diagnose_any, load_file
 from .formats import SPLITS
-from .stats import KEPT, split_stats
+from .stats import KEPT, Tokenize, split_stats, text_stats
 
 # What an evaluation example carries (a training example needs only the first two).
 EVAL_COLUMNS = ["input_ids", "label_spans", "prompt_len", "file", "line", "id", "prompt", "reference", "category",
@@ -66,8 +66,9 @@ class CorpusSplits(Protocol):
     def counts(self, split: str) -> dict[str, int]:
         """Row statuses of ``split`` seen in the last streamed pass of this process (empty in memory)."""
 
-    def compute_stats(self) -> dict[str, dict]:
-        """Per-split statistics (a stream reads the corpus once for them)."""
+    def compute_stats(self, tokenize: Optional[Tokenize] = None) -> dict[str, dict]:
+        """Per-split statistics (a stream reads the corpus once for them); with ``tokenize``, also the tokens per word
+        and per character of every turn's text of the split's rows (:func:`~.stats.text_stats`)."""
 
 
 def _columns(ds, names: list[str]) -> dict:
@@ -87,9 +88,11 @@ class InMemorySplits:
         self.datasets: dict = {}
         self.eval_views: dict = {}  # kept rows with what evaluation needs, train included
         self.train_lengths: list[int] = []
+        self.texts: dict = {}  # every row's turns, dropped rows too: what the corpus says, for text_stats
         for split in SPLITS:
             rows = np.flatnonzero(split_col == split)
             part = encoded.select(rows)
+            self.texts[split] = part.select_columns(["texts"])
             cols = _columns(part, STAT_INPUTS)
             cols["status"] = np.where(duplicate[rows] & np.isin(cols["status"], KEPT), "duplicate", cols["status"])
             self.stats[split] = split_stats(cols, batching.max_seq_length)
@@ -140,7 +143,11 @@ class InMemorySplits:
     def counts(self, split: str) -> dict[str, int]:
         return {}
 
-    def compute_stats(self) -> dict[str, dict]:
+    def compute_stats(self, tokenize: Optional[Tokenize] = None) -> dict[str, dict]:
+        if tokenize is not None:
+            for split, texts in self.texts.items():
+                turns = (t for batch in texts.iter(batch_size=1024) for row in batch["texts"] for t in row)
+                self.stats[split].update(text_stats(turns, tokenize))
         return self.stats
 
 
@@ -284,13 +291,17 @@ class StreamedSplits:
     def counts(self, split: str) -> dict[str, int]:
         return dict(self.datasets[split].counts)
 
-    def compute_stats(self) -> dict[str, dict]:
-        if not self.stats:
+    def compute_stats(self, tokenize: Optional[Tokenize] = None) -> dict[str, dict]:
+        if not self.stats or tokenize is not None:
             for split in SPLITS:
                 cols: dict = {k: [] for k in STAT_INPUTS}
+                texts: list[str] = []
                 for ex in self.datasets[split].stream:
                     for k in cols:
                         cols[k].append(ex[k])
+                    texts += ex["texts"]
                 self.stats[split] = split_stats(cols, self.batching.max_seq_length)
+                if tokenize is not None:
+                    self.stats[split].update(text_stats(texts, tokenize))
         return self.stats
 

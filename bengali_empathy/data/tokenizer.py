@@ -191,7 +191,7 @@ def _parsed_tokenizer(path: str, files: tuple):
         else:
             tok.pad_token = tok.eos_token
     # A Llama-3 base checkpoint ships no template, but its vocabulary has the header tokens of Llama 3.1's
-    # format; any other tokenizer without one is refused by the ChatEncoder, which cannot guess a format.
+    # format; for any other tokenizer without one the data module asks for data.encoding.chat_template.
     if not tok.chat_template and START_HEADER in tok.get_vocab():
         tok.chat_template = LLAMA31_CHAT_TEMPLATE
     tok.padding_side = "right"
@@ -229,19 +229,15 @@ def llama3_tiktoken(tok):
     return enc
 
 
-def apply_chat_template_override(tok, template_or_path: str) -> None:
-    """Give ``tok`` the chat template ``template_or_path`` (Jinja text, or the path of a ``.jinja`` file).
-
-    For a checkpoint without a template, or to train a model in another format than its own; the data
-    module's options do not expose it yet.
-    """
+def read_chat_template(template_or_path: str) -> str:
+    """The chat template that ``data.encoding.chat_template`` names: Jinja text as given, or the text of the file at
+    that path (a ``.jinja`` file)."""
     if "{{" in template_or_path or "{%" in template_or_path:
-        tok.chat_template = template_or_path
-        return
+        return template_or_path
     path = Path(template_or_path).expanduser()
     if not path.is_file():
-        raise UserError(f"chat template {template_or_path!r} is neither Jinja text nor a file")
-    tok.chat_template = path.read_text(encoding="utf-8")
+        raise UserError(f"data.encoding.chat_template {template_or_path!r} is neither Jinja text nor a file")
+    return path.read_text(encoding="utf-8")
 
 
 def render_chat(tok, messages: list[dict], generation_prompt: bool = False) -> str:

@@ -19,11 +19,20 @@ from .modeling import resolve_model_path
 
 
 def load_lora_model(backend: Backend, model_name_or_path: str, max_seq_length: int, lora: LoraSettings,
-                    adapter: Optional[str] = None):
+                    adapter: Optional[str] = None, chat_template: Optional[str] = None):
     """(model, tokenizer): the base checkpoint ``model_name_or_path`` (a local directory or the tiny model)
     loaded by ``backend`` with LoRA ``lora``, holding ``adapter``'s weights when given (settings already
-    checked against the adapter's: :func:`.checkpoints.check_adapter`)."""
-    return backend.load(resolve_model_path(model_name_or_path), max_seq_length, lora, adapter)
+    checked against the adapter's: :func:`.checkpoints.check_adapter`).
+
+    The tokenizer's chat template is ``chat_template`` (the one the data is encoded with) where given, else the
+    one the adapter records (what it was trained with, which may not be the checkpoint's), else the checkpoint's.
+    """
+    model, tokenizer = backend.load(resolve_model_path(model_name_or_path), max_seq_length, lora, adapter)
+    info = read_info(adapter) if adapter and chat_template is None else None
+    template = chat_template or (info.chat_template if info else None)
+    if template:
+        tokenizer.chat_template = template
+    return model, tokenizer
 
 
 def base_model_path(adapter: str | os.PathLike, base: Optional[str] = None) -> Path:

@@ -147,8 +147,10 @@ class EmpathyLM(L.LightningModule):
         if self.model is not None:
             return
         h = self.hparams
+        # The data's chat template (data.encoding.chat_template may replace the checkpoint's): replies are generated,
+        # stopped and saved with the adapter in the format the model is trained in.
         self.model, self.tokenizer = load_lora_model(self.backend, h.model_name_or_path, h.max_seq_length, self.lora,
-                                                     h.adapter_path)
+                                                     h.adapter_path, self.facts.chat_template if self.facts else None)
         # peft counts a 4-bit weight's packed uint8 storage as the parameters it holds
         self.param_counts = tuple(self.model.get_nb_trainable_parameters())
         self.generator = Generator(self.model, self.tokenizer, self.backend, self.decoding, self.generation.batch_size,

@@ -12,7 +12,7 @@ import pytest
 from bengali_empathy.data.chat_format import ChatEncoder
 from bengali_empathy.data.formats import DEFAULT_SYSTEM_PROMPT
 from bengali_empathy.data.encode import EncodeOptions, fit_to_length
-from bengali_empathy.data.tokenizer import apply_chat_template_override, stop_token_ids
+from bengali_empathy.data.tokenizer import read_chat_template, stop_token_ids
 from bengali_empathy.errors import UserError
 
 # SmolLM2-Instruct's template: ChatML, with a default system turn when a chat has none; texts are not trimmed.
@@ -90,7 +90,7 @@ def gemma_tokenizer(llama):
 
 def meta_llama_tokenizer(llama):
     tok = copy.deepcopy(llama)
-    apply_chat_template_override(tok, str(META_LLAMA31_TEMPLATE))
+    tok.chat_template = read_chat_template(str(META_LLAMA31_TEMPLATE))
     return tok
 
 
@@ -205,17 +205,11 @@ def test_chat_encoder_refuses_a_template_it_cannot_assemble(tokenizer, template,
     assert llama_like("") and ChatEncoder(tokenizer)  # the same tokenizer with a template it can assemble
 
 
-def test_apply_chat_template_override(tmp_path, tokenizer):
-    tok = copy.deepcopy(tokenizer)
-    apply_chat_template_override(tok, SMOLLM2_TEMPLATE)
-    assert tok.chat_template == SMOLLM2_TEMPLATE
-    apply_chat_template_override(tok, str(META_LLAMA31_TEMPLATE))
-    assert "Cutting Knowledge Date" in tok.chat_template
-    with pytest.raises(UserError, match="neither Jinja text nor a file"):
-        apply_chat_template_override(tok, str(tmp_path / "missing.jinja"))
-
-
-
+def test_a_chat_template_is_read_as_text_or_from_a_file(tmp_path):
+    assert read_chat_template(SMOLLM2_TEMPLATE) == SMOLLM2_TEMPLATE
+    assert read_chat_template(str(META_LLAMA31_TEMPLATE)) == META_LLAMA31_TEMPLATE.read_text(encoding="utf-8")
+    with pytest.raises(UserError, match="chat_template .*missing.jinja' is neither Jinja text nor a file"):
+        read_chat_template(str(tmp_path / "missing.jinja"))
 
 
 @pytest.mark.parametrize("turns", [

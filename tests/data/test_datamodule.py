@@ -12,7 +12,7 @@ from bengali_empathy.data import (
 )
 from bengali_empathy.errors import UserError
 from bengali_empathy.schema import CorpusFacts, EvalRow
-from conftest import ROOT, write_jsonl
+from conftest import QUICK, ROOT, run_cli, write_jsonl
 
 DEFAULT = ["--config", str(ROOT / "configs" / "default.yaml")]
 
@@ -59,6 +59,8 @@ def test_facts_carry_the_corpus_stats_and_training_texts(tmp_path):
     assert streamed.facts.stats == {} and streamed.facts.training_texts() is None
     assert streamed.compute_stats()["train"]["kept"] == facts.stats["train"]["kept"]
     assert streamed.facts.stats["train"]["kept"] == facts.stats["train"]["kept"]
+    assert streamed.facts.stats == dm.compute_stats()  # tokens per word and character too, each split's
+    assert dm.facts.stats["val"]["text_words"] == 3 * 2 * dm.facts.stats["val"]["rows"]  # প্রশ্ন/উত্তর নম্বর i
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -186,3 +188,130 @@ def test_streams_prepared_before_ddp_are_sharded_once_ranks_are_known(tmp_path):
         dm.setup("fit")  # Lightning's setup inside the DDP process
         seen.append({tuple(ex["input_ids"]) for ex in dm.splits.datasets["train"]})
     assert seen[0] and seen[1] and not seen[0] & seen[1]
+
+
+# --------------------------------------------------------------------------- the chat template a run trains in
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
+          " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+META_LLAMA31_TEMPLATE = ROOT / "tests" / "data" / "templates" / "llama-3.1-instruct.jinja"
+# Two training steps, validated once (2 batches, the first also generated), on 24 pairs.
+TWO_STEPS = [*QUICK, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.num_sanity_val_steps",
+             "0", "--data.split.val_fraction", "0.25", "--data.split.test_fraction", "0"]
+
+
+def chatml_checkpoint(directory, texts):
+    """A tiny random Llama over a byte-level BPE trained on ``texts``, with ChatML's special tokens and no chat
+    template (as a base model's tokenizer may have none)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=800, special_tokens=[
+        "<|endoftext|>", "<|im_start|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                  clean_up_tokenization_spaces=False)
+    tok.save_pretrained(str(directory))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=None,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(str(directory))
+    assert not list(directory.glob("chat_template*"))
+    return directory
+
+
+def meta_checkpoint(directory, tiny_model_path):
+    """The tiny random Llama whose tokenizer_config.json carries Meta's official Llama-3.1-Instruct template (as the
+    checkpoints Meta publishes have it)."""
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
+        (directory / name).symlink_to(tiny_model_path / name)
+    config = json.loads((tiny_model_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["chat_template"] = META_LLAMA31_TEMPLATE.read_text(encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return directory
+
+
+def loss_rows(monkeypatch):
+    """The (ids, labels) of every row the backend computes a loss on while a run goes, padding cut off."""
+    from bengali_empathy.models.backends import HFPeftBackend
+
+    rows, loss = [], HFPeftBackend.loss
+
+    def recorded(self, model, batch):
+        for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+            n = int(mask.sum())
+            rows.append((ids[:n].tolist(), labels[:n].tolist()))
+        return loss(self, model, batch)
+
+    monkeypatch.setattr(HFPeftBackend, "loss", recorded)
+    return rows
+
+
+def test_a_checkpoint_without_a_chat_template_needs_one(tmp_path):
+    corpus = write_jsonl(tmp_path / "p.jsonl", _pairs(24))
+    chatml_checkpoint(tmp_path / "base", [r[k] for r in _pairs(24) for k in ("prompt", "response")])
+    r = run_cli(["fit", *TWO_STEPS, "--data.corpus_path", corpus, "--model.model_name_or_path", tmp_path / "base"],
+                cwd=tmp_path)
+    err = [line for line in r.stderr.strip().splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert err == [f"error: the tokenizer of {tmp_path / 'base'} has no chat template: set "
+                   "data.encoding.chat_template to a template file or Jinja text (e.g. ChatML)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "p.jsonl"]
+
+
+@pytest.mark.parametrize("case", ["chatml-by-option", "meta-in-checkpoint"])
+def test_fit_trains_chats_and_saves_the_adapter_in_the_runs_chat_template(tmp_path, monkeypatch, tiny_model_path,
+                                                                          case):
+    """A checkpoint without a template trained in ChatML given by data.encoding.chat_template, and a checkpoint
+    carrying Meta's official template: every row the loss sees is ``apply_chat_template``'s ids with the loss on
+    the replies and their end of turn; the adapter's tokenizer, and chat on it, have the template."""
+    from argparse import Namespace
+
+    from transformers import AutoTokenizer
+
+    from bengali_empathy.apps.chat import replier_for
+    from bengali_empathy.data import DEFAULT_SYSTEM_PROMPT
+    from bengali_empathy.data.tokenizer import load_tokenizer, stop_token_ids
+
+    rows = _pairs(24)
+    corpus = write_jsonl(tmp_path / "p.jsonl", rows)
+    base = tmp_path / "base"
+    base.mkdir()
+    if case == "chatml-by-option":
+        chatml_checkpoint(base, [DEFAULT_SYSTEM_PROMPT] + [r[k] for r in rows for k in ("prompt", "response")])
+        (tmp_path / "chatml.jinja").write_text(CHATML, encoding="utf-8")
+        template, end_of_turn, extra = CHATML, "<|im_end|>", ["--data.encoding.chat_template", "chatml.jinja"]
+    else:
+        meta_checkpoint(base, tiny_model_path)
+        template, end_of_turn, extra = META_LLAMA31_TEMPLATE.read_text(encoding="utf-8"), "<|eot_id|>", []
+    seen = loss_rows(monkeypatch)
+    r = run_cli(["fit", *TWO_STEPS, "--data.corpus_path", corpus, "--model.model_name_or_path", base, *extra],
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    reference = AutoTokenizer.from_pretrained(str(base))  # the checkpoint's own files, read by transformers alone
+    reference.chat_template = template
+    eot = reference.convert_tokens_to_ids(end_of_turn)
+    expected = {}
+    for row in rows:
+        ids = reference.apply_chat_template([{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+                                             {"role": "user", "content": row["prompt"]},
+                                             {"role": "assistant", "content": row["response"]}], tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        expected[tuple(ids)] = reference(row["response"], add_special_tokens=False)["input_ids"] + [eot]
+    assert len(seen) > 8  # two training batches of 4 and the validation batches
+    for ids, labels in seen:
+        assert tuple(ids) in expected
+        assert [t for t in labels if t != -100] == expected[tuple(ids)]
+
+    adapter = tmp_path / "lightning_logs" / "version_0" / "adapter"
+    saved = load_tokenizer(adapter)
+    assert saved.chat_template == template and stop_token_ids(saved)[0] == eot
+    assert json.loads((adapter / "bengali_empathy.json").read_text(encoding="utf-8"))["chat_template"] == template
+    replier = replier_for(Namespace(model=None, adapter=str(adapter), backend="hf", system_prompt=None,
+                                    max_new_tokens=4, no_4bit=True))
+    assert replier.tokenizer.chat_template == template and replier.stop_ids[0] == eot
