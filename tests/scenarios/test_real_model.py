@@ -77,9 +77,10 @@ def test_dpo_from_the_real_adapter(smollm2_fit, tmp_path):
               "rejected": "জানি না।"} for i in range(12)]
     r = run_cli(["fit", "--config", ROOT / "configs" / "dpo.yaml", "--model.model_name_or_path", "smollm2-135m-instruct",
                  "--model.lora.modules_to_save", "[]", "--model.adapter_path", _adapter(smollm2_fit),
-                 "--data.corpus_path", write_jsonl(tmp_path / "pairs.jsonl", pairs), "--data.max_seq_length", "128",
-                 "--data.batch_size", "2", "--trainer.max_steps", "1", "--trainer.val_check_interval", "1",
-                 ], cwd=tmp_path)
+                 "--data.corpus_path", write_jsonl(tmp_path / "pairs.jsonl", pairs), "--data.max_seq_length", "384",
+                 "--data.batch_size", "2", "--data.split.val_fraction", "0.3", "--model.decoding.max_new_tokens", "4",
+                 "--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.num_sanity_val_steps", "0"],
+                cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     vdir = tmp_path / "lightning_logs" / "version_0"
     assert (vdir / "adapter" / "adapter_model.safetensors").is_file()
@@ -90,8 +91,8 @@ def test_continued_pretraining_keeps_the_tied_head_one_tensor(tmp_path):
     docs = [{"text": "বাংলা ভাষায় লেখা একটি ছোট অনুচ্ছেদ, যেখানে মানুষ তার দিনের কথা বলে। " * 3}] * 12
     r = run_cli(["fit", "--config", ROOT / "configs" / "pretrain.yaml", "--model.model_name_or_path", "smollm2-135m-instruct",
                  "--data.corpus_path", write_jsonl(tmp_path / "text.jsonl", docs), "--data.max_seq_length", "128",
-                 "--data.batch_size", "2", "--trainer.max_steps", "1", "--trainer.val_check_interval", "1",
-                 ], cwd=tmp_path)
+                 "--data.batch_size", "2", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"],
+                cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     saved = load_file(tmp_path / "lightning_logs" / "version_0" / "adapter" / "adapter_model.safetensors")
     embed = next(v for k, v in saved.items() if "embed_tokens" in k)
