@@ -54,8 +54,10 @@ def resolve_engine(engine: GenerationEngine, backend_name: str) -> str:
 def engine_for(engine: str, model, report: Callable[[str], None] = log.warning) -> str:
     """``engine`` for ``model``, or ``eager`` where ``engine`` is a fast one and ``model`` is not of a type in
     :data:`FAST_ENGINE_MODEL_TYPES` (said through ``report``, in one line)."""
+    if engine == "eager":
+        return engine
     model_type = getattr(model.config, "model_type", None)
-    if engine == "eager" or model_type in FAST_ENGINE_MODEL_TYPES:
+    if model_type in FAST_ENGINE_MODEL_TYPES:
         return engine
     report(f"generation: the {engine} engine is written for Llama models; this {model_type} model generates with "
            "the eager engine")
