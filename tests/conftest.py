@@ -111,6 +111,33 @@ def trained_tiny_lora(tiny_model_path, max_seq_length, modules_to_save=()):
     return backend, model.eval(), tok
 
 
+# Architectures other than Llama (model type -> LoRA targets, configuration), tiny and random (:func:`tiny_lora_of`).
+OTHER_ARCHITECTURES = {"mistral": (("q_proj", "k_proj", "v_proj", "o_proj"), {"num_key_value_heads": 2}),
+                       "gpt_neox": (("query_key_value", "dense"), {})}
+
+
+def tiny_lora_of(model_type, tokenizer):
+    """A tiny random model of an :data:`OTHER_ARCHITECTURES` type for ``tokenizer`` (the embedded one), fp32, in
+    eval mode, with a LoRA (the hf backend's peft config) whose B is not zero."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bengali_empathy.models.lora import LoraSettings
+
+    targets, arch = OTHER_ARCHITECTURES[model_type]
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **arch)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config), LoraSettings(target_modules=targets).to_peft())
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def chat(tokenizer):
     from bengali_empathy.data import ChatEncoder

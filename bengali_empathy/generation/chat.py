@@ -34,7 +34,7 @@ from ..data.encode import drop_oldest_exchanges
 from ..errors import UserError
 from ..text import is_empty_reply
 from .decoding import Decoding
-from .engines import Engine, make_engine
+from .engines import Engine, engine_for, make_engine
 
 RESET = "/reset"  # a line of terminal chat that starts a new conversation
 _END = object()
@@ -137,7 +137,7 @@ class Replier:
         generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.stop_ids = stop_token_ids(tokenizer, generation_eos)
         self.system_prompt, self.max_seq_length, self.decoding = system_prompt, max_seq_length, decoding
-        self.engine = engine
+        self.engine = engine_for(engine, model)  # said here, once for every conversation
         self._engines: dict[bool, Engine] = {}  # base (adapter disabled) or not -> its engine
         self._weights: dict = {}  # the 16-bit copies both engines decode with (Engine's ``weights``)
         self._lock = threading.Lock()

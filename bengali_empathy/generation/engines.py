@@ -8,7 +8,7 @@ prompt (:func:`.decoder.prefill`) into a static KV cache, and ``generate`` decod
 replay of a recorded CUDA graph. The two fast engines attend with the grouped-query decoding attention
 of :mod:`..models.attention` and run a 4-bit model in its 16-bit compute dtype
 (:func:`.merged.compute_dtype_weights`); they need the ``hf`` backend (Unsloth generates with its own
-kernels).
+kernels) and a Llama-architecture model (:func:`engine_for`: another generates eagerly, said in one line).
 
 An engine is made for one model (:func:`make_engine`). It decodes within :meth:`Engine.prepared`, and
 its call takes left-padded prompts and returns their new tokens; ``on_step`` (a streamed reply) sees
@@ -17,6 +17,7 @@ each step's tokens and ends decoding by returning True.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Callable, ContextManager, Iterator, Literal, Optional, Sequence
 
 import torch
@@ -30,6 +31,14 @@ from .merged import compute_dtype_weights
 GenerationEngine = Literal["auto", "compiled", "static", "eager"]
 OnStep = Callable[[torch.Tensor], bool]
 
+log = logging.getLogger(__name__)
+
+# The model types the fast engines are written for: Llama's decoder (Llama 3.x, SmolLM2; any head counts, tied
+# embeddings or not). Others differ where the fast engines do not look: Gemma 2's soft-capped attention
+# (the grouped decoding attention computes plain softmax attention), Mistral's sliding-window cache layers
+# (the prefill writes full-length ones), GPT-NeoX's configuration (no ``num_key_value_heads``).
+FAST_ENGINE_MODEL_TYPES = frozenset({"llama"})
+
 
 def resolve_engine(engine: GenerationEngine, backend_name: str) -> str:
     """The engine ``engine`` names on this machine with this backend (``auto``: ``compiled`` on CUDA with
@@ -40,6 +49,19 @@ def resolve_engine(engine: GenerationEngine, backend_name: str) -> str:
         raise UserError(f"model.generation_engine '{engine}' needs model.backend 'hf' ({backend_name} generates "
                         "with its own kernels); use 'auto' or 'eager'")
     return engine
+
+
+def engine_for(engine: str, model, report: Callable[[str], None] = log.warning) -> str:
+    """``engine`` for ``model``, or ``eager`` where ``engine`` is a fast one and ``model`` is not of a type in
+    :data:`FAST_ENGINE_MODEL_TYPES` (said through ``report``, in one line)."""
+    if engine == "eager":
+        return engine
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in FAST_ENGINE_MODEL_TYPES:
+        return engine
+    report(f"generation: the {engine} engine is written for Llama models; this {model_type} model generates with "
+           "the eager engine")
+    return "eager"
 
 
 @contextlib.contextmanager
@@ -183,5 +205,6 @@ ENGINES = {engine.name: engine for engine in (Engine, StaticEngine, CompiledEngi
 
 def make_engine(name: str, model, stop_ids: Sequence[int], pad: int, prefill_tokens: Optional[int] = None,
                 weights: Optional[dict] = None) -> Engine:
-    """The engine ``name`` (``eager``, ``static`` or ``compiled``: see :func:`resolve_engine`) for ``model``."""
-    return ENGINES[name](model, stop_ids, pad, prefill_tokens, weights)
+    """The engine ``name`` (``eager``, ``static`` or ``compiled``: see :func:`resolve_engine`) for ``model``
+    (``eager`` for a model the fast engines are not written for: :func:`engine_for`)."""
+    return ENGINES[engine_for(name, model)](model, stop_ids, pad, prefill_tokens, weights)

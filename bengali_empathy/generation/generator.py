@@ -8,8 +8,8 @@ stops at ``<|eot_id|>``, and the replies come back in input order. A batch that
 runs out of GPU memory is retried at half the size.
 
 The decoding itself is an engine's (:mod:`.engines`, ``model.generation.engine``: ``eager``, ``static``
-or ``compiled``; ``auto`` is ``compiled`` on CUDA with the ``hf`` backend, else ``eager``), the same
-engines that chat decodes with.
+or ``compiled``; ``auto`` is ``compiled`` on CUDA with the ``hf`` backend, else ``eager``; a model that is
+not a Llama decodes eagerly), the same engines that chat decodes with.
 
 Where the memory allows, validate/test/predict generate on a merged 16-bit copy of the model
 (:mod:`.merged`, ``model.generation.weights``); :func:`plan_generation` decides, and checks that the
@@ -29,7 +29,7 @@ from typing import Callable, Literal, Optional, Sequence
 import torch
 
 from .decoder import PREFILL_TOKENS, cache_slots
-from .engines import Engine, GenerationEngine, make_engine, resolve_engine
+from .engines import Engine, GenerationEngine, engine_for, make_engine, resolve_engine
 from ..errors import UserError
 from ..models.gpu import head_dim, synchronized_time
 from ..models.memory import MemoryBudget, resolve_budget_gib
@@ -272,13 +272,13 @@ class Generator:
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.decoding = decoding
         self.batch_size = batch_size
-        self.engine = resolve_engine(engine, backend.name)
+        self.report = report
+        self.engine = engine_for(resolve_engine(engine, backend.name), model, report)  # said here, once a run
         # ``auto`` merges on CUDA with the hf backend only: Unsloth patches transformers' Llama classes,
         # which a plain copy would then run through.
         self.merge = {"merged": True, "adapter": False}.get(
             weights, None if backend.name == "hf" and torch.cuda.is_available() else False)
         self.memory_budget = memory_budget  # the run's (model.memory.budget_gib): generation keeps to it too
-        self.report = report
         generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.stop_ids = stop_token_ids(tokenizer, generation_eos)
         self.last_plan: Optional[GenerationPlan] = None

@@ -2,6 +2,7 @@
 (bengali_empathy.generation.engines)."""
 import pytest
 import torch
+from conftest import tiny_lora_of
 
 
 @pytest.mark.parametrize("engine,max_new_tokens,prefill_tokens", [("compiled", 1, 16384), ("compiled", 7, 16384),
@@ -61,3 +62,33 @@ def test_fast_engines_are_refused_for_unsloth_and_auto_is_compiled_on_cuda_with_
     for engine in ("compiled", "static"):
         with pytest.raises(UserError, match=f"generation_engine '{engine}' needs model.backend 'hf'"):
             resolve_engine(engine, "unsloth")
+
+
+# The fast engine named fails on each model when asked to run it: Mistral's sliding-window cache layers overflow
+# in the static engine's decoding, a GPT-NeoX configuration has no num_key_value_heads for the compiled engine's cache.
+@pytest.mark.parametrize("model_type,engine", [("mistral", "static"), ("gpt_neox", "compiled")])
+def test_a_model_of_another_architecture_generates_eagerly_and_says_so_once(model_type, engine, tokenizer, caplog):
+    from bengali_empathy.generation.decoding import Decoding
+    from bengali_empathy.generation.engines import make_engine
+    from bengali_empathy.generation.generator import Generator
+    from bengali_empathy.models.backends import HFPeftBackend
+
+    tok, backend = tokenizer, HFPeftBackend(load_in_4bit=False, gradient_checkpointing=False)
+    model = tiny_lora_of(model_type, tok)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1000, 120000, (n,), generator=g).tolist() for n in (3, 17, 9, 30, 5)]
+    lines = []
+    generator = Generator(model, tok, backend, Decoding(max_new_tokens=6), 4, report=lines.append, engine=engine)
+    got, stats = generator.generate(prompts, progress=False)
+    again, _ = generator.generate(prompts, progress=False)
+    want = []  # plain transformers, one prompt at a time
+    for p in prompts:
+        out = model.generate(input_ids=torch.tensor([p]), max_new_tokens=6, do_sample=False,
+                             eos_token_id=generator.stop_ids, pad_token_id=tok.pad_token_id)
+        want.append(tok.decode(out[0, len(p):], skip_special_tokens=True).strip())
+    assert got == again == want and stats.engine == "eager"
+    assert lines == [f"generation: the {engine} engine is written for Llama models; this {model_type} model "
+                     "generates with the eager engine"]
+    with caplog.at_level("WARNING", logger="bengali_empathy.generation.engines"):  # made directly: said there
+        assert make_engine(engine, model, generator.stop_ids, tok.pad_token_id).name == "eager"
+    assert [r.getMessage() for r in caplog.records] == lines

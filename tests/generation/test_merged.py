@@ -1,7 +1,7 @@
 """The merged copy computes what the LoRA model computes, with the adapter on and off."""
 import pytest
 import torch
-from conftest import trained_tiny_lora
+from conftest import OTHER_ARCHITECTURES, tiny_lora_of, trained_tiny_lora
 
 from bengali_empathy.generation.merged import merged_bytes, merged_copy
 
@@ -29,6 +29,20 @@ def test_merged_copy_has_the_lora_models_logits_with_the_adapter_on_and_off(lora
     assert torch.allclose(merged, tuned, atol=1e-4) and torch.equal(merged.argmax(-1), tuned.argmax(-1))
     assert torch.allclose(base_copy, base, atol=1e-5)
     assert merged_bytes(model, torch.float32) == 4 * sum(p.numel() for p in copy.parameters())
+
+
+@pytest.mark.parametrize("model_type", sorted(OTHER_ARCHITECTURES))
+def test_the_merged_copy_of_a_model_of_another_architecture_has_its_logits(model_type, tokenizer):
+    """predict's copy is a plain transformers model of any architecture (only the fast engines are Llama's)."""
+    model = tiny_lora_of(model_type, tokenizer)
+    ids = torch.randint(1000, 120000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits
+        copy = merged_copy(model, torch.float32)
+        with model.disable_adapter():
+            assert (tuned - model(input_ids=ids).logits).abs().max() > 0.1  # the adapter does change the function
+    assert copy.config.model_type == model_type and not hasattr(copy, "peft_config")
+    assert torch.allclose(copy(input_ids=ids).logits, tuned, atol=1e-5)
 
 
 def test_generation_on_the_merged_copy_is_reported_as_such(lora_with_trained_head):
