@@ -287,10 +287,11 @@ def default_fit(tmp_path_factory):
     return _shared_fit(tmp_path_factory, "default_fit", DEFAULT)
 
 
-# configs/smollm2_bn.yaml cut to 3 steps of 2 conversations of at most 384 tokens (the latest turns): a real model's adapter, its
-# validation replies and scores in about a minute on one core.
+# configs/smollm2_bn.yaml cut to 3 steps of 2 conversations of at most 512 tokens (every sample conversation is
+# longer: the oldest exchanges dropped): a real model's adapter, its validation replies and scores in about a minute
+# on one core.
 SMOLLM2 = ["--config", str(ROOT / "configs" / "smollm2_bn.yaml"), "--trainer.max_steps", "3",
-           "--trainer.val_check_interval", "3", "--data.max_seq_length", "384",
+           "--trainer.val_check_interval", "3", "--data.max_seq_length", "512",
            "--data.encoding.on_too_long", "truncate_history", "--data.eval_batch_size", "2",
            "--model.decoding.max_new_tokens", "8", "--model.generation.log_samples", "2",
            "--data.predict.max_samples", "4"]

@@ -218,7 +218,9 @@ class ChatEncoder:
                                 "this template cannot be trained on turn by turn")
 
     def cache_key(self) -> str:
-        probe = self._ids("আমি আজ খুব একা বোধ করছি। Hello 123\n")
+        # ends in white space before digits, which SmolLM's pre-tokenizer splits otherwise than GPT-2's (the one
+        # older GGUF imports gave it): a changed pre-tokenizer is a changed key
+        probe = self._ids("আমি আজ খুব একা বোধ করছি। Hello 123\n\n১২")
         template = hashlib.sha256(self.tokenizer.chat_template.encode("utf-8")).hexdigest()
         return json.dumps([len(self.tokenizer), template, self.bos, self.end_of_text, self.eot, self.trimmed, self.glued,
                            probe])

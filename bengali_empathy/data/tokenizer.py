@@ -6,13 +6,16 @@ Llama-3.1 special tokens and the Llama-3.1 chat template, and cache the result
 on disk (conversion takes a few seconds, loading the cache a fraction of one).
 
 For any tokenizer it also says what its chat template ends turns and texts with
-(:func:`end_of_turn_id`, :func:`stop_token_ids`, :func:`document_end_id`).
+(:func:`end_of_turn_id`, :func:`stop_token_ids`, :func:`document_end_id`), and which of llama.cpp's
+pre-tokenizers splits text as it does (:func:`llama_cpp_pre_tokenizer`).
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
+from typing import Optional
 
 from .._io import atomic_directory
 from ..errors import UserError
@@ -24,6 +27,7 @@ END_HEADER = "<|end_header_id|>"
 EOT = "<|eot_id|>"
 EOM = "<|eom_id|>"
 PAD = "<|finetune_right_pad_id|>"
+ENDOFTEXT = "<|endoftext|>"  # GPT-2's end of text, kept by GPT-2-style vocabularies (SmolLM's id 0)
 NUM_BASE_TOKENS = 128000
 NUM_SPECIAL_TOKENS = 256
 
@@ -288,12 +292,53 @@ def document_end_id(tok) -> int:
 
 
 def stop_token_ids(tok, generation_eos=None) -> list[int]:
-    """Token ids that end a reply: the template's end of turn, Llama 3's <|eom_id|> and <|end_of_text|> where
-    the vocabulary has them, the tokenizer's eos and ``generation_eos`` (a generation config's ``eos_token_id``:
-    one id, a list or ``None``). Without a chat template (a base model), the eos ones only."""
+    """Token ids that end a reply: the template's end of turn, Llama 3's <|eom_id|> and <|end_of_text|> and
+    GPT-2's <|endoftext|> where the vocabulary has them (llama.cpp ends generation at each), the tokenizer's eos
+    and ``generation_eos`` (a generation config's ``eos_token_id``: one id, a list or ``None``). Without a chat
+    template (a base model), the eos ones only."""
     vocab = tok.get_vocab()
     ids = [end_of_turn_id(tok)] if getattr(tok, "chat_template", None) else []
-    ids += [vocab[t] for t in (EOM, END_OF_TEXT) if t in vocab]
+    ids += [vocab[t] for t in (EOM, END_OF_TEXT, ENDOFTEXT) if t in vocab]
     ids += [tok.eos_token_id]
     ids += generation_eos if isinstance(generation_eos, (list, tuple)) else [generation_eos]
     return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def llama_cpp_pre_tokenizers() -> dict:
+    """The byte-level BPE pre-tokenizers of llama.cpp this package names: llama.cpp's name (a GGUF's
+    ``tokenizer.ggml.pre``) -> the Hugging Face pre-tokenizer that splits text as it does. llama.cpp's
+    ``llama-vocab.cpp`` gives each name its split expressions; its tokenizer tests hold them to the Hugging Face
+    tokenizer the name was made for (Meta's Llama 3, GPT-2, SmolLM's: GPT-2's after splitting every digit off)."""
+    from tokenizers import Regex
+    from tokenizers import pre_tokenizers as P
+
+    gpt2 = P.ByteLevel(add_prefix_space=False, use_regex=True)
+    return {"llama-bpe": P.Sequence([P.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+                                     P.ByteLevel(add_prefix_space=False, use_regex=False)]),
+            "gpt-2": gpt2,
+            "smollm": P.Sequence([P.Digits(individual_digits=True), gpt2])}
+
+
+def llama_cpp_pre_tokenizer(tok) -> Optional[str]:
+    """The name in :func:`llama_cpp_pre_tokenizers` of ``tok``'s pre-tokenizer when ``tok`` is a BPE without a
+    normalizer, else None. Compared as the pre-tokenizers' definitions (offset trimming aside: it moves no token
+    boundary), not as their output on some text, which could agree by chance."""
+    backend = getattr(tok, "backend_tokenizer", None)  # a slow (Python) tokenizer has none
+    if backend is None or type(backend.model).__name__ != "BPE" or _definition(backend.normalizer) not in (None, {
+            "type": "Sequence", "normalizers": []}):
+        return None
+    ours = _definition(backend.pre_tokenizer)
+    return next((name for name, pre in llama_cpp_pre_tokenizers().items() if _definition(pre) == ours), None)
+
+
+def _definition(component) -> Optional[dict]:
+    """A tokenizers component (normalizer, pre-tokenizer) as its JSON, without ``trim_offsets``."""
+    if component is None:
+        return None
+
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k != "trim_offsets"}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+
+    return strip(json.loads(component.__getstate__()))

@@ -2,14 +2,17 @@
 
 The file is written by llama.cpp's own ``gguf`` package as its ``convert_hf_to_gguf.py`` writes a ``LlamaModel``:
 tensor names from gguf's tensor-name map; q/k rows permuted (Hugging Face keeps the two rotary halves of a head
-apart, ggml's RoPE rotates adjacent pairs); Llama 3's RoPE scaling as a ``rope_freqs`` tensor; norms in f32, the
-other weights in f16; the Llama-3 BPE vocabulary (pre-tokenizer ``llama-bpe``) with merges, special ids and the chat
-template from the adapter's tokenizer. q8_0 and q4_k_m are made from that f16 file by llama.cpp's quantizer
-(``llama_model_quantize`` through llama-cpp-python), never by code of ours.
+apart, ggml's RoPE rotates adjacent pairs); Llama 3's RoPE scaling as a ``rope_freqs`` tensor; no output matrix for
+tied embeddings (SmolLM2's: llama.cpp then uses ``token_embd``); norms in f32, the other weights in f16; the
+adapter's byte-level BPE vocabulary with merges, special ids, the chat template and the name of llama.cpp's
+pre-tokenizer that splits text as the tokenizer does (Llama 3's ``llama-bpe``, SmolLM's ``smollm``, GPT-2's: any
+other is refused). q8_0 and q4_k_m are made from that f16 file by llama.cpp's quantizer (``llama_model_quantize``
+through llama-cpp-python), never by code of ours.
 
 Before anything is kept, llama.cpp loads the file's vocabulary and must (1) tokenise a Bengali chat rendered from
-the file's own template to exactly the training tokens and (2) end generation at <|eot_id|>, <|eom_id|> and
-<|end_of_text|> (:func:`check_gguf`). The export directory (the GGUF and an Ollama ``Modelfile``) is filled under a
+the file's own template, and a text where the pre-tokenizers part, to exactly the training tokens and (2) end
+generation at the tokenizer's stop tokens (Llama 3's <|eot_id|>, <|eom_id|>, <|end_of_text|>; SmolLM2's <|im_end|>,
+<|endoftext|>) (:func:`check_gguf`). The export directory (the GGUF and an Ollama ``Modelfile``) is filled under a
 temporary name and renamed at the end; the disk space it needs is estimated before anything is loaded.
 """
 from __future__ import annotations
@@ -39,6 +42,11 @@ _VOCAB_BYTES = 12 << 20  # Llama 3's tokens, types and merges and the template: 
 PROBE_CHAT = [{"role": "user", "content": "আজ মনটা খুব ভারী লাগছে, কাউকে বলতে পারছি না।"},
               {"role": "assistant", "content": "আমি শুনছি। কী হয়েছে, বলবেন?"},
               {"role": "user", "content": "চাকরিটা চলে গেল। Okay 123"}]
+# Plain text where llama.cpp's pre-tokenizers part (after the spirit of convert_hf_to_gguf.py's chktxt): runs of
+# white space before digits (SmolLM's splits digits first, GPT-2's does not), numbers of 1-4 digits (Llama 3 groups
+# three), contractions, mixed scripts, emoji.
+PROBE_TEXT = ("\n\n১২ টাকা  ৩৪৫৬ আর\t\t7 8  99 3333 33.3 3...3\n \n\n  আমি-তুমি it's I'VE we'd ঢাকা🙂🦙 😶\u200d🌫️"
+              " ((গ)) [x]  \t\n ")
 
 
 def gguf_name(quant: str) -> str:
@@ -106,10 +114,11 @@ def _default_system_prompt() -> str:
 
 def adapter_chat(adapter: Path):
     """The training format (:class:`~.data.ChatEncoder`) over the tokenizer fit saved in the adapter, with the chat
-    template it was trained with; refused when either is absent or not Llama 3's."""
+    template it was trained with; refused when either is absent, the template has no Ollama form or llama.cpp has
+    no pre-tokenizer of the tokenizer's."""
     from ..models.checkpoints import read_info
     from ..data import ChatEncoder
-    from ..data.tokenizer import load_tokenizer
+    from ..data.tokenizer import llama_cpp_pre_tokenizer, llama_cpp_pre_tokenizers, load_tokenizer
     from .modelfile import ollama_template
 
     if not (adapter / "tokenizer.json").is_file():
@@ -127,9 +136,10 @@ def adapter_chat(adapter: Path):
     if template is not None:
         tokenizer.chat_template = template
     chat = ChatEncoder(tokenizer)  # refuses a template it cannot assemble
-    ollama_template(tokenizer)  # and, before any weights are converted, one that is not Llama 3's format
-    if chat.fast is None:
-        raise UserError(f"{adapter}'s tokenizer is not Llama 3's BPE: GGUF export writes the llama-bpe vocabulary only")
+    ollama_template(tokenizer)  # and, before any weights are converted, one Ollama's Go template cannot write
+    if llama_cpp_pre_tokenizer(tokenizer) is None:
+        raise UserError(f"{adapter}'s tokenizer is not a byte-level BPE split by one of llama.cpp's pre-tokenizers "
+                        f"{', '.join(llama_cpp_pre_tokenizers())}: a GGUF of it would not tokenise as training did")
     return chat
 
 
@@ -169,7 +179,7 @@ def permute_rotary(weight, n_head: int):
 def write_f16_gguf(gguf, model, tokenizer_dir: Path, chat_template: str, path: Path, system_prompt: str,
                    max_seq_length: int, name: str) -> None:
     """One GGUF of ``model`` (a merged LlamaForCausalLM) in f16 with the vocabulary of the tokenizer saved in
-    ``tokenizer_dir`` (Llama 3's BPE, see :func:`adapter_chat`), tensors streamed to disk one at a time."""
+    ``tokenizer_dir`` (a byte-level BPE, see :func:`adapter_chat`), tensors streamed to disk one at a time."""
     import numpy as np
     import torch
 
@@ -226,28 +236,39 @@ def write_f16_gguf(gguf, model, tokenizer_dir: Path, chat_template: str, path: P
 
 
 def _add_vocab(gguf, writer, directory: Path, chat_template: str, n_vocab: int) -> None:
-    """Llama 3's byte-level BPE as llama.cpp reads it: tokens (added ones as control tokens), merges, special ids."""
-    from ..data.tokenizer import EOM, EOT
+    """The adapter's byte-level BPE as llama.cpp reads it: tokens (special added ones as control tokens), the
+    pre-tokenizer's name, merges, special ids, whether a bos is prepended, the end of turn (and Llama 3's <|eom_id|>).
 
+    The tokens and types are read as convert_hf_to_gguf.py's ``get_vocab_base`` reads them, from the tokenizer's
+    added tokens: gguf's ``BpeVocab`` makes control tokens only of added tokens outside the BPE vocabulary, which
+    SmolLM's <|im_end|> is not (and refuses the byte-fallback flag transformers' GGUF import sets)."""
+    from ..data.tokenizer import EOM, end_of_turn_id, llama_cpp_pre_tokenizer, load_tokenizer
+
+    tokenizer = load_tokenizer(directory)
+    tokenizer.chat_template = chat_template
+    vocab = tokenizer.get_vocab()
+    by_id = {i: t for t, i in vocab.items()}
+    if sorted(by_id) != list(range(n_vocab)):
+        raise UserError(f"the tokenizer has {len(by_id)} tokens, the model's embedding {n_vocab}")
+    added = tokenizer.added_tokens_decoder
+    tokens = [by_id[i] for i in range(n_vocab)]
+    types = [gguf.TokenType.NORMAL if i not in added else
+             gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED for i in range(n_vocab)]
     with _quiet("gguf"):  # it warns of Meta's own pair template (BOS $A BOS $B)
-        vocab = gguf.BpeVocab(directory)
         special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=n_vocab)
-    tokens, types = [], []
-    for text, _score, kind in vocab.all_tokens():
-        tokens.append(text)
-        types.append(kind)
-    if len(tokens) != n_vocab:
-        raise UserError(f"the tokenizer has {len(tokens)} tokens, the model's embedding {n_vocab}")
+    # SmolLM's tokenizer prepends nothing but says so nowhere SpecialVocab reads; without the flag Ollama would
+    # prepend the bos (<|im_start|>): its default is to
+    ids = tokenizer("x")["input_ids"]
+    special.add_special_token.setdefault("bos", len(ids) > len(tokenizer("x", add_special_tokens=False)["input_ids"]))
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("llama-bpe")
+    writer.add_tokenizer_pre(llama_cpp_pre_tokenizer(tokenizer))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special.chat_template = chat_template
     special.add_to_gguf(writer, quiet=True)
-    tokenizer_json = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
-    added = {t["content"]: t["id"] for t in tokenizer_json["added_tokens"]}
-    writer.add_eot_token_id(added[EOT])
-    writer.add_eom_token_id(added[EOM])
+    writer.add_eot_token_id(end_of_turn_id(tokenizer))
+    if EOM in vocab:
+        writer.add_eom_token_id(vocab[EOM])
 
 
 @contextmanager
@@ -304,15 +325,16 @@ def check_gguf(path: Path, chat, system_prompt: str) -> dict[str, int]:
     """Refuse a GGUF that llama.cpp would prompt or stop differently from training.
 
     llama.cpp loads its vocabulary; the chat template in the file, rendered as llama-cpp-python renders it for
-    ``create_chat_completion``, must tokenise a Bengali chat to the ids ``chat`` (the training format) gives,
-    and <|eot_id|>, <|eom_id|>, <|end_of_text|> and the file's eos must all end generation. Returns how many
-    tensors of each ggml type llama.cpp's loader counted.
+    ``create_chat_completion``, must tokenise a Bengali chat to the ids ``chat`` (the training format) gives, and
+    :data:`PROBE_TEXT` to the tokenizer's ids (a pre-tokenizer named wrongly parts them); the tokenizer's stop
+    tokens and the file's eos must all end generation. Returns how many tensors of each ggml type llama.cpp's
+    loader counted.
     """
     from llama_cpp import llama_cpp as C
     from llama_cpp._internals import LlamaModel
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from .modelfile import STOP_TOKENS
+    from ..data.tokenizer import stop_token_ids
 
     params = C.llama_model_default_params()
     params.vocab_only = True
@@ -326,15 +348,17 @@ def check_gguf(path: Path, chat, system_prompt: str) -> dict[str, int]:
         formatter = Jinja2ChatFormatter(template, eos_token=llm.token_get_text(eos), bos_token=llm.token_get_text(bos))
         prompt = formatter(messages=[{"role": "system", "content": system_prompt}, *PROBE_CHAT]).prompt
         ours = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-        vocab = chat.tokenizer.get_vocab()
-        not_eog = [i for i in [vocab[t] for t in STOP_TOKENS] + [eos] if not C.llama_vocab_is_eog(llm.vocab, i)]
+        text = llm.tokenize(PROBE_TEXT.encode("utf-8"), add_bos=False, special=False)
+        not_eog = [i for i in stop_token_ids(chat.tokenizer) + [eos] if not C.llama_vocab_is_eog(llm.vocab, i)]
     finally:
         llm.close()
-    trained = chat.prompt_ids(system_prompt, PROBE_CHAT)
-    if ours != trained:
-        k = next((i for i, (a, b) in enumerate(zip(ours, trained)) if a != b), min(len(ours), len(trained)))
-        raise UserError(f"{path.name}: llama.cpp's tokens of a chat rendered from the file's template differ from "
-                        f"the training tokens at token {k} ({len(ours)} vs {len(trained)} tokens)")
-    if not_eog or eos != vocab[chat.tokenizer.eos_token]:
+    for what, got, trained in (("a chat rendered from the file's template", ours,
+                                chat.prompt_ids(system_prompt, PROBE_CHAT)),
+                               ("a text", text, chat.tokenize([PROBE_TEXT])[0])):
+        if got != trained:
+            k = next((i for i, (a, b) in enumerate(zip(got, trained)) if a != b), min(len(got), len(trained)))
+            raise UserError(f"{path.name}: llama.cpp's tokens of {what} differ from the training tokens at token {k} "
+                            f"({len(got)} vs {len(trained)} tokens)")
+    if not_eog or eos != chat.tokenizer.eos_token_id:
         raise UserError(f"{path.name}: llama.cpp would not stop at token(s) {not_eog or [eos]}")
     return {m.group(1): int(m.group(2)) for line in log if (m := re.search(r"- type +(\w+): +(\d+) tensors", line))}

@@ -15,9 +15,14 @@ from pathlib import Path
 from typing import Optional
 
 from .._io import atomic_directory
-from ..data.tokenizer import cache_dir
+from ..data.tokenizer import cache_dir, llama_cpp_pre_tokenizers
 from ..errors import UserError
 from .gpu import head_dim
+
+# Part of the cache key: a checkpoint converted by an older version is converted again (2: the pre-tokenizer the
+# file names, SmolLM's too, instead of GPT-2's).
+CONVERSION_VERSION = 2
+
 
 def llama3_rope_factors(config) -> Optional[list[float]]:
     """Llama 3's per-frequency RoPE scaling factors (llama.cpp reads them from ``rope_freqs.weight``), or None."""
@@ -95,7 +100,7 @@ def gguf_checkpoint_dir(path: Path) -> Path:
     if not path.is_file():
         raise UserError(f"GGUF file not found: {path}")
     stat = path.stat()
-    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{CONVERSION_VERSION}:{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_dir() / "gguf" / f"{path.stem}-{key}"
     if (target / "config.json").is_file():
         return target
@@ -130,12 +135,11 @@ def _write_checkpoint(path: Path, meta: dict, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    if meta["pre_tokenizer"] == "llama-bpe":
-        # transformers' GGUF conversion gives a Llama 3 vocabulary another pre-tokenizer ("\n\n" before a word
-        # became two tokens, not Llama 3's one); the embedded Llama 3 tokenizer has the real one.
-        from ..data.tokenizer import load_tokenizer
-
-        tokenizer.backend_tokenizer.pre_tokenizer = load_tokenizer(None).backend_tokenizer.pre_tokenizer
+    if (pre := llama_cpp_pre_tokenizers().get(meta["pre_tokenizer"])) is not None:
+        # transformers' GGUF conversion gives every byte-level vocabulary GPT-2's pre-tokenizer, whatever the file
+        # names: Llama 3's "\n\n" before a word became two tokens, not one; SmolLM's "\n\n" before a digit two,
+        # not llama.cpp's (and SmolLM's own) one. The model was trained, and llama.cpp runs it, with the named one.
+        tokenizer.backend_tokenizer.pre_tokenizer = pre
     names = tokenizer.convert_ids_to_tokens(list(meta["special_tokens"].values()))
     tokenizer.add_special_tokens(dict(zip(meta["special_tokens"], names)))
     if not tokenizer.chat_template:

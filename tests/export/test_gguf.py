@@ -56,10 +56,10 @@ def merged(default_fit):
     return model.eval(), load_tokenizer(_adapter(default_fit)), read_info(_adapter(default_fit))
 
 
-def _llama(path, **kw):
+def _llama(path, n_ctx=256, **kw):
     from llama_cpp import Llama
 
-    return Llama(str(path), n_ctx=256, n_threads=1, verbose=False, seed=0, **kw)
+    return Llama(str(path), n_ctx=n_ctx, n_threads=1, verbose=False, seed=0, **kw)
 
 
 def _gguf_file(exports, quant):
