@@ -281,11 +281,13 @@ def end_of_turn_id(tok) -> int:
 
 
 def document_end_id(tok) -> int:
-    """The token that ends a raw text (continued pretraining): ``<|end_of_text|>`` for Llama 3 (whose instruct
-    tokenizers call ``<|eot_id|>`` their eos), else the tokenizer's eos."""
+    """The token that ends a raw text (continued pretraining): ``<|end_of_text|>`` for Llama 3, ``<|endoftext|>`` for
+    GPT-2-style vocabularies (SmolLM2) -- instruct tokenizers call their end of turn (``<|eot_id|>``, ``<|im_end|>``)
+    their eos -- else the tokenizer's eos."""
     vocab = tok.get_vocab()
-    if END_OF_TEXT in vocab:
-        return vocab[END_OF_TEXT]
+    for end in (END_OF_TEXT, ENDOFTEXT):
+        if end in vocab:
+            return vocab[end]
     if tok.eos_token_id is None:
         raise UserError("the tokenizer has no eos token to end a raw text with")
     return tok.eos_token_id

@@ -64,7 +64,8 @@ CONVERSATION = [
 
 
 def chatml_tokenizer():
-    """A byte-level BPE trained on a few sentences, with ChatML's special tokens and no bos (as Qwen's)."""
+    """A byte-level BPE trained on a few sentences, with ChatML's special tokens, no bos and the end of turn as its
+    eos (as SmolLM2-Instruct's)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -74,7 +75,7 @@ def chatml_tokenizer():
     backend.decoder = decoders.ByteLevel()
     backend.train_from_iterator(SENTENCES, trainers.BpeTrainer(
         vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>",
                                   clean_up_tokenization_spaces=False)
     tok.chat_template = SMOLLM2_TEMPLATE
     return tok
