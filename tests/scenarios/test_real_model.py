@@ -98,3 +98,21 @@ def test_continued_pretraining_keeps_the_tied_head_one_tensor(tmp_path):
     embed = next(v for k, v in saved.items() if "embed_tokens" in k)
     head = next(v for k, v in saved.items() if "lm_head" in k)
     assert embed.shape == (49152, 576) and (embed == head).all()
+
+
+def test_serve_page_side_by_side_on_the_real_adapter(smollm2_fit, tmp_path):
+    """serve's page is built around the real adapter (as ``launch`` builds it) and its side-by-side handler gives
+    the tuned and the base model's replies, in the model's format, and the adapter changes the reply."""
+    pytest.importorskip("gradio", reason="the serve extra is not installed")
+    from bengali_empathy.apps.chat import load_chat
+    from bengali_empathy.apps.serve import App, build
+    from bengali_empathy.models.checkpoints import read_info
+
+    adapter = str(_adapter(smollm2_fit))
+    info = read_info(adapter)
+    replier = load_chat(info.model_name_or_path, adapter, "auto", True, 8, info.system_prompt, info.max_seq_length)
+    app = App(replier, adapter, str(tmp_path / "experiments.db"), None, 4)
+    build(app)
+    *_, (tuned, base, note) = app.compare("আজ মনটা খুব ভারী লাগছে।", "greedy", 0.0, 1.0, 8)
+    assert note.startswith("base:") and tuned and base and tuned != base, (tuned, base)
+    assert not any(m in reply for reply in (tuned, base) for m in MARKUP)
