@@ -327,8 +327,9 @@ def pytest_collection_modifyitems(items):
 
     1. the tests of tests/scenarios/test_readme_run.py (each reads the shared default fit): one group, on the
        worker that computes the fit;
-    2. slow tests that need no default fit (two-process DDP, the DailyDialog fit, ...) and the tests of a
-       module fixture's fit (one group each): the other worker starts on these while the fit runs;
+    2. the tests of the real model's shared fit (one group per module), slow tests that need no default fit
+       (two-process DDP, the DailyDialog fit, ...) and the tests of a module fixture's fit (one group each): the
+       other worker starts on these while the default fit runs;
     3. the other modules' tests that read the default fit, one group per module (a module's fixtures
        over the fit -- the web server, the GGUF exports -- are built once, on one worker), by the time
        they start the fit is there;
@@ -340,7 +341,9 @@ def pytest_collection_modifyitems(items):
         if shared:
             module = Path(str(item.fspath)).stem
             item.add_marker(pytest.mark.xdist_group(f"{shared[0]}_{module}"))
-            return 0 if module == "test_readme_run" else 2
+            if module == "test_readme_run":
+                return 0
+            return 1 if shared[0] == "smollm2_fit" else 2
         fits = sorted(FIT_FIXTURES.intersection(names))
         if fits:  # the tests that read one module fixture's fit, together: it runs once
             item.add_marker(pytest.mark.xdist_group(fits[0]))

@@ -133,16 +133,22 @@ def test_next_token_logits_agree_with_transformers(exports, merged, quant):
     model, tokenizer, info = merged
     llm = _llama(_gguf_file(exports, quant), logits_all=True)
     for _, ids in _prompts(tokenizer, info.system_prompt):
-        llm.reset()
-        llm.eval(ids)
-        ours = torch.tensor(llm.scores[len(ids) - 1])
-        with torch.no_grad():
-            ref = model(torch.tensor([ids])).logits[0, -1]
-        cos = torch.nn.functional.cosine_similarity(ours, ref, dim=0).item()
-        print(f"{quant}: cosine {cos:.5f}, argmax {ours.argmax().item()} vs {ref.argmax().item()}")
+        cos, ours, ref = next_token_agreement(llm, model, ids)
+        print(f"{quant}: cosine {cos:.5f}, argmax {ours} vs {ref}")
         assert cos >= MIN_COSINE[quant]
         if quant == "f16":
-            assert ours.argmax() == ref.argmax()
+            assert ours == ref
+
+
+def next_token_agreement(llm, model, ids) -> tuple[float, int, int]:
+    """(cosine of llama.cpp's next-token logits after ``ids`` with transformers', llama.cpp's argmax, theirs);
+    llama.cpp's cache holds ``ids`` afterwards."""
+    llm.reset()
+    llm.eval(ids)
+    ours = torch.tensor(llm.scores[len(ids) - 1])
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0, -1]
+    return torch.nn.functional.cosine_similarity(ours, ref, dim=0).item(), ours.argmax().item(), ref.argmax().item()
 
 
 def test_f16_greedy_reply_is_transformers_reply(exports, merged):
@@ -258,15 +264,13 @@ def _ollama_render(template, system, messages, tmp_path):
     return r.stdout
 
 
-@pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed (apt-get install golang-go)")
-def test_ollama_template_renders_the_training_tokens(exports, merged, tmp_path):
-    """Rendered by Go's text/template (Ollama's engine) and tokenised with the BOS Ollama adds, the Modelfile's
-    TEMPLATE gives the training tokens of a multi-turn Bengali chat; Ollama's stock llama3 template does not."""
+def ollama_prompt_ids(export_dir, tokenizer, info, tmp_path):
+    """(the Modelfile's TEMPLATE, the training tokens of PROBE_CHAT, and a function giving the tokens of a template
+    rendered by Go's text/template over PROBE_CHAT, with the BOS Ollama adds)."""
     from bengali_empathy.data import ChatEncoder
     from bengali_empathy.export.gguf import PROBE_CHAT
 
-    _, tokenizer, info = merged
-    text = (exports["f16"][0] / "Modelfile").read_text(encoding="utf-8")
+    text = (export_dir / "Modelfile").read_text(encoding="utf-8")
     template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     trained = ChatEncoder(tokenizer).prompt_ids(info.system_prompt, PROBE_CHAT)
 
@@ -274,6 +278,15 @@ def test_ollama_template_renders_the_training_tokens(exports, merged, tmp_path):
         rendered = _ollama_render(template, info.system_prompt, PROBE_CHAT, tmp_path)
         return tokenizer(rendered, add_special_tokens=True)["input_ids"]
 
+    return template, trained, tokens
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed (apt-get install golang-go)")
+def test_ollama_template_renders_the_training_tokens(exports, merged, tmp_path):
+    """Rendered by Go's text/template (Ollama's engine) and tokenised with the BOS Ollama adds, the Modelfile's
+    TEMPLATE gives the training tokens of a multi-turn Bengali chat; Ollama's stock llama3 template does not."""
+    _, tokenizer, info = merged
+    template, trained, tokens = ollama_prompt_ids(exports["f16"][0], tokenizer, info, tmp_path)
     assert tokens(template) == trained
     stock = template.replace("Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n", "")
     assert stock != template and tokens(stock) != trained

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from test_gguf import _llama, _ollama_render, _one_error, _prompts, _template_tokens
+from test_gguf import _llama, _one_error, _prompts, _template_tokens, next_token_agreement, ollama_prompt_ids
 
 gguf = pytest.importorskip("gguf", reason="the gguf extra is not installed (pip install -e '.[gguf]')")
 pytest.importorskip("llama_cpp", reason="the gguf extra is not installed (pip install -e '.[gguf]')")
@@ -96,14 +96,9 @@ def test_next_token_logits_and_greedy_reply_agree_with_transformers(merged, llm)
     stops = stop_token_ids(tokenizer)
     prompts = _prompts(tokenizer, info.system_prompt)
     for _, ids in reversed(prompts):  # the first last: generation below goes on from llama.cpp's cache of it
-        llm.reset()
-        llm.eval(ids)
-        ours = torch.tensor(llm.scores[len(ids) - 1])
-        with torch.no_grad():
-            ref = model(torch.tensor([ids])).logits[0, -1]
-        cos = torch.nn.functional.cosine_similarity(ours, ref, dim=0).item()
-        print(f"cosine {cos:.6f}, argmax {ours.argmax().item()} vs {ref.argmax().item()}")
-        assert cos >= MIN_COSINE and ours.argmax() == ref.argmax()
+        cos, ours, ref = next_token_agreement(llm, model, ids)
+        print(f"cosine {cos:.6f}, argmax {ours} vs {ref}")
+        assert cos >= MIN_COSINE and ours == ref
     messages, ids = prompts[0]
     with torch.no_grad():  # 16 tokens and a few more: llama-cpp-python's reply ends on a whole character
         ref = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=stops,
@@ -141,20 +136,11 @@ def test_llama_cpp_stops_at_chatmls_end_of_turn(merged, llm):
 def test_modelfile_renders_chatml_as_training(export, merged, tmp_path):
     """Rendered by Go's text/template, the Modelfile's TEMPLATE gives the training tokens of a multi-turn Bengali
     chat: ChatML's new line after <|im_end|> is kept from the white-space trimming of the Go actions after it."""
-    from bengali_empathy.data import ChatEncoder
-    from bengali_empathy.export.gguf import PROBE_CHAT
-
     _, tokenizer, info = merged
     text = (export[0] / "Modelfile").read_text(encoding="utf-8")
     assert [x for x in text.splitlines() if x.startswith("PARAMETER")] == [
         'PARAMETER stop "<|im_end|>"', 'PARAMETER stop "<|endoftext|>"', "PARAMETER num_ctx 512"]
-    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
-    trained = ChatEncoder(tokenizer).prompt_ids(info.system_prompt, PROBE_CHAT)
-
-    def tokens(template):
-        rendered = _ollama_render(template, info.system_prompt, PROBE_CHAT, tmp_path)
-        return tokenizer(rendered, add_special_tokens=True)["input_ids"]
-
+    template, trained, tokens = ollama_prompt_ids(export[0], tokenizer, info, tmp_path)
     assert tokens(template) == trained
     trimmed = template.replace('{{ "\\n" }}', "\n")
     assert trimmed != template and tokens(trimmed) != trained
