@@ -244,6 +244,13 @@ def read_chat_template(template_or_path: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def prepended_ids(tok) -> list[int]:
+    """The ids the tokenizer puts before any text by itself (Llama 3's <|begin_of_text|>; none for SmolLM2, whose
+    bos_token <|im_start|> it never prepends)."""
+    ids = tok("\x01")["input_ids"]
+    return ids[:len(ids) - len(tok("\x01", add_special_tokens=False)["input_ids"])]
+
+
 def render_chat(tok, messages: list[dict], generation_prompt: bool = False) -> str:
     """``messages`` as the tokenizer's chat template writes them (text), or one :class:`UserError` line."""
     if not getattr(tok, "chat_template", None):

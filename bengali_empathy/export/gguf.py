@@ -242,7 +242,7 @@ def _add_vocab(gguf, writer, directory: Path, chat_template: str, n_vocab: int) 
     The tokens and types are read as convert_hf_to_gguf.py's ``get_vocab_base`` reads them, from the tokenizer's
     added tokens: gguf's ``BpeVocab`` makes control tokens only of added tokens outside the BPE vocabulary, which
     SmolLM's <|im_end|> is not (and refuses the byte-fallback flag transformers' GGUF import sets)."""
-    from ..data.tokenizer import EOM, end_of_turn_id, llama_cpp_pre_tokenizer, load_tokenizer
+    from ..data.tokenizer import EOM, end_of_turn_id, llama_cpp_pre_tokenizer, load_tokenizer, prepended_ids
 
     tokenizer = load_tokenizer(directory)
     tokenizer.chat_template = chat_template
@@ -258,8 +258,7 @@ def _add_vocab(gguf, writer, directory: Path, chat_template: str, n_vocab: int) 
         special = gguf.SpecialVocab(directory, load_merges=True, n_vocab=n_vocab)
     # SmolLM's tokenizer prepends nothing but says so nowhere SpecialVocab reads; without the flag Ollama would
     # prepend the bos (<|im_start|>): its default is to
-    ids = tokenizer("x")["input_ids"]
-    special.add_special_token.setdefault("bos", len(ids) > len(tokenizer("x", add_special_tokens=False)["input_ids"]))
+    special.add_special_token.setdefault("bos", bool(prepended_ids(tokenizer)))
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(llama_cpp_pre_tokenizer(tokenizer))
     writer.add_token_list(tokens)

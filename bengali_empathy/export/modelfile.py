@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from ..errors import UserError
-from ..data.tokenizer import render_chat, stop_token_ids
+from ..data.tokenizer import prepended_ids, render_chat, stop_token_ids
 
 MODELFILE = "Modelfile"
 _MARKS = {"system": "\x01", "user": "\x02", "assistant": "\x03"}
@@ -57,9 +57,7 @@ def ollama_template(tokenizer) -> str:
 
 def _added_bos(tokenizer) -> str:
     """The bos text when the tokenizer prepends its bos to a text (and Ollama, reading the GGUF, does too), else ''."""
-    ids = tokenizer("\x01")["input_ids"]
-    added = ids[:len(ids) - len(tokenizer("\x01", add_special_tokens=False)["input_ids"])]
-    return tokenizer.bos_token if added and added == [tokenizer.bos_token_id] else ""
+    return tokenizer.bos_token if prepended_ids(tokenizer) == [tokenizer.bos_token_id] else ""
 
 
 def _go_text(text: str) -> str:
