@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 
 from ..errors import UserError
-from .tokenizer import document_end_id, end_of_turn_id, llama3_tiktoken, render_chat
+from .tokenizer import document_end_id, end_of_turn_id, llama3_tiktoken, prepended_ids, render_chat
 
 # A conversation to compare the assembly with ``apply_chat_template`` on: the format does not depend on
 # the texts, and a fixed one checks the tokenizer before any corpus row is read.
@@ -52,7 +52,7 @@ class ChatEncoder:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.eot = end_of_turn_id(tokenizer)  # first: says when there is no template at all
-        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.bos = prepended_ids(tokenizer)  # a raw text's start: what the tokenizer itself puts first
         self.end_of_text = document_end_id(tokenizer)
         self.fast = llama3_tiktoken(tokenizer)
         self._memo: dict[str, list[int]] = {}

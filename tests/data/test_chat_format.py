@@ -234,3 +234,16 @@ def test_fast_tokenize_equals_the_tokenizer(tokenizer, chat):
     texts = [t["content"] for t in LONG_CONV] + [DEFAULT_SYSTEM_PROMPT, "Okay 123,  চলুন\n\nকথা বলি।",
                                                   "লিখলাম <|eot_id|> আর <|start_header_id|>", " শুরুতে ফাঁকা"]
     assert chat.tokenize(texts) == [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_a_raw_text_starts_with_what_the_tokenizer_prepends_not_its_bos_token():
+    """SmolLM2's tokenizer names <|im_start|> its bos but never prepends it: a raw text (continued pretraining) is
+    its tokens and <|endoftext|>, not a ChatML turn opener before them."""
+    from bengali_empathy.data.tokenizer import load_tokenizer
+    from bengali_empathy.models.modeling import tokenizer_path_for
+
+    tok = load_tokenizer(tokenizer_path_for("smollm2-135m-instruct"))
+    assert tok.bos_token == "<|im_start|>"
+    text = tok("আজ মনটা খুব ভারী।", add_special_tokens=False)["input_ids"]
+    ids, spans = ChatEncoder(tok).assemble([], [("text", text)])
+    assert ids == text + [tok.convert_tokens_to_ids("<|endoftext|>")] and spans == [(0, len(ids))]
