@@ -115,6 +115,26 @@ def row_groups(lengths: Sequence[int], width: int) -> tuple[tuple[int, int], ...
     return groups if skipped * 8 >= len(lengths) * width else ((0, 0),)
 
 
+class RotaryTable(torch.nn.Module):
+    """The model's rotary embedding looked up from a table computed before recording: transformers computes
+    it from the position ids, which a graph can record, but Unsloth's replacement (which it installs for
+    every Llama built after it loaded, merged copies included) reads the largest position on the host,
+    which a recording cannot."""
+
+    def __init__(self, rotary: torch.nn.Module, positions: int, device: torch.device) -> None:
+        super().__init__()
+        x = torch.zeros(1, 1, device=device)  # fp32: the table in the precision the embedding computes in
+        self.cos, self.sin = (t[0] for t in rotary(x, position_ids=torch.arange(positions, device=device)[None]))
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[position_ids].to(x.dtype), self.sin[position_ids].to(x.dtype)
+
+
+def _decoder_of(model) -> torch.nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()
+
+
 class DecodeStep:
     """One decoding step of ``model`` for ``rows`` rows and a static cache of ``cache_len`` slots.
 
@@ -142,6 +162,9 @@ class DecodeStep:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # attended slots -> graph, logits
         self.capture_seconds = 0.0
         self.row_groups: tuple[tuple[int, int], ...] = ((0, 0),)
+        decoder = _decoder_of(model)
+        self.rotary = decoder.rotary_emb
+        self.rotary_table = RotaryTable(self.rotary, cache_len + 1, device)
 
     def use_row_groups(self, groups: tuple[tuple[int, int], ...]) -> None:
         """Attend in ``groups`` (:func:`row_groups`) from now on; the graphs of other groups are dropped."""
@@ -163,9 +186,14 @@ class DecodeStep:
         return min(self.cache_len, -(-filled // CACHE_BUCKET) * CACHE_BUCKET)
 
     def _forward(self, attended: int) -> torch.Tensor:
-        out = self.model(input_ids=self.input_ids, position_ids=self.position_ids,
-                         attention_mask=self.mask[..., :attended], past_key_values=self.cache, use_cache=True,
-                         logits_to_keep=1, row_groups=self.row_groups)
+        decoder = _decoder_of(self.model)
+        decoder.rotary_emb = self.rotary_table
+        try:
+            out = self.model(input_ids=self.input_ids, position_ids=self.position_ids,
+                             attention_mask=self.mask[..., :attended], past_key_values=self.cache, use_cache=True,
+                             logits_to_keep=1, row_groups=self.row_groups)
+        finally:
+            decoder.rotary_emb = self.rotary
         return out.logits[:, -1]
 
     @torch.no_grad()
