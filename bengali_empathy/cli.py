@@ -288,12 +288,21 @@ def as_user_error(exc: BaseException) -> Optional[UserError]:
 
     Lightning rejects trainer options it cannot honour (``MisconfigurationException``, or a
     ``ValueError`` raised in Lightning's own code, e.g. ``val_check_interval`` beyond an epoch's
-    batches) while it builds the Trainer or sets up the run: bad input, not a bug.
+    batches) while it builds the Trainer or sets up the run: bad input, not a bug. Running out of
+    GPU memory is a setting too large for the card, not a bug either.
     """
+    import torch
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     if isinstance(exc, UserError):
         return exc
+    if isinstance(exc, torch.OutOfMemoryError):  # a batch beyond what the memory plan measured, or another process
+        import re
+
+        tried = re.search(r"Tried to allocate [\d.]+ \w+", str(exc))
+        return UserError(f"out of GPU memory{f' ({tried.group(0)})' if tried else ''}: lower data.batch_size or "
+                         f"data.max_seq_length, or give model.memory.budget_gib (the plan measures the batches "
+                         f"before training)")
     if isinstance(exc, MisconfigurationException) or (isinstance(exc, ValueError) and _raised_in_lightning(exc)):
         return UserError(" ".join(str(exc).split()))
     return None

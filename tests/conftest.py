@@ -160,6 +160,35 @@ def encode_pairs(tokenizer, pairs, system=None):
     return out
 
 
+def packable_examples(tokenizer) -> list[dict]:
+    """Three encoded conversations (two one-turn pairs and a long multi-turn one) to pack."""
+    from bengali_empathy.data import DEFAULT_SYSTEM_PROMPT, ChatEncoder
+
+    chat = ChatEncoder(tokenizer)
+    exs = [{k: e[k] for k in ("input_ids", "label_spans")} for e in encode_pairs(tokenizer, TWO_PAIRS)]
+    ids, spans = chat.assemble(*tokenized(chat, DEFAULT_SYSTEM_PROMPT, LONG_CONV))
+    return exs + [{"input_ids": ids, "label_spans": [x for s in spans for x in s]}]
+
+
+def packed_and_single_batches(tokenizer, exs: list[dict]) -> tuple[dict, list[dict]]:
+    """``exs`` as one batch of two packed rows (the second padded) and as one batch per conversation."""
+    from bengali_empathy.data import Collator, pack_examples
+
+    collate = Collator(tokenizer.pad_token_id)
+    return collate([pack_examples(exs[:2]), pack_examples(exs[2:])]), [collate([e]) for e in exs]
+
+
+def packed_and_weighted_loss(backend, model, packed: dict, singles: list[dict]) -> tuple:
+    """The packed batch's loss and reply-token count, and the per-conversation losses' token-weighted mean
+    and total count (eval mode, no gradients)."""
+    model.eval()
+    with torch.no_grad():
+        lp, n_p = backend.loss(model, packed)
+        losses = [backend.loss(model, b) for b in singles]
+    n = sum(int(c) for _, c in losses)
+    return lp, n_p, sum(float(l) * int(c) for l, c in losses) / n, n
+
+
 def two_pair_batch(tokenizer, device="cpu"):
     """The collated batch of :data:`TWO_PAIRS` (tensors on ``device``)."""
     from bengali_empathy.data import Collator

@@ -223,3 +223,14 @@ def test_a_missing_gguf_model_is_one_line_and_writes_nothing(tmp_path):
     r = run_cli(["fit", *DEFAULT, "--model.model_name_or_path", "absent.gguf"], cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: GGUF file not found: {tmp_path / 'absent.gguf'}"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_running_out_of_gpu_memory_is_one_error_line_with_what_to_change():
+    from bengali_empathy.cli import as_user_error
+
+    error = as_user_error(torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of 139.81 GiB of which 1.2 GiB "
+        "is free.\nOf the allocated memory 12.1 GiB is allocated by PyTorch"))
+    assert str(error).startswith("out of GPU memory (Tried to allocate 2.50 GiB): lower data.batch_size")
+    assert "\n" not in str(error) and "model.memory.budget_gib" in str(error)
+    assert as_user_error(RuntimeError("a bug")) is None

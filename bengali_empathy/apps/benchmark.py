@@ -134,7 +134,8 @@ def run(args) -> dict:
         val_batches = batches[:1]
     # Planned here, before any Trainer: the plain loop has none, and under one fit keeps this plan.
     lm.memory_plan = plan_training_memory(lm.model, lm.backend, lm.memory.budget_gib, args.batch_size,
-                                          args.seq_len, report=lambda line: print(line, file=sys.stderr))
+                                          args.seq_len, report=lambda line: print(line, file=sys.stderr),
+                                          packed=bool(args.corpus and args.pack))
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -24,6 +25,7 @@ from ..data import IGNORE_INDEX
 from ..errors import UserError
 from .gradient_checkpointing import checkpointed_layer_count, decoder_layers, limit_checkpointing
 from .lora import LoraSettings, check_modules_trained
+from .varlen import packed_attention, packed_kwargs, patch_unsloth, varlen_available
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +194,13 @@ def reply_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     targets = batch["labels"][:, 1:]
     select = targets != IGNORE_INDEX
-    out = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                             position_ids=batch.get("position_ids"), use_cache=False)
+    # A packed batch attends within its conversations through the varlen kernel where it runs; elsewhere
+    # transformers derives a block-diagonal mask from the position ids.
+    varlen = batch.get("packed_seq_lengths") is not None and varlen_available(batch["input_ids"].device)
+    with packed_attention(base) if varlen else contextlib.nullcontext():
+        out = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                 position_ids=batch.get("position_ids"), use_cache=False,
+                                 **(packed_kwargs(batch["position_ids"]) if varlen else {}))
     logits = base.get_output_embeddings()(out.last_hidden_state[:, :-1][select]).float()
     return logits, targets[select], select
 
@@ -283,6 +290,8 @@ class UnslothBackend(Backend):
         )
         if adapter_path:
             load_adapter_weights(model, adapter_path)
+        if varlen_available(next(model.parameters()).device):
+            patch_unsloth()
         check_modules_trained(model, lora.modules_to_save)  # users report Unsloth dropping embed_tokens silently
         # Our tokenizer (pad = <|finetune_right_pad_id|>, right padding) for both backends.
         tokenizer = load_tokenizer(model_path)
@@ -312,8 +321,8 @@ class UnslothBackend(Backend):
         # Unsloth's fused cross-entropy returns a token mean over labels != -100
         # (and empty logits), so the loss is the only output we use.
         if batch.get("packed_seq_lengths") is not None:
-            # Unsloth keeps packed conversations apart (varlen attention) only within one
-            # row: several packed rows would attend across conversations. Flatten them;
+            # Unsloth keeps packed conversations apart (varlen attention, see .varlen) only within
+            # one row: several packed rows would attend across conversations. Flatten them;
             # each row starts with a masked <|begin_of_text|>, so no label crosses a seam.
             out = model(input_ids=batch["input_ids"].reshape(1, -1), position_ids=batch["position_ids"].reshape(1, -1),
                         labels=batch["labels"].reshape(1, -1), packed_seq_lengths=batch["packed_seq_lengths"])

@@ -65,6 +65,7 @@ class CheckpointPlan:
     probe_peak_gib: float
     batch_size: int
     seq_len: int
+    packed: bool = False  # the probe's rows laid out as packed rows
 
     @property
     def unflagged_layers(self) -> int:
@@ -73,7 +74,8 @@ class CheckpointPlan:
     def summary(self) -> str:
         return (f"memory budget {self.budget_gib:.1f} GiB: {self.checkpointed_layers} of {self.layers} decoder layers "
                 f"checkpointed, {self.unflagged_layers} without recompute; probe peak {self.probe_peak_gib:.2f} GiB "
-                f"at batch {self.batch_size} x {self.seq_len} tokens (all checkpointed {self.minimum_gib:.2f} GiB, "
+                f"at batch {self.batch_size} x {self.seq_len} tokens{' packed' if self.packed else ''} "
+                f"(all checkpointed {self.minimum_gib:.2f} GiB, "
                 f"about +{self.per_layer_gib:.2f} GiB per layer without recompute)")
 
     def peak_summary(self, peak_gib: float) -> str:
@@ -86,16 +88,30 @@ class CheckpointPlan:
         return asdict(self)
 
 
+PROBE_SEGMENTS = (0.4, 0.3, 0.2, 0.1)  # a packed probe row's conversations, as shares of the row (all different)
+
+
 def probe_batch(batch_size: int, seq_len: int, device: torch.device | str = "cpu", vocab_size: int = 128000,
-                generator: Optional[torch.Generator] = None) -> dict:
-    """The worst case of a training batch: every row full length (random tokens) and every token trained."""
+                generator: Optional[torch.Generator] = None, packed: bool = False) -> dict:
+    """The worst case of a training batch: every row full length (random tokens) and every token trained.
+
+    ``packed``: laid out as the collator lays out packed rows (no mask, positions counted from 0 in each
+    conversation, ``packed_seq_lengths``), so the probe takes the packed batches' attention path."""
     g = generator or torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)
     labels = ids.clone()
     labels[:, 0] = IGNORE_INDEX
     batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
              "position_ids": torch.arange(seq_len).expand(batch_size, -1).contiguous()}
-    return {k: v.to(device) for k, v in batch.items()}
+    if packed:
+        cuts = [round(seq_len * share) for share in PROBE_SEGMENTS[:-1]]
+        segments = [n for n in cuts + [seq_len - sum(cuts)] if n > 0]
+        batch["position_ids"] = torch.cat([torch.arange(n) for n in segments]).expand(batch_size, -1).contiguous()
+        batch["packed_seq_lengths"] = torch.tensor(segments * batch_size, dtype=torch.int32)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if packed:
+        batch["attention_mask"] = None
+    return batch
 
 
 def resolve_budget_gib(budget: MemoryBudget, device: torch.device) -> Optional[float]:
@@ -195,7 +211,7 @@ def below_minimum(budget_gib: float, minimum_gib: float, what: str) -> UserError
 
 def plan_checkpointing(model, arm: Callable[[], None], train_step: Callable[[], None], budget_gib: float,
                        batch_size: int, seq_len: int, device: torch.device,
-                       report: Callable[[str], None] = print) -> CheckpointPlan:
+                       report: Callable[[str], None] = print, packed: bool = False) -> CheckpointPlan:
     """Measure the probe steps and return the split to train with (see the module docstring).
 
     ``arm`` switches checkpointing on for every layer (the backend's ``arm``);
@@ -237,7 +253,7 @@ def plan_checkpointing(model, arm: Callable[[], None], train_step: Callable[[], 
     largest = max((u for u, p in measured.items() if math.isfinite(p)), default=0)
     per_layer = (measured[largest] - minimum) / largest if largest else 0.0
     plan = CheckpointPlan(round(budget_gib, 2), layers, layers - fits, round(minimum, 2), round(per_layer, 3),
-                          round(measured[fits], 2), batch_size, seq_len)
+                          round(measured[fits], 2), batch_size, seq_len, packed)
     arm()
     limit_checkpointing(model, plan.checkpointed_layers)
     torch.cuda.empty_cache()
@@ -248,9 +264,10 @@ def plan_checkpointing(model, arm: Callable[[], None], train_step: Callable[[], 
 
 def plan_training_memory(model, backend, budget: MemoryBudget, batch_size: int, seq_len: int,
                          context: Optional[Callable[[], AbstractContextManager]] = None,
-                         report: Callable[[str], None] = print) -> Optional[CheckpointPlan]:
+                         report: Callable[[str], None] = print, packed: bool = False) -> Optional[CheckpointPlan]:
     """The checkpointing split of ``model`` for ``budget``, probed at ``batch_size`` x ``seq_len`` through
     ``backend`` (whose split it sets); None where no budget applies (CPU, checkpointing off, budget null).
+    ``packed``: the probe's rows are laid out as packed rows, which the backends attend to otherwise.
 
     ``context`` wraps the probe's forward pass as the training step's precision does (default: bf16
     autocast, as ``bf16-mixed``)."""
@@ -260,7 +277,7 @@ def plan_training_memory(model, backend, budget: MemoryBudget, batch_size: int, 
         return None
     context = context or (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
     vocab = model.get_input_embeddings().num_embeddings
-    batch = probe_batch(batch_size, seq_len, device, vocab_size=min(128000, vocab))
+    batch = probe_batch(batch_size, seq_len, device, vocab_size=min(128000, vocab), packed=packed)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def train_step() -> None:
@@ -274,6 +291,6 @@ def plan_training_memory(model, backend, budget: MemoryBudget, batch_size: int, 
 
     backend.checkpointed_layers = None
     plan = plan_checkpointing(model, lambda: backend.arm(model), train_step, budget_gib, batch_size, seq_len, device,
-                              report=report)
+                              report=report, packed=packed)
     backend.checkpointed_layers = plan.checkpointed_layers
     return plan

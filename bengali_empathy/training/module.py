@@ -174,9 +174,12 @@ class EmpathyLM(L.LightningModule):
         self._fit_started = time.time()
         h = self.hparams
         if self.memory_plan is None and h.train_batch_size:
+            facts = self.facts or getattr(self.trainer.datamodule, "facts", None)  # unconnected outside the CLI
+            packed = bool(facts and facts.batching.get("pack"))
             self.memory_plan = plan_training_memory(self.model, self.backend, self.memory.budget_gib,
                                                     h.train_batch_size, h.max_seq_length,
-                                                    self.trainer.precision_plugin.forward_context, report=self.print)
+                                                    self.trainer.precision_plugin.forward_context, report=self.print,
+                                                    packed=packed)
         if self.memory_plan is not None:
             self._capped_device = self.device
             cap_reserved_memory(self.memory_plan.budget_gib, self._capped_device)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bengali_empathy.data import DEFAULT_SYSTEM_PROMPT, Collator, pack_examples, pack_groups
-from conftest import LONG_CONV, TWO_PAIRS, encode_pairs, tokenized
+from conftest import packable_examples, packed_and_single_batches, packed_and_weighted_loss
 
 
 
@@ -29,26 +29,16 @@ def test_collator_pads_right_for_training_and_keeps_generation_prompts_unpadded(
 
 def test_packing_multi_turn_equals_per_conversation_loss(tiny_lora):
     backend, model, tok = tiny_lora
-    from bengali_empathy.data import ChatEncoder
-
-    chat = ChatEncoder(tok)
-    exs = encode_pairs(tok, TWO_PAIRS)
-    ids, spans = chat.assemble(*tokenized(chat, DEFAULT_SYSTEM_PROMPT, LONG_CONV))
-    exs.append({"input_ids": ids, "label_spans": [x for s in spans for x in s]})
+    exs = packable_examples(tok)
     packed = pack_examples(exs)
     assert packed["seq_lens"] == [len(e["input_ids"]) for e in exs]
-    collate = Collator(tok.pad_token_id)
-    pb = collate([pack_examples(exs[:2]), pack_examples(exs[2:])])  # two packed rows, the second padded
+    pb, singles = packed_and_single_batches(tok, exs)
     assert pb["position_ids"][0, len(exs[0]["input_ids"])] == 0 and pb["attention_mask"] is None
     width = pb["input_ids"].shape[1]
     assert int(pb["packed_seq_lengths"].sum()) == 2 * width
-    model.eval()
-    with torch.no_grad():
-        lp, n_p = backend.loss(model, pb)
-        singles = [backend.loss(model, collate([{k: e[k] for k in ("input_ids", "label_spans")}])) for e in exs]
-    weighted = sum(l * n for l, n in singles) / sum(n for _, n in singles)
-    assert int(n_p) == sum(int(n) for _, n in singles)
-    assert float(lp) == pytest.approx(float(weighted), rel=1e-4)
+    lp, n_p, weighted, n_s = packed_and_weighted_loss(backend, model, pb, singles)
+    assert int(n_p) == n_s
+    assert float(lp) == pytest.approx(weighted, rel=1e-4)
 
 
 

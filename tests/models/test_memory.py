@@ -123,8 +123,22 @@ def test_budget_below_the_weights_is_refused_before_loading(monkeypatch, tiny_mo
     assert lm.model is None  # nothing loaded yet: the check reads config.json only
 
 
+def test_packed_probe_batch_is_laid_out_as_the_collator_lays_out_packed_rows():
+    from bengali_empathy.models.memory import probe_batch
+    from bengali_empathy.models.varlen import cu_seqlens
+
+    batch = probe_batch(2, 2048, packed=True)
+    lengths = batch["packed_seq_lengths"].tolist()
+    assert batch["attention_mask"] is None and batch["input_ids"].shape == (2, 2048)
+    assert sum(lengths) == 2 * 2048 and len(set(lengths)) == 4  # conversations of different lengths, as in a corpus
+    assert cu_seqlens(batch["position_ids"])[0].tolist() == [0] + torch.tensor(lengths).cumsum(0).tolist()
+    assert (batch["labels"][:, 1:] != -100).all()  # every token but the first trained: the worst case
+    assert "packed_seq_lengths" not in probe_batch(2, 2048)
+
+
+@pytest.mark.parametrize("pack", [False, True])
 def test_fit_plans_from_the_datamodule_and_keeps_the_split_through_validation(monkeypatch, tmp_path,
-                                                                               tiny_model_path):
+                                                                               tiny_model_path, pack):
     """The glue around the probe, on the CPU: fit asks for a plan at the training batch size and
     max_seq_length, trains every step with its split (re-armed after the sanity validation's generate)
     and records it in run.json. The probe itself is the GPU test's."""
@@ -140,11 +154,11 @@ def test_fit_plans_from_the_datamodule_and_keeps_the_split_through_validation(mo
 
     asked = []
 
-    def fake_plan(model, arm, train_step, budget_gib, batch_size, seq_len, device, report):
-        asked.append((budget_gib, batch_size, seq_len))
+    def fake_plan(model, arm, train_step, budget_gib, batch_size, seq_len, device, report, packed):
+        asked.append((budget_gib, batch_size, seq_len, packed))
         arm()
         limit_checkpointing(model, 1)
-        return CheckpointPlan(budget_gib, 2, 1, 0.1, 0.05, 0.15, batch_size, seq_len)
+        return CheckpointPlan(budget_gib, 2, 1, 0.1, 0.05, 0.15, batch_size, seq_len, packed)
 
     monkeypatch.setattr(memory, "resolve_budget_gib", lambda budget, device: budget)
     monkeypatch.setattr(memory, "plan_checkpointing", fake_plan)
@@ -160,7 +174,7 @@ def test_fit_plans_from_the_datamodule_and_keeps_the_split_through_validation(mo
             assert caps == [5.0]  # the allocator is held to the budget while training ...
 
     recorder = SplitRecorder()
-    dm = EmpatheticDialogueDataModule(max_seq_length=768, batch_size=3)
+    dm = EmpatheticDialogueDataModule(max_seq_length=768, batch_size=3, pack=pack)
     # The batch size reaches the model as the CLI links it (data.batch_size -> model.train_batch_size).
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", max_seq_length=768,
                    save_adapter_on_fit_end=False, train_batch_size=3,
@@ -170,9 +184,10 @@ def test_fit_plans_from_the_datamodule_and_keeps_the_split_through_validation(mo
                         num_sanity_val_steps=1, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[recorder], default_root_dir=tmp_path)
     trainer.fit(lm, datamodule=dm)
-    assert asked == [(5.0, 3, 768)]
+    assert asked == [(5.0, 3, 768, pack)]  # packed rows are probed as packed rows
     assert recorder.counts == [1, 1, 1]  # after the sanity validation and the one at step 2 alike
     assert caps == [5.0, None]  # ... and let go when the fit ends
     record = json.loads((tmp_path / "lightning_logs" / "version_0" / "run.json").read_text())
     assert record["model"]["memory_budget_gib"] == 5.0
     assert record["model"]["memory_plan"]["checkpointed_layers"] == 1
+    assert record["model"]["memory_plan"]["packed"] is pack

@@ -5,7 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from conftest import TWO_PAIRS, encode_pairs, requires_cuda, two_pair_batch
+from conftest import (packable_examples, packed_and_single_batches,
+                      packed_and_weighted_loss, requires_cuda, two_pair_batch)
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
@@ -82,31 +83,97 @@ def test_fit_under_lightning_keeps_unsloth_checkpointing(tmp_path):
     assert r["tokens_per_sec"] > 0
 
 
+def _on_cuda(batch: dict) -> dict:
+    return {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _packed_against_single_losses(lm) -> tuple:
+    """The packed batch's loss and count, and the per-conversation losses' weighted mean and count (bf16)."""
+    tok = lm.tokenizer
+    packed, singles = packed_and_single_batches(tok, packable_examples(tok))
+    lm.backend.for_inference(lm.model)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        return packed_and_weighted_loss(lm.backend, lm.model, _on_cuda(packed), [_on_cuda(b) for b in singles])
+
+
 @needs_unsloth
-def test_unsloth_packed_multi_turn_loss_equals_per_conversation_loss(tiny_model_path):
-    from bengali_empathy.data import ChatEncoder, Collator, pack_examples
+def test_unsloth_packed_multi_turn_loss_equals_per_conversation_loss(tiny_model_path, monkeypatch):
+    from unsloth.utils import attention_dispatch
+
+    from bengali_empathy.models.varlen import varlen_available
     from bengali_empathy.training.module import EmpathyLM
 
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="unsloth", max_seq_length=1024)
     lm.configure_model()
-    tok = lm.tokenizer
-    chat = ChatEncoder(tok)
-    exs = encode_pairs(tok, TWO_PAIRS)
-    turns = [("user", "আজ মনটা ভারী।"), ("assistant", "কী হয়েছে, বলবেন?"), ("user", "চাকরিটা চলে গেল।"),
-             ("assistant", "খুব কঠিন সময়, আমি শুনছি।")]
-    texts = chat.tokenize(["সিস্টেম"] + [t for _, t in turns])
-    ids, spans = chat.assemble(texts[0], [(r, x) for (r, _), x in zip(turns, texts[1:])])
-    exs.append({"input_ids": ids, "label_spans": [x for s in spans for x in s]})
-    exs = [{k: e[k] for k in ("input_ids", "label_spans")} for e in exs]
-    collate = Collator(tok.pad_token_id)
-    to = lambda b: {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
-    lm.backend.for_inference(lm.model)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        packed, n_p = lm(to(collate([pack_examples(exs[:2]), pack_examples(exs[2:])])))  # two packed rows
-        singles = [lm(to(collate([e]))) for e in exs]
-    weighted = sum(float(l) * int(n) for l, n in singles) / sum(int(n) for _, n in singles)
-    assert int(n_p) == sum(int(n) for _, n in singles)
+    calls = []
+    if varlen_available(torch.device("cuda")):  # Unsloth's packed batches then attend through a varlen kernel
+        kernel = attention_dispatch._TORCH_VARLEN_ATTN
+        assert kernel is not None
+        monkeypatch.setattr(attention_dispatch, "_TORCH_VARLEN_ATTN",
+                            lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    packed, n_p, weighted, n = _packed_against_single_losses(lm)
+    assert int(n_p) == n
     assert float(packed) == pytest.approx(weighted, rel=2e-2)
+    if varlen_available(torch.device("cuda")):
+        assert len(calls) >= lm.model.config.num_hidden_layers  # the packed batch, once per layer
+
+
+def test_hf_packed_loss_through_torch_varlen_equals_per_conversation_loss(tiny_model_path, monkeypatch):
+    from bengali_empathy.models import varlen
+    from bengali_empathy.training.module import EmpathyLM
+
+    if not varlen.varlen_available(torch.device("cuda")):
+        pytest.skip("torch has no varlen attention kernel for this GPU")
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", max_seq_length=1024)
+    lm.configure_model()
+    calls = []
+    kernel = varlen.flash_varlen
+    monkeypatch.setattr(varlen, "flash_varlen", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    packed, n_p, weighted, n = _packed_against_single_losses(lm)
+    assert len(calls) == lm.model.config.num_hidden_layers  # the packed batch, and only it, through the kernel
+    assert int(n_p) == n
+    assert float(packed) == pytest.approx(weighted, rel=2e-2)
+
+
+def test_varlen_attention_matches_sdpa_with_a_block_diagonal_mask_forward_and_backward():
+    """Llama-3.1-8B's heads (32 query, 8 K/V, dim 128), 4,096 tokens in 9 conversations of different lengths,
+    bf16: the varlen kernel's output and gradients are as close to an fp32 computation as SDPA's with the
+    block-diagonal causal mask (K/V heads repeated) are."""
+    import torch.nn.functional as F
+
+    from bengali_empathy.models.varlen import CAUSAL, flash_varlen, varlen_available
+
+    if not varlen_available(torch.device("cuda")):
+        pytest.skip("torch has no varlen attention kernel for this GPU")
+    lengths = [700, 512, 901, 64, 333, 1024, 200, 150, 212]
+    total, heads, kv_heads, dim = sum(lengths), 32, 8, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q32, k32, v32 = (torch.randn(total, h, dim, device="cuda", generator=g) for h in (heads, kv_heads, kv_heads))
+    grad_out = torch.randn(total, heads, dim, device="cuda", generator=g)
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda"))
+    pos = torch.arange(total, device="cuda")
+    mask = (segment[:, None] == segment[None, :]) & (pos[:, None] >= pos[None, :])
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device="cuda", dtype=torch.int32)
+
+    def sdpa(q, k, v):
+        k, v = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (k, v))
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
+        return out.transpose(0, 1)
+
+    def kernel(q, k, v):
+        return flash_varlen(q, k, v, cu, cu, max(lengths), max(lengths), window_size=CAUSAL, enable_gqa=True)
+
+    def run(fn, dtype):
+        inputs = [x.detach().to(dtype).requires_grad_() for x in (q32, k32, v32)]
+        out = fn(*inputs)
+        out.backward(grad_out.to(dtype))
+        return [t.float() for t in (out, *(x.grad for x in inputs))]
+
+    exact = run(sdpa, torch.float32)
+    for name, ref, mask_bf16, varlen_bf16 in zip(("out", "dq", "dk", "dv"), exact, run(sdpa, torch.bfloat16),
+                                                 run(kernel, torch.bfloat16)):
+        varlen_err, mask_err = (float((x - ref).abs().max()) for x in (varlen_bf16, mask_bf16))
+        assert varlen_err <= 2 * mask_err + 1e-3, (name, varlen_err, mask_err)
 
 
 MID_ARCH = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=12, num_attention_heads=16,
