@@ -46,6 +46,12 @@ def _torch_kernel() -> Optional[Callable]:
     return varlen_attn
 
 
+@functools.lru_cache(maxsize=8)
+def _parameters(kernel: Callable) -> frozenset:
+    """The keyword names ``kernel`` takes (read once: the call runs once per layer per step)."""
+    return frozenset(inspect.signature(kernel).parameters)
+
+
 def flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_q: torch.Tensor,
                  cu_seq_k: torch.Tensor, max_q: int, max_k: int, *, scale: Optional[float] = None,
                  window_size: tuple[int, int] = CAUSAL, enable_gqa: bool = False) -> torch.Tensor:
@@ -53,7 +59,7 @@ def flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu
     ``query`` (tokens, heads, dim), ``key``/``value`` (tokens, kv_heads, dim); K/V heads repeated where
     the kernel takes no ``enable_gqa``, a causal window spelled ``is_causal`` where it takes no window."""
     kernel = _torch_kernel()
-    params = inspect.signature(kernel).parameters
+    params = _parameters(kernel)
     if enable_gqa and key.shape[1] != query.shape[1] and "enable_gqa" not in params:
         groups = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)

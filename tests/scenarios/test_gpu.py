@@ -238,6 +238,64 @@ def test_memory_budget_buys_layers_without_recompute_and_is_kept(mid_model_path,
     torch.cuda.empty_cache()
 
 
+def _random_packed_batch(rows: int, seq_len: int, g: torch.Generator) -> dict:
+    """Rows filled with conversations of random lengths (64 to 900 tokens), laid out as the collator lays out
+    packed rows."""
+    segments, positions = [], []
+    for _ in range(rows):
+        left = seq_len
+        while left:
+            n = min(left, int(torch.randint(64, 901, (1,), generator=g)))
+            segments.append(n)
+            positions.append(torch.arange(n))
+            left -= n
+    ids = torch.randint(0, 128000, (rows, seq_len), generator=g)
+    pos = torch.cat(positions).view(rows, seq_len)
+    labels = ids.masked_fill(pos == 0, -100)
+    return {"input_ids": ids.cuda(), "labels": labels.cuda(), "position_ids": pos.cuda(), "attention_mask": None,
+            "packed_seq_lengths": torch.tensor(segments, dtype=torch.int32).cuda()}
+
+
+@needs_unsloth
+def test_a_budget_planned_on_packed_rows_holds_for_packed_corpus_batches(mid_model_path):
+    """The memory plan of a packed fit probes packed rows; real packed batches of other conversation lengths,
+    four rows flattened into one, then train within the budget (no out-of-memory traceback mid-fit)."""
+    import gc
+
+    from bengali_empathy.generation.decoding import Decoding
+    from bengali_empathy.models.memory import GIB, MemorySettings, cap_reserved_memory, plan_training_memory
+    from bengali_empathy.training.module import EmpathyLM
+
+    lm = EmpathyLM(model_name_or_path=str(mid_model_path), backend="unsloth", max_seq_length=2048,
+                   decoding=Decoding(max_new_tokens=2), memory=MemorySettings(budget_gib=1000.0))
+    lm.configure_model()
+    roomy = plan_training_memory(lm.model, lm.backend, lm.memory.budget_gib, 4, 2048, packed=True)
+    assert roomy.packed and roomy.checkpointed_layers == 0
+    budget = roomy.minimum_gib + 0.5 * (roomy.probe_peak_gib - roomy.minimum_gib)
+    plan = plan_training_memory(lm.model, lm.backend, budget, 4, 2048, packed=True)
+    assert 0 < plan.checkpointed_layers < plan.layers, plan
+    opt = lm.configure_optimizers()["optimizer"]
+    g = torch.Generator().manual_seed(0)
+    cap_reserved_memory(budget, torch.device("cuda"))
+    try:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss, _ = lm(_random_packed_batch(4, 2048, g))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        peak = torch.cuda.max_memory_reserved() / GIB
+    finally:
+        cap_reserved_memory(None, torch.device("cuda"))
+    assert torch.isfinite(loss)
+    assert peak <= 1.05 * budget, (budget, peak, plan)
+    del lm, opt
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 @pytest.mark.parametrize("load_in_4bit", [False, True], ids=["fp32", "nf4"])
 def test_compiled_engine_replays_cuda_graphs_equal_to_the_step_run_directly(tiny_model_path, load_in_4bit,
                                                                            monkeypatch):
