@@ -30,6 +30,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..models.gpu import head_dim, synchronized_time
+from ..models.varlen import attention_dtype, packed_attention, packed_kwargs, varlen_available
 
 CACHE_BUCKET = 256  # cache lengths are multiples of this: batches of one bucket replay one graph
 CHECK_EVERY = 8  # decoding steps between the host's checks whether every row has stopped
@@ -59,44 +60,77 @@ def prefill(model, cache, prompts: Sequence[Sequence[int]], width: int, pad: int
     batch were left-padded to ``width``; ``generate`` then starts from the last prompt token.
 
     ``prompts`` are sorted longest first. They run in slices of rows of at most ``token_budget``
-    tokens (default ``PREFILL_TOKENS``), each slice padded to its own longest prompt: a long batch's
-    prefill fits (batch 256 of 600-token prompts is ~150k tokens at once otherwise) and a short row's
-    padding is not computed.
-    A slice's keys go right-aligned into the cache, where the batch's left padding puts them; the
-    padded slots stay masked. Positions are counted as ``generate`` counts them (from the mask).
+    tokens (default ``PREFILL_TOKENS``): a long batch's prefill fits (batch 256 of 600-token prompts is
+    ~150k tokens at once otherwise). Where the varlen attention kernel runs (:mod:`..models.varlen`), a
+    slice's prompts are concatenated into one row without padding, each attending to itself
+    (:func:`_packed_slice`); elsewhere the slice is padded to its own longest prompt (:func:`_padded_slice`).
+    A prompt's keys go right-aligned into its row of the cache, where the batch's left padding puts them;
+    the padded slots stay masked. Positions are counted as ``generate`` counts them (from the mask).
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from transformers import DynamicCache
-
-    # Not SDPA's cuDNN kernel: on an H200 its first padded-mask prefill of a process took 19.6 s against
-    # 7.7 s for the same prompts later (10.3 s against 8.2 s with the other kernels).
-    kernels = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     token_budget = token_budget or PREFILL_TOKENS
     cache.reset()
     device = next(model.parameters()).device
+    packed = varlen_available(device, attention_dtype(_base_of(model)))
     prefix = width - 1
     start = 0
     while start < len(prompts) and prefix > 0:
         longest = len(prompts[start]) - 1
         part = prompts[start:start + max(1, token_budget // max(longest, 1))]
         if longest > 0:
-            ids, mask = left_padded([p[:-1] for p in part], longest, pad)
-            positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
-            sliced = DynamicCache()
-            with sdpa_kernel(kernels):
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                      past_key_values=sliced, use_cache=True, logits_to_keep=1)
-            for layer, done in zip(cache.layers, sliced.layers):
+            lengths = [len(p) - 1 for p in part]
+            if packed:
+                done = _packed_slice(model, part, device)
+                rows = torch.repeat_interleave(torch.arange(start, start + len(part)), torch.tensor(lengths))
+                slots = torch.cat([torch.arange(prefix - n, prefix) for n in lengths])
+            else:
+                done = _padded_slice(model, part, longest, pad, device)
+            for layer, computed in zip(cache.layers, done.layers):
                 if not layer.is_initialized:
-                    shape = (len(prompts), done.keys.shape[1], 0, done.keys.shape[3])
-                    layer.lazy_initialization(done.keys.new_empty(shape), done.values.new_empty(shape))
-                layer.keys[start:start + len(part), :, prefix - longest:prefix] = done.keys
-                layer.values[start:start + len(part), :, prefix - longest:prefix] = done.values
-            del sliced
+                    shape = (len(prompts), computed.keys.shape[1], 0, computed.keys.shape[3])
+                    layer.lazy_initialization(computed.keys.new_empty(shape), computed.values.new_empty(shape))
+                if packed:  # (1, kv heads, tokens, dim) -> each token into its row and slot
+                    layer.keys[rows, :, slots] = computed.keys[0].transpose(0, 1)
+                    layer.values[rows, :, slots] = computed.values[0].transpose(0, 1)
+                else:
+                    layer.keys[start:start + len(part), :, prefix - longest:prefix] = computed.keys
+                    layer.values[start:start + len(part), :, prefix - longest:prefix] = computed.values
+            del done
         start += len(part)
     for layer in cache.layers:
         if layer.is_initialized:
             layer.cumulative_length.fill_(prefix)
+
+
+def _padded_slice(model, part: Sequence[Sequence[int]], longest: int, pad: int, device: torch.device):
+    """The keys and values (a ``DynamicCache``) of ``part``'s prompts but their last tokens, left-padded."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import DynamicCache
+
+    # Not SDPA's cuDNN kernel: on an H200 its first padded-mask prefill of a process took 19.6 s against
+    # 7.7 s for the same prompts later (10.3 s against 8.2 s with the other kernels).
+    kernels = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    ids, mask = left_padded([p[:-1] for p in part], longest, pad)
+    positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
+    computed = DynamicCache()
+    with sdpa_kernel(kernels):
+        _decoder_of(model)(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=positions.to(device), past_key_values=computed, use_cache=True)
+    return computed
+
+
+def _packed_slice(model, part: Sequence[Sequence[int]], device: torch.device):
+    """The keys and values (a ``DynamicCache`` of one row) of ``part``'s prompts but their last tokens,
+    concatenated without padding: each prompt attends to itself through the varlen kernel."""
+    from transformers import DynamicCache
+
+    tokens = [p[:-1] for p in part if len(p) > 1]
+    ids = torch.tensor([t for p in tokens for t in p], device=device)[None]
+    positions = torch.cat([torch.arange(len(p)) for p in tokens]).to(device)[None]
+    computed = DynamicCache()
+    with packed_attention(_base_of(model)):
+        _decoder_of(model)(input_ids=ids, position_ids=positions, past_key_values=computed, use_cache=True,
+                           **packed_kwargs(positions))
+    return computed
 
 
 def cache_slots(width: int, max_new_tokens: int) -> int:
@@ -130,9 +164,12 @@ class RotaryTable(torch.nn.Module):
         return self.cos[position_ids].to(x.dtype), self.sin[position_ids].to(x.dtype)
 
 
+def _base_of(model) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _decoder_of(model) -> torch.nn.Module:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder()
+    return _base_of(model).get_decoder()
 
 
 class DecodeStep:

@@ -100,6 +100,13 @@ def varlen_available(device: torch.device, dtype: torch.dtype = torch.bfloat16) 
     return _runs_on(torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device()))
 
 
+def attention_dtype(model) -> torch.dtype:
+    """The precision ``model``'s attention will run in: autocast's where it is on, else its weights'."""
+    weight = model.get_input_embeddings().weight
+    device = weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
 def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The segment boundaries of a packed batch over its flattened tokens, and the longest segment.
 

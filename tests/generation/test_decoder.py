@@ -199,3 +199,45 @@ def test_sliced_prefill_fills_the_cache_as_one_padded_forward_does_without_gradi
         assert not layer.keys.requires_grad and int(layer.cumulative_length) == width - 1
         got = layer.keys[:, :, : width - 1].transpose(1, 2)[real]
         assert torch.allclose(got, want.keys.transpose(1, 2)[real], atol=1e-5)
+
+
+def test_packed_prefill_fills_the_cache_as_the_padded_one_does(tiny_lora, stand_in_kernel, monkeypatch):
+    """Where the varlen kernel runs, a slice's prompts are one row without padding: every prompt's keys and
+    values land in its own row and slots, equal to the padded prefill's."""
+    from transformers import StaticCache
+
+    from bengali_empathy.generation.decoder import prefill
+
+    _, model, tok = tiny_lora
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(1000, 120000, (n,), generator=g).tolist() for n in (12, 7, 7, 2, 1)]
+    width = len(prompts[0])
+
+    def filled(packed: bool) -> StaticCache:
+        monkeypatch.setattr(decoder_module, "varlen_available", lambda device, dtype: packed)
+        cache = StaticCache(config=model.config, max_cache_len=width + 3)
+        prefill(model, cache, prompts, width, tok.pad_token_id, token_budget=12)  # slices of 1, 2 and 2 rows
+        return cache
+
+    packed, padded = filled(True), filled(False)
+    assert stand_in_kernel.calls == 3 * model.config.num_hidden_layers  # one call per slice and layer
+    real = torch.zeros(len(prompts), width - 1, dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        real[row, width - len(p):] = True  # all but the last token, right-aligned
+    for got, want in zip(packed.layers, padded.layers):
+        assert not got.keys.requires_grad and int(got.cumulative_length) == width - 1
+        for name in ("keys", "values"):
+            a, b = (getattr(x, name)[:, :, : width - 1].transpose(1, 2) for x in (got, want))
+            assert torch.allclose(a[real], b[real], atol=1e-5)
+            assert not a[~real].any()  # padding slots left as the reset cache has them
+
+
+@pytest.mark.parametrize("engine", ["static", "compiled"])
+def test_replies_after_a_packed_prefill_equal_the_eager_engines(tiny_lora, random_prompts, stand_in_kernel, engine):
+    backend, model, tok = tiny_lora
+    decoding = Decoding(max_new_tokens=7)
+    want, _ = Generator(model, tok, backend, decoding, 3, engine="eager").generate(random_prompts, progress=False)
+    calls = stand_in_kernel.calls
+    got, _ = Generator(model, tok, backend, decoding, 3, engine=engine).generate(random_prompts, progress=False)
+    assert stand_in_kernel.calls > calls  # the prefill went through the kernel
+    assert got == want

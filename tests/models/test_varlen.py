@@ -5,29 +5,9 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bengali_empathy.models import backends, varlen
 from conftest import packable_examples, packed_and_single_batches, packed_and_weighted_loss
-
-
-def segment_sdpa(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
-    """torch 2.11's varlen_attn keywords (no enable_gqa), computed one segment at a time with causal SDPA."""
-    assert window_size == varlen.CAUSAL and key.shape[1] == query.shape[1]  # K/V heads repeated for it
-    segment_sdpa.calls += 1
-    out = torch.empty_like(query)
-    for start, end in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist()):
-        q, k, v = (x[start:end].transpose(0, 1) for x in (query, key, value))
-        out[start:end] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(0, 1)
-    return out
-
-
-@pytest.fixture
-def stand_in_kernel(monkeypatch):
-    segment_sdpa.calls = 0
-    monkeypatch.setattr(varlen, "_torch_kernel", lambda: segment_sdpa)
-    monkeypatch.setattr(backends, "varlen_available", lambda device: True)
-    return segment_sdpa
 
 
 def test_segments_of_a_collated_packed_batch_are_its_conversations_and_padding_tails(tokenizer):
@@ -59,7 +39,7 @@ def test_without_the_kernel_packed_batches_keep_the_mask_and_give_the_same_loss(
     model.eval()
     with torch.no_grad():
         through_kernel, _ = backend.loss(model, packed)
-        monkeypatch.setattr(backends, "varlen_available", lambda device: False)
+        monkeypatch.setattr(backends, "varlen_available", lambda device, dtype: False)
         with_mask, _ = backend.loss(model, packed)
     assert stand_in_kernel.calls == model.config.num_hidden_layers
     assert float(through_kernel) == pytest.approx(float(with_mask), rel=1e-5)
