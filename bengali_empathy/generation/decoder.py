@@ -55,9 +55,10 @@ def left_padded(prompts: Sequence[Sequence[int]], width: int, pad: int) -> tuple
 
 @torch.no_grad()  # the LoRA weights require gradients: no autograd graph of a whole batch's prefill
 def prefill(model, cache, prompts: Sequence[Sequence[int]], width: int, pad: int,
-            token_budget: Optional[int] = None) -> None:
+            token_budget: Optional[int] = None) -> str:
     """Fill the static ``cache`` with the keys and values of every prompt but its last token, as if the
-    batch were left-padded to ``width``; ``generate`` then starts from the last prompt token.
+    batch were left-padded to ``width``; ``generate`` then starts from the last prompt token. Returns how
+    the slices ran: ``packed`` or ``padded``.
 
     ``prompts`` are sorted longest first. They run in slices of rows of at most ``token_budget``
     tokens (default ``PREFILL_TOKENS``): a long batch's prefill fits (batch 256 of 600-token prompts is
@@ -99,6 +100,7 @@ def prefill(model, cache, prompts: Sequence[Sequence[int]], width: int, pad: int
     for layer in cache.layers:
         if layer.is_initialized:
             layer.cumulative_length.fill_(prefix)
+    return "packed" if packed else "padded"
 
 
 def _padded_slice(model, part: Sequence[Sequence[int]], longest: int, pad: int, device: torch.device):
@@ -284,7 +286,8 @@ class GraphDecoder:
         self.stop = torch.tensor(list(stop_ids), device=self.device)
         self.processors = decoding.logits_processors()
         self.step: Optional[DecodeStep] = None
-        self.batches: list[dict] = []  # per batch: rows, width, cache length, prefill/capture/decode seconds, steps
+        self.batches: list[dict] = []  # per batch: rows, width, cache length, prefill kind and prompt tokens,
+        # prefill/capture/decode seconds, steps
 
     def release(self) -> None:
         """Drop the recorded step and its cache (before a retry at a smaller batch)."""
@@ -312,7 +315,7 @@ class GraphDecoder:
         step = self._step_for(len(prompts), width)
         step.use_row_groups(row_groups([len(p) for p in prompts], width))
         t0 = time.perf_counter()
-        prefill(self.model, step.cache, prompts, width, self.pad, self.prefill_tokens)
+        kind = prefill(self.model, step.cache, prompts, width, self.pad, self.prefill_tokens)
         ids, mask = left_padded(prompts, width, self.pad)
         ids, mask = ids.to(self.device), mask.to(self.device)
         step.begin(ids, mask)
@@ -335,7 +338,8 @@ class GraphDecoder:
             step.position_ids.add_(1)
             step.mask[:, 0, 0, width + k] = True
         capture = step.capture_seconds - captured
-        self.batches.append({"rows": len(prompts), "width": width, "cache": step.cache_len,
+        self.batches.append({"rows": len(prompts), "width": width, "cache": step.cache_len, "prefill": kind,
+                             "prompt_tokens": sum(len(p) - 1 for p in prompts),
                              "prefill_s": prefilled - t0, "capture_s": capture,
                              "decode_s": synchronized_time(self.device) - prefilled - capture, "steps": k + 1})
         return sequences[:, width:]

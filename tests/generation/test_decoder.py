@@ -238,6 +238,9 @@ def test_replies_after_a_packed_prefill_equal_the_eager_engines(tiny_lora, rando
     decoding = Decoding(max_new_tokens=7)
     want, _ = Generator(model, tok, backend, decoding, 3, engine="eager").generate(random_prompts, progress=False)
     calls = stand_in_kernel.calls
-    got, _ = Generator(model, tok, backend, decoding, 3, engine=engine).generate(random_prompts, progress=False)
+    got, stats = Generator(model, tok, backend, decoding, 3, engine=engine).generate(random_prompts, progress=False)
     assert stand_in_kernel.calls > calls  # the prefill went through the kernel
     assert got == want
+    if engine == "compiled":  # metrics.json's per-batch profile says how each batch was prefilled
+        assert [b["prefill"] for b in stats.batches] == ["packed"] * 3
+        assert sum(b["prompt_tokens"] for b in stats.batches) == sum(len(p) - 1 for p in random_prompts)
