@@ -81,8 +81,8 @@ def prefill(model, cache, prompts: Sequence[Sequence[int]], width: int, pad: int
             lengths = [len(p) - 1 for p in part]
             if packed:
                 done = _packed_slice(model, part, device)
-                rows = torch.repeat_interleave(torch.arange(start, start + len(part)), torch.tensor(lengths))
-                slots = torch.cat([torch.arange(prefix - n, prefix) for n in lengths])
+                rows = torch.repeat_interleave(torch.arange(start, start + len(part)), torch.tensor(lengths)).to(device)
+                slots = torch.cat([torch.arange(prefix - n, prefix) for n in lengths]).to(device)
             else:
                 done = _padded_slice(model, part, longest, pad, device)
             for layer, computed in zip(cache.layers, done.layers):
