@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks on a CUDA machine, from the repository root: bash scripts/gpu_bench.sh STEP...
 #   STEP: tests | unsloth | unsloth_plain | norearm | hf | hf_plain | corpus_packed | corpus_unpacked | corpus_grouped
+#         | corpus_packed_hf | sft
 #         | model8b | predict | predicts | compare | fitbudget | probe | profile | gguf8b | dpo8b
 # Environment:
 #   WHEELS=DIR   optional: a directory of wheels (e.g. unsloth, bitsandbytes, this package's dependencies) to
@@ -12,6 +13,9 @@
 #                conversations.jsonl such as tests/fixtures/dailydialog_bn/conversations.jsonl).
 # model8b writes a random-weight Llama-3.1-8B checkpoint (bf16) into the cache and links it as /tmp/llama8b; the
 # steps that take /tmp/llama8b need it first.
+# sft: Unsloth's own TRL SFTTrainer (padding-free, batch $SFT_BS, default 8) on $CORPUS through the probe script
+# $SFT_PROBE (e.g. a copy of ../shared/probes/unsloth_sft_corpus.py), on /tmp/llama8b. corpus_*: $BUDGET (default
+# none) is the memory budget, e.g. the sft step's peak.
 # compare: Unsloth's TRL SFTTrainer and this package at each memory budget of $BUDGETS, one table.
 # fitbudget: `fit` of the 8B config on $CORPUS for 30 steps at each budget of $FIT_BUDGETS: the plan line,
 # tokens/s and the peak against the budget.
@@ -50,12 +54,16 @@ for step in "$@"; do
     norearm) timeout 200 $B --batch-size 2 --backend unsloth --loop lightning --steps 10 --warmup 3 --no-rearm 2>&1 | tail -1 ;;
     hf) timeout 300 $B --batch-size 2 --backend hf --loop lightning --steps 8 --warmup 2 2>&1 | tail -1 ;;
     hf_plain) timeout 300 $B --batch-size 2 --backend hf --loop plain --steps 8 --warmup 2 2>&1 | tail -1 ;;
-    corpus_packed) timeout 300 $B --batch-size 2 --backend unsloth --loop lightning --steps $S --warmup 5 \
-             --corpus "$CORPUS" --pack 2>&1 | tail -1 ;;
+    corpus_packed) timeout 300 $B --batch-size ${PACKED_BS:-2} --backend unsloth --loop lightning --steps $S --warmup 5 \
+             --corpus "$CORPUS" --pack --memory-budget ${BUDGET:-none} 2>&1 | tail -1 ;;
+    corpus_packed_hf) timeout 300 $B --batch-size ${PACKED_BS:-2} --backend hf --loop lightning --steps $S --warmup 5 \
+             --corpus "$CORPUS" --pack --memory-budget ${BUDGET:-none} 2>&1 | tail -1 ;;
+    sft) timeout 300 python3 "$SFT_PROBE" /tmp/llama8b "$CORPUS" --bs ${SFT_BS:-8} --steps $S --warmup 5 \
+             2>"$OUT/sft.err" | tail -1 | tee -a "$OUT/bench.jsonl" ;;
     corpus_unpacked) timeout 300 $B --batch-size ${UNPACKED_BS:-8} --backend unsloth --loop lightning --steps $S \
              --warmup 5 --corpus "$CORPUS" 2>&1 | tail -1 ;;
     corpus_grouped) timeout 300 $B --batch-size ${UNPACKED_BS:-8} --backend unsloth --loop lightning --steps $S \
-             --warmup 5 --corpus "$CORPUS" --group-by-length 2>&1 | tail -1 ;;
+             --warmup 5 --corpus "$CORPUS" --group-by-length --memory-budget ${BUDGET:-none} 2>&1 | tail -1 ;;
     compare) timeout ${COMPARE_TIMEOUT:-540} $B --batch-size 2 --steps $S --warmup 5 \
              --compare ${BUDGETS:-none,7,14,22,auto} 2>"$OUT/compare.err" | tee "$OUT/compare.out" ;;
     fitbudget) for b in ${FIT_BUDGETS:-14}; do
