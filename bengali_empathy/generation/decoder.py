@@ -30,6 +30,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..models.gpu import head_dim, synchronized_time
+from ..models.lora import base_model
 from ..models.varlen import attention_dtype, packed_attention, packed_kwargs, varlen_available
 
 CACHE_BUCKET = 256  # cache lengths are multiples of this: batches of one bucket replay one graph
@@ -71,15 +72,15 @@ def prefill(model, cache, prompts: Sequence[Sequence[int]], width: int, pad: int
     token_budget = token_budget or PREFILL_TOKENS
     cache.reset()
     device = next(model.parameters()).device
-    packed = varlen_available(device, attention_dtype(_base_of(model)))
+    packed = varlen_available(device, attention_dtype(base_model(model)))
     prefix = width - 1
     start = 0
     while start < len(prompts) and prefix > 0:
         longest = len(prompts[start]) - 1
         part = prompts[start:start + max(1, token_budget // max(longest, 1))]
         if longest > 0:
-            lengths = [len(p) - 1 for p in part]
             if packed:
+                lengths = [len(p) - 1 for p in part]
                 done = _packed_slice(model, part, device)
                 rows = torch.repeat_interleave(torch.arange(start, start + len(part)), torch.tensor(lengths)).to(device)
                 slots = torch.cat([torch.arange(prefix - n, prefix) for n in lengths]).to(device)
@@ -115,8 +116,9 @@ def _padded_slice(model, part: Sequence[Sequence[int]], longest: int, pad: int, 
     positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
     computed = DynamicCache()
     with sdpa_kernel(kernels):
-        _decoder_of(model)(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=positions.to(device), past_key_values=computed, use_cache=True)
+        base_model(model).get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                        position_ids=positions.to(device), past_key_values=computed,
+                                        use_cache=True)
     return computed
 
 
@@ -129,9 +131,9 @@ def _packed_slice(model, part: Sequence[Sequence[int]], device: torch.device):
     ids = torch.tensor([t for p in tokens for t in p], device=device)[None]
     positions = torch.cat([torch.arange(len(p)) for p in tokens]).to(device)[None]
     computed = DynamicCache()
-    with packed_attention(_base_of(model)):
-        _decoder_of(model)(input_ids=ids, position_ids=positions, past_key_values=computed, use_cache=True,
-                           **packed_kwargs(positions))
+    with packed_attention(model):
+        base_model(model).get_decoder()(input_ids=ids, position_ids=positions, past_key_values=computed,
+                                        use_cache=True, **packed_kwargs(positions))
     return computed
 
 
@@ -166,14 +168,6 @@ class RotaryTable(torch.nn.Module):
         return self.cos[position_ids].to(x.dtype), self.sin[position_ids].to(x.dtype)
 
 
-def _base_of(model) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _decoder_of(model) -> torch.nn.Module:
-    return _base_of(model).get_decoder()
-
-
 class DecodeStep:
     """One decoding step of ``model`` for ``rows`` rows and a static cache of ``cache_len`` slots.
 
@@ -201,8 +195,8 @@ class DecodeStep:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # attended slots -> graph, logits
         self.capture_seconds = 0.0
         self.row_groups: tuple[tuple[int, int], ...] = ((0, 0),)
-        decoder = _decoder_of(model)
-        self.rotary = decoder.rotary_emb
+        self.decoder = base_model(model).get_decoder()
+        self.rotary = self.decoder.rotary_emb
         self.rotary_table = RotaryTable(self.rotary, cache_len + 1, device)
 
     def use_row_groups(self, groups: tuple[tuple[int, int], ...]) -> None:
@@ -225,14 +219,13 @@ class DecodeStep:
         return min(self.cache_len, -(-filled // CACHE_BUCKET) * CACHE_BUCKET)
 
     def _forward(self, attended: int) -> torch.Tensor:
-        decoder = _decoder_of(self.model)
-        decoder.rotary_emb = self.rotary_table
+        self.decoder.rotary_emb = self.rotary_table
         try:
             out = self.model(input_ids=self.input_ids, position_ids=self.position_ids,
                              attention_mask=self.mask[..., :attended], past_key_values=self.cache, use_cache=True,
                              logits_to_keep=1, row_groups=self.row_groups)
         finally:
-            decoder.rotary_emb = self.rotary
+            self.decoder.rotary_emb = self.rotary
         return out.logits[:, -1]
 
     @torch.no_grad()

@@ -64,18 +64,11 @@ def engine_for(engine: str, model, report: Callable[[str], None] = log.warning) 
     return "eager"
 
 
-@contextlib.contextmanager
-def grouped_decode_attention(model) -> Iterator[None]:
+def grouped_decode_attention(model) -> ContextManager:
     """Within: the model attends with :func:`.attention.gqa_decode_attention` (restored after)."""
-    from ..models.attention import register
+    from ..models.attention import attention_implementation, register
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    before = base.config._attn_implementation
-    base.set_attn_implementation(register())
-    try:
-        yield
-    finally:
-        base.set_attn_implementation(before)
+    return attention_implementation(model, register())
 
 
 def _streaming(on_step: OnStep) -> dict:

@@ -20,6 +20,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..models.lora import base_model
+
 
 def _dense(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` as a dense tensor (bitsandbytes 4-bit weights dequantised)."""
@@ -51,7 +53,7 @@ def _plain_on_meta(model, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn
     """``model``'s transformers model and an unquantised one of its configuration without storage."""
     from transformers import AutoModelForCausalLM
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = copy.deepcopy(base.config)
     config.__dict__.pop("quantization_config", None)
     with torch.device("meta"):

@@ -13,14 +13,19 @@ passes on to the attention) splits the rows into groups that each attend only fr
 row's first slot on: the same result, with the padding not read.
 
 ``register()`` adds it to transformers' ``AttentionInterface`` as ``gqa_decode`` (with SDPA's mask
-function), so any Llama model can use it through ``model.set_attn_implementation("gqa_decode")``.
+function), so any Llama model can use it through ``model.set_attn_implementation("gqa_decode")``;
+:func:`attention_implementation` switches a model to a registered attention for a while (this one for decoding,
+:mod:`.varlen`'s for packed batches).
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .lora import base_model
 
 NAME = "gqa_decode"
 
@@ -69,3 +74,16 @@ def register() -> str:
     AttentionInterface.register(NAME, gqa_decode_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     return NAME
+
+
+@contextlib.contextmanager
+def attention_implementation(model, name: str) -> Iterator[None]:
+    """Within: ``model`` (transformers, under peft or not) attends through the registered attention ``name``
+    (restored after)."""
+    base = base_model(model)
+    before = base.config._attn_implementation
+    base.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(before)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..data import IGNORE_INDEX
 from ..errors import UserError
 from .gradient_checkpointing import checkpointed_layer_count, decoder_layers, limit_checkpointing
-from .lora import LoraSettings, check_modules_trained
+from .lora import LoraSettings, base_model, check_modules_trained
 from .varlen import attention_dtype, packed_attention, packed_kwargs, patch_unsloth, varlen_available
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def reply_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.
     """The decoder, then the LM head on the positions whose next token is a reply token only, so the
     (batch x seq x 128256) logits tensor is never built: their fp32 logits (n, vocabulary), the n target
     ids, and which positions (batch, seq - 1) they are."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     targets = batch["labels"][:, 1:]
     select = targets != IGNORE_INDEX
     # A packed batch attends within its conversations through the varlen kernel where it runs; elsewhere

@@ -100,3 +100,8 @@ def check_modules_trained(model, modules_to_save: tuple[str, ...]) -> None:
         raise UserError(f"model.lora.modules_to_save names {', '.join(frozen)}, but no trainable copy of "
                         f"{'it' if len(frozen) == 1 else 'them'} is in the loaded model (a module name of the "
                         "model, e.g. embed_tokens or lm_head, that the backend trains in full)")
+
+
+def base_model(model):
+    """The transformers model under a peft wrapper (``model`` itself when it has none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -108,10 +108,8 @@ def probe_batch(batch_size: int, seq_len: int, device: torch.device | str = "cpu
         segments = [n for n in cuts + [seq_len - sum(cuts)] if n > 0]
         batch["position_ids"] = torch.cat([torch.arange(n) for n in segments]).expand(batch_size, -1).contiguous()
         batch["packed_seq_lengths"] = torch.tensor(segments * batch_size, dtype=torch.int32)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    if packed:
         batch["attention_mask"] = None
-    return batch
+    return {k: None if v is None else v.to(device) for k, v in batch.items()}
 
 
 def resolve_budget_gib(budget: MemoryBudget, device: torch.device) -> Optional[float]:

@@ -2,7 +2,7 @@
 
 A packed batch holds several conversations per row; each must attend to itself alone. Without a
 varlen kernel that takes a block-diagonal mask (SDPA leaves its fused kernels for it, and transformers
-repeats the K/V heads) or one SDPA call per run of equal lengths (Unsloth's path without flash-attn).
+repeats the K/V heads), or one SDPA call per run of equal lengths (Unsloth's path without flash-attn).
 ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10, CUDA) attends within the segments that
 ``cu_seqlens`` marks over the flattened tokens: on an H200, forward and backward over Llama-3.1-8B's
 heads took 2.67 ms against 7.16 ms with the block-diagonal mask (16,384 tokens in 34 documents).
@@ -20,13 +20,14 @@ torch, GPUs before Ampere) the callers keep their mask-based path.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import logging
-from typing import Callable, Iterator, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
+
+from .attention import attention_implementation
 
 log = logging.getLogger(__name__)
 
@@ -158,16 +159,9 @@ def register() -> str:
     return NAME
 
 
-@contextlib.contextmanager
-def packed_attention(model) -> Iterator[None]:
+def packed_attention(model) -> ContextManager:
     """Within: ``model`` (transformers, under peft or not) attends through :func:`varlen_attention`."""
-    config = model.config
-    before = config._attn_implementation
-    config._attn_implementation = register()
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
+    return attention_implementation(model, register())
 
 
 def patch_unsloth() -> bool:
