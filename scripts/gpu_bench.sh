@@ -13,9 +13,9 @@
 #                conversations.jsonl such as tests/fixtures/dailydialog_bn/conversations.jsonl).
 # model8b writes a random-weight Llama-3.1-8B checkpoint (bf16) into the cache and links it as /tmp/llama8b; the
 # steps that take /tmp/llama8b need it first.
-# sft: Unsloth's own TRL SFTTrainer (padding-free, batch $SFT_BS, default 8) on $CORPUS through the probe script
-# $SFT_PROBE (e.g. a copy of ../shared/probes/unsloth_sft_corpus.py), on /tmp/llama8b. corpus_*: $BUDGET (default
-# none) is the memory budget, e.g. the sft step's peak.
+# sft: Unsloth's own TRL SFTTrainer (padding-free, batch $SFT_BS, default 8) on $CORPUS and /tmp/llama8b through
+# $SFT_PROBE, a script taking MODEL_DIR CORPUS --bs --steps --warmup that prints one JSON line.
+# corpus_*: $BUDGET (default none) is the memory budget, e.g. the sft step's peak.
 # compare: Unsloth's TRL SFTTrainer and this package at each memory budget of $BUDGETS, one table.
 # fitbudget: `fit` of the 8B config on $CORPUS for 30 steps at each budget of $FIT_BUDGETS: the plan line,
 # tokens/s and the peak against the budget.
