@@ -9,8 +9,9 @@ heads took 2.67 ms against 7.16 ms with the block-diagonal mask (16,384 tokens i
 
 The kernel is found by feature, not by version: it must import, take a causal window
 (``window_size=(-1, 0)``; torch 2.10 spells it ``is_causal``) and run a tiny bf16 call on the device.
-Where it lacks ``enable_gqa`` (torch < 2.12) the K/V heads are repeated for it. Elsewhere (CPU, older
-torch, GPUs before Ampere) the callers keep their mask-based path.
+On CUDA its flash kernels are called directly, taking the grouped K/V heads as they are (``varlen_attn``
+has no ``enable_gqa`` before torch 2.12). Elsewhere (CPU, older torch, GPUs before Ampere) the callers keep
+their mask-based path.
 
 * the ``hf`` backend runs a packed batch through transformers' attention interface under the name
   :data:`NAME`, with ``cu_seq_lens_q``/``max_length_q`` (derived from the position ids) passed down
@@ -53,12 +54,41 @@ def _parameters(kernel: Callable) -> frozenset:
     return frozenset(inspect.signature(kernel).parameters)
 
 
+class _FlashVarlen(torch.autograd.Function):
+    """The flash kernels ``varlen_attn`` calls on CUDA, called directly: the kernel takes fewer K/V heads
+    than query heads itself (no repeated K/V, whose copies and gradient sums ``varlen_attn`` needs before
+    torch 2.12), and skips the custom-op dispatch and the per-call RNG-state tensor that
+    ``varlen_attn`` adds three times a layer per step (forward, recomputed forward, backward)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size):
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, 0.0, window_size == CAUSAL,
+            return_debug_mask=False, scale=scale, window_size_left=window_size[0], window_size_right=window_size[1])
+        ctx.save_for_backward(query, key, value, out, lse, cu_seq_q, cu_seq_k, seed, offset)
+        ctx.shape = (max_q, max_k, scale, window_size)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, lse, cu_seq_q, cu_seq_k, seed, offset = ctx.saved_tensors
+        max_q, max_k, scale, window_size = ctx.shape
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q, max_k, 0.0,
+            window_size == CAUSAL, seed, offset, scale=scale, window_size_left=window_size[0],
+            window_size_right=window_size[1])
+        return dq, dk, dv, None, None, None, None, None, None
+
+
 def flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_q: torch.Tensor,
                  cu_seq_k: torch.Tensor, max_q: int, max_k: int, *, scale: Optional[float] = None,
                  window_size: tuple[int, int] = CAUSAL, enable_gqa: bool = False) -> torch.Tensor:
     """torch's ``varlen_attn`` with the keywords of torch 2.12 on any torch that has the kernel:
-    ``query`` (tokens, heads, dim), ``key``/``value`` (tokens, kv_heads, dim); K/V heads repeated where
-    the kernel takes no ``enable_gqa``, a causal window spelled ``is_causal`` where it takes no window."""
+    ``query`` (tokens, heads, dim), ``key``/``value`` (tokens, kv_heads, dim). On CUDA its flash kernels
+    run directly (:class:`_FlashVarlen`); elsewhere ``varlen_attn`` runs, with the K/V heads repeated where
+    it takes no ``enable_gqa`` and a causal window spelled ``is_causal`` where it takes no window."""
+    if query.is_cuda and hasattr(torch.ops.aten, "_flash_attention_forward"):
+        return _FlashVarlen.apply(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, tuple(window_size))
     kernel = _torch_kernel()
     params = _parameters(kernel)
     if enable_gqa and key.shape[1] != query.shape[1] and "enable_gqa" not in params:
