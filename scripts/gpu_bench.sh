@@ -15,7 +15,7 @@
 # steps that take /tmp/llama8b need it first.
 # sft: Unsloth's own TRL SFTTrainer (padding-free, batch $SFT_BS, default 8) on $CORPUS and /tmp/llama8b through
 # $SFT_PROBE, a script taking MODEL_DIR CORPUS --bs --steps --warmup that prints one JSON line.
-# corpus_*: $BUDGET (default none) is the memory budget, e.g. the sft step's peak.
+# unsloth, corpus_*: $BUDGET (default none) is the memory budget, e.g. the sft step's peak.
 # compare: Unsloth's TRL SFTTrainer and this package at each memory budget of $BUDGETS, one table.
 # fitbudget: `fit` of the 8B config on $CORPUS for 30 steps at each budget of $FIT_BUDGETS: the plan line,
 # tokens/s and the peak against the budget.
@@ -49,7 +49,8 @@ for step in "$@"; do
   case $step in
     tests) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu --durations=0 tests/scenarios/test_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} -p no:cacheprovider -rP \
              -W ignore::UserWarning --tb=short >"$OUT/gpu_tests.log" 2>&1; grep -E "passed|failed|^E |^FAILED" "$OUT/gpu_tests.log" | tail -30 ;;
-    unsloth) timeout 240 $B --batch-size 2 --backend unsloth --loop lightning --steps $S --warmup 5 2>&1 | tail -1 ;;
+    unsloth) timeout 240 $B --batch-size 2 --backend unsloth --loop lightning --steps $S --warmup 5 \
+             --memory-budget ${BUDGET:-none} 2>&1 | tail -1 ;;
     unsloth_plain) timeout 200 $B --batch-size 2 --backend unsloth --loop plain --steps $S --warmup 5 2>&1 | tail -1 ;;
     norearm) timeout 200 $B --batch-size 2 --backend unsloth --loop lightning --steps 10 --warmup 3 --no-rearm 2>&1 | tail -1 ;;
     hf) timeout 300 $B --batch-size 2 --backend hf --loop lightning --steps 8 --warmup 2 2>&1 | tail -1 ;;
