@@ -62,8 +62,8 @@ def prefill(model, cache, prompts: Sequence[Sequence[int]], width: int, pad: int
     the slices ran: ``packed`` or ``padded``.
 
     ``prompts`` are sorted longest first. They run in slices of rows of at most ``token_budget``
-    tokens (default ``PREFILL_TOKENS``): a long batch's prefill fits (batch 256 of 600-token prompts is
-    ~150k tokens at once otherwise). Where the varlen attention kernel runs (:mod:`..models.varlen`), a
+    tokens (default ``PREFILL_TOKENS``, padding included): a long batch's prefill fits (batch 256 of
+    600-token prompts is ~150k tokens at once otherwise). Where the varlen attention kernel runs (:mod:`..models.varlen`), a
     slice's prompts are concatenated into one row without padding, each attending to itself
     (:func:`_packed_slice`); elsewhere the slice is padded to its own longest prompt (:func:`_padded_slice`).
     A prompt's keys go right-aligned into its row of the cache, where the batch's left padding puts them;
@@ -75,15 +75,16 @@ def prefill(model, cache, prompts: Sequence[Sequence[int]], width: int, pad: int
     packed = varlen_available(device, attention_dtype(base_model(model)))
     prefix = width - 1
     start = 0
+    lengths = [len(p) - 1 for p in prompts]
     while start < len(prompts) and prefix > 0:
-        longest = len(prompts[start]) - 1
-        part = prompts[start:start + max(1, token_budget // max(longest, 1))]
+        longest = lengths[start]
+        part = prompts[start:_slice_end(lengths, start, token_budget, packed)]
         if longest > 0:
             if packed:
-                lengths = [len(p) - 1 for p in part]
+                counts = lengths[start:start + len(part)]
                 done = _packed_slice(model, part, device)
-                rows = torch.repeat_interleave(torch.arange(start, start + len(part)), torch.tensor(lengths)).to(device)
-                slots = torch.cat([torch.arange(prefix - n, prefix) for n in lengths]).to(device)
+                rows = torch.repeat_interleave(torch.arange(start, start + len(part)), torch.tensor(counts)).to(device)
+                slots = torch.cat([torch.arange(prefix - n, prefix) for n in counts]).to(device)
             else:
                 done = _padded_slice(model, part, longest, pad, device)
             for layer, computed in zip(cache.layers, done.layers):
@@ -102,6 +103,19 @@ def prefill(model, cache, prompts: Sequence[Sequence[int]], width: int, pad: int
         if layer.is_initialized:
             layer.cumulative_length.fill_(prefix)
     return "packed" if packed else "padded"
+
+
+def _slice_end(lengths: Sequence[int], start: int, token_budget: int, packed: bool) -> int:
+    """The end of the prefill slice that begins at row ``start`` (``lengths`` sorted longest first): as many
+    rows as fit in ``token_budget`` tokens, the padding to the slice's longest included where it is padded;
+    at least one."""
+    if not packed:
+        return start + max(1, token_budget // max(lengths[start], 1))
+    end, tokens = start + 1, lengths[start]
+    while end < len(lengths) and tokens + lengths[end] <= token_budget:
+        tokens += lengths[end]
+        end += 1
+    return end
 
 
 def _padded_slice(model, part: Sequence[Sequence[int]], longest: int, pad: int, device: torch.device):
