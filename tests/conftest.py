@@ -189,20 +189,13 @@ def packed_and_weighted_loss(backend, model, packed: dict, singles: list[dict]) 
     return lp, n_p, sum(float(l) * int(c) for l, c in losses) / n, n
 
 
-def segment_sdpa(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
-    """A stand-in for torch's CUDA varlen kernel with torch 2.11's keywords (no enable_gqa), computed one
-    segment at a time with causal SDPA; counts its calls."""
-    import torch.nn.functional as F
+def segment_sdpa(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size, seqused_k):
+    """A stand-in for the CUDA varlen kernel (``varlen._flash_kernel``): the module's own per-segment SDPA
+    reference; counts its calls."""
+    from bengali_empathy.models.varlen import segment_attention
 
-    from bengali_empathy.models.varlen import CAUSAL
-
-    assert window_size == CAUSAL and key.shape[1] == query.shape[1]  # K/V heads repeated for it
     segment_sdpa.calls += 1
-    out = torch.empty_like(query)
-    for start, end in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist()):
-        q, k, v = (x[start:end].transpose(0, 1) for x in (query, key, value))
-        out[start:end] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(0, 1)
-    return out
+    return segment_attention(query, key, value, cu_seq_q, cu_seq_k, scale, window_size, seqused_k)
 
 
 @pytest.fixture
@@ -212,9 +205,9 @@ def stand_in_kernel(monkeypatch):
     from bengali_empathy.models import backends, varlen
 
     segment_sdpa.calls = 0
-    monkeypatch.setattr(varlen, "_torch_kernel", lambda: segment_sdpa)
-    for user in (backends, decoder):  # the modules that ask (training's loss, generation's prefill)
-        monkeypatch.setattr(user, "varlen_available", lambda device, dtype: True)
+    monkeypatch.setattr(varlen, "_flash_kernel", segment_sdpa)
+    for user in (backends, decoder):  # the modules that ask (training's loss, generation's prefill and steps)
+        monkeypatch.setattr(user, "varlen_available", lambda device, dtype, decoding=False: True)
     return segment_sdpa
 
 

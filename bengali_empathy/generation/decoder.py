@@ -7,15 +7,16 @@ most ``PREFILL_TOKENS`` tokens, as if the batch were left-padded (see its docstr
 transformers' ``generate`` launches the 8B model's ~600 kernels of a decoding step one by one from
 Python, and checks its stopping criteria on the host every step: on an H200 a step at batch 128-256
 took 50-70 ms with the ``static`` engine; replayed as a graph it took 20-34 ms at batch 256 (caches of
-768-2,304 slots). Here the step (embedding, every layer with the
-grouped-query decoding attention of :mod:`.attention`, the output head) is recorded once as a CUDA
+768-2,304 slots). Here the step (embedding, every layer, the output head) is recorded once as a CUDA
 graph for a batch size and a cache length and replayed with one launch; choosing the next token,
 the stop tokens and the padding of finished rows stay in PyTorch outside the graph, and the host
 looks at whether every row has stopped only every ``CHECK_EVERY`` steps. The cache length is the
 batch's longest prompt plus ``max_new_tokens``, rounded up to ``CACHE_BUCKET``: batches (sorted longest
 first) of one bucket share a graph, and a shorter bucket records a new one (a fraction of a second)
-rather than attending over the longest batch's cache length. Where a batch's prompts differ much in
-length, its rows attend in groups that each skip their left padding (:func:`row_groups`); chat
+rather than attending over the longest batch's cache length. Where the varlen kernel runs, each row's
+query reads only its own filled slots (:mod:`..models.varlen`); elsewhere the step attends with the
+grouped-query decoding attention of :mod:`..models.attention`, and where a batch's prompts differ much
+in length its rows attend in groups that each skip their left padding (:func:`row_groups`). Chat
 streams each step's token through ``on_step``.
 
 The step computes what ``generate`` computes for left-padded rows (positions counted from the
@@ -31,7 +32,7 @@ import torch
 
 from ..models.gpu import head_dim, synchronized_time
 from ..models.lora import base_model
-from ..models.varlen import attention_dtype, packed_attention, packed_kwargs, varlen_available
+from ..models.varlen import attention_dtype, packed_kwargs, token_major, varlen_available, varlen_implementation
 
 CACHE_BUCKET = 256  # cache lengths are multiples of this: batches of one bucket replay one graph
 CHECK_EVERY = 8  # decoding steps between the host's checks whether every row has stopped
@@ -63,9 +64,10 @@ def prefill(model, cache, prompts: Sequence[Sequence[int]], width: int, pad: int
 
     ``prompts`` are sorted longest first. They run in slices of rows of at most ``token_budget``
     tokens (default ``PREFILL_TOKENS``, padding included): a long batch's prefill fits (batch 256 of
-    600-token prompts is ~150k tokens at once otherwise). Where the varlen attention kernel runs (:mod:`..models.varlen`), a
-    slice's prompts are concatenated into one row without padding, each attending to itself
-    (:func:`_packed_slice`); elsewhere the slice is padded to its own longest prompt (:func:`_padded_slice`).
+    600-token prompts is ~150k tokens at once otherwise). Where the varlen attention kernel runs
+    (:mod:`..models.varlen`), a slice's prompts are concatenated into one row without padding, each
+    attending to itself (:func:`_packed_slice`); elsewhere the slice is padded to its own longest prompt
+    (:func:`_padded_slice`).
     A prompt's keys go right-aligned into its row of the cache, where the batch's left padding puts them;
     the padded slots stay masked. Positions are counted as ``generate`` counts them (from the mask).
     """
@@ -145,7 +147,7 @@ def _packed_slice(model, part: Sequence[Sequence[int]], device: torch.device):
     ids = torch.tensor([t for p in tokens for t in p], device=device)[None]
     positions = torch.cat([torch.arange(len(p)) for p in tokens]).to(device)[None]
     computed = DynamicCache()
-    with packed_attention(model):
+    with varlen_implementation(model):
         base_model(model).get_decoder()(input_ids=ids, position_ids=positions, past_key_values=computed,
                                         use_cache=True, **packed_kwargs(positions))
     return computed
@@ -186,11 +188,12 @@ class DecodeStep:
     """One decoding step of ``model`` for ``rows`` rows and a static cache of ``cache_len`` slots.
 
     Its inputs are fixed tensors written in place (``input_ids``, ``position_ids``, the boolean
-    ``mask`` over the cache's slots) and the batch's :func:`row_groups` (new groups: new graphs). A
-    step attends only to the cache's first slots that can hold tokens yet, rounded up to
-    ``CACHE_BUCKET`` (the attention reads no more of the cache than it must: a 2,048-token reply does
-    not pay for its end while it begins); on CUDA each of those lengths is a graph, recorded when
-    decoding first reaches it.
+    ``mask`` over the cache's slots, the varlen segments). Where the varlen kernel decodes
+    (:mod:`..models.varlen`), the cache is token-major and each row's query reads only the slots from its
+    first prompt token to its newest token: one graph for every step. Elsewhere a step attends to the
+    cache's first slots that can hold tokens yet, rounded up to ``CACHE_BUCKET`` (a 2,048-token reply
+    does not pay for its end while it begins), in the batch's :func:`row_groups` (new groups: new
+    graphs); on CUDA each of those lengths is a graph, recorded when decoding first reaches it.
     """
 
     def __init__(self, model, rows: int, cache_len: int) -> None:
@@ -202,6 +205,14 @@ class DecodeStep:
         self.model, self.rows, self.cache_len = model, rows, cache_len
         self.cache = StaticCache(config=config, max_cache_len=cache_len)
         self.cache.early_initialization(rows, config.num_key_value_heads, head_dim(config), dtype, device)
+        self.varlen = varlen_available(device, dtype, decoding=True)
+        if self.varlen:
+            token_major(self.cache)
+        self.first_slot = torch.zeros(rows, dtype=torch.int32, device=device)  # each row's first prompt slot
+        self.segments = {"cu_seq_lens_q": torch.arange(rows + 1, dtype=torch.int32, device=device),
+                         "cu_seq_lens_k": torch.zeros(rows + 1, dtype=torch.int32, device=device),
+                         "max_length_q": 1, "max_length_k": cache_len,
+                         "seqused_k": torch.zeros(rows, dtype=torch.int32, device=device)}
         self.input_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.position_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.mask = torch.zeros((rows, 1, 1, cache_len), dtype=torch.bool, device=device)
@@ -214,8 +225,9 @@ class DecodeStep:
         self.rotary_table = RotaryTable(self.rotary, cache_len + 1, device)
 
     def use_row_groups(self, groups: tuple[tuple[int, int], ...]) -> None:
-        """Attend in ``groups`` (:func:`row_groups`) from now on; the graphs of other groups are dropped."""
-        if groups != self.row_groups:
+        """Attend in ``groups`` (:func:`row_groups`) from now on; the graphs of other groups are dropped.
+        A varlen step has no groups: each row reads its own slots."""
+        if groups != self.row_groups and not self.varlen:
             self.graphs.clear()
             self.row_groups = groups
 
@@ -227,17 +239,28 @@ class DecodeStep:
         self.mask[:, 0, 0, :width] = mask.bool()
         self.input_ids.copy_(ids[:, -1:])
         self.position_ids.copy_(mask.sum(1, keepdim=True) - 1)
+        self.first_slot.copy_(width - mask.sum(1))
+        starts = torch.arange(self.rows + 1, device=self.first_slot.device) * self.cache_len
+        starts[:-1] += self.first_slot
+        self.segments["cu_seq_lens_k"].copy_(starts)
 
     def attended(self, filled: int) -> int:
         """Cache slots a step attends to where ``filled`` slots hold tokens (a graph for each such length)."""
+        if self.varlen:
+            return self.cache_len  # the kernel reads each row's filled slots of the whole cache
         return min(self.cache_len, -(-filled // CACHE_BUCKET) * CACHE_BUCKET)
 
     def _forward(self, attended: int) -> torch.Tensor:
         self.decoder.rotary_emb = self.rotary_table
         try:
-            out = self.model(input_ids=self.input_ids, position_ids=self.position_ids,
-                             attention_mask=self.mask[..., :attended], past_key_values=self.cache, use_cache=True,
-                             logits_to_keep=1, row_groups=self.row_groups)
+            if self.varlen:
+                with varlen_implementation(self.model):
+                    out = self.model(input_ids=self.input_ids, position_ids=self.position_ids,
+                                     past_key_values=self.cache, use_cache=True, logits_to_keep=1, **self.segments)
+            else:
+                out = self.model(input_ids=self.input_ids, position_ids=self.position_ids,
+                                 attention_mask=self.mask[..., :attended], past_key_values=self.cache,
+                                 use_cache=True, logits_to_keep=1, row_groups=self.row_groups)
         finally:
             self.decoder.rotary_emb = self.rotary
         return out.logits[:, -1]
@@ -271,6 +294,7 @@ class DecodeStep:
         """The next-token logits (rows, vocabulary) of the tokens in ``input_ids``, written into the cache,
         where ``filled`` slots (this step's own included) hold tokens."""
         attended = self.attended(filled)
+        torch.sub(filled, self.first_slot, out=self.segments["seqused_k"])  # this step's own slot included
         if not self.graphed:
             return self._forward(attended)
         if attended not in self.graphs:
@@ -346,6 +370,7 @@ class GraphDecoder:
             step.mask[:, 0, 0, width + k] = True
         capture = step.capture_seconds - captured
         self.batches.append({"rows": len(prompts), "width": width, "cache": step.cache_len, "prefill": kind,
+                             "decode": "varlen" if step.varlen else "row groups",
                              "prompt_tokens": sum(len(p) - 1 for p in prompts),
                              "prefill_s": prefilled - t0, "capture_s": capture,
                              "decode_s": synchronized_time(self.device) - prefilled - capture, "steps": k + 1})

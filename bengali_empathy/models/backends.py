@@ -25,7 +25,7 @@ from ..data import IGNORE_INDEX
 from ..errors import UserError
 from .gradient_checkpointing import checkpointed_layer_count, decoder_layers, limit_checkpointing
 from .lora import LoraSettings, base_model, check_modules_trained
-from .varlen import attention_dtype, packed_attention, packed_kwargs, patch_unsloth, varlen_available
+from .varlen import attention_dtype, packed_kwargs, patch_unsloth, varlen_available, varlen_implementation
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def reply_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.
     # transformers derives a block-diagonal mask from the position ids.
     varlen = (batch.get("packed_seq_lengths") is not None
               and varlen_available(batch["input_ids"].device, attention_dtype(base)))
-    with packed_attention(base) if varlen else contextlib.nullcontext():
+    with varlen_implementation(base) if varlen else contextlib.nullcontext():
         out = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                                  position_ids=batch.get("position_ids"), use_cache=False,
                                  **(packed_kwargs(batch["position_ids"]) if varlen else {}))

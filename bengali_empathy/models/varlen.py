@@ -1,4 +1,5 @@
-"""Attention over packed conversations with PyTorch's variable-length FlashAttention kernel.
+"""Attention over packed conversations, and decoding steps over each row's filled cache, with PyTorch's
+variable-length FlashAttention kernels.
 
 A packed batch holds several conversations per row; each must attend to itself alone. Without a
 varlen kernel that takes a block-diagonal mask (SDPA leaves its fused kernels for it, and transformers
@@ -6,25 +7,27 @@ repeats the K/V heads), or one SDPA call per run of equal lengths (Unsloth's pat
 ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10, CUDA) attends within the segments that
 ``cu_seqlens`` marks over the flattened tokens: on an H200, forward and backward over Llama-3.1-8B's
 heads took 2.67 ms against 7.16 ms with the block-diagonal mask (16,384 tokens in 34 documents).
+The flash kernels it calls are called here directly (:class:`_FlashVarlen`): they take grouped K/V heads
+and a per-segment count of keys to read (``seqused_k``) on any torch that has them, where ``varlen_attn``
+takes neither before torch 2.12.
 
-The kernel is found by feature, not by version: it must import, take a causal window
-(``window_size=(-1, 0)``; torch 2.10 spells it ``is_causal``) and run a tiny bf16 call on the device.
-On CUDA its flash kernels are called directly, taking the grouped K/V heads as they are (``varlen_attn``
-has no ``enable_gqa`` before torch 2.12). Elsewhere (CPU, older torch, GPUs before Ampere) the callers keep
-their mask-based path.
+The kernel is found by feature, not by version: tiny calls on the device must compute what SDPA computes
+one segment at a time (:func:`varlen_available`). Elsewhere (CPU, GPUs before Ampere, fp32) the callers
+keep their mask-based paths.
 
 * the ``hf`` backend runs a packed batch through transformers' attention interface under the name
   :data:`NAME`, with ``cu_seq_lens_q``/``max_length_q`` (derived from the position ids) passed down
   the model's keyword arguments (:func:`packed_kwargs`, :func:`varlen_attention`);
 * the ``unsloth`` backend's packed batches (``packed_seq_lengths``) already call a torch varlen kernel
-  when torch has ``enable_gqa``; :func:`patch_unsloth` gives it this module's kernel otherwise.
+  when torch has ``enable_gqa``; :func:`patch_unsloth` gives it this module's kernel otherwise;
+* generation's prefill concatenates a slice's prompts into one packed row, and its decoding steps read
+  each row's filled slots of a token-major static cache (``seqused_k``, :func:`token_major`).
 """
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
-from typing import Callable, ContextManager, Optional
+from typing import ContextManager, Optional
 
 import torch
 
@@ -36,35 +39,19 @@ NAME = "packed_varlen"  # the transformers attention implementation of packed ba
 CAUSAL = (-1, 0)  # window_size: every earlier key of the segment, no later one
 
 
-@functools.cache
-def _torch_kernel() -> Optional[Callable]:
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    params = inspect.signature(varlen_attn).parameters
-    if "window_size" not in params and "is_causal" not in params:
-        return None
-    return varlen_attn
-
-
-@functools.lru_cache(maxsize=8)
-def _parameters(kernel: Callable) -> frozenset:
-    """The keyword names ``kernel`` takes (read once: the call runs once per layer per step)."""
-    return frozenset(inspect.signature(kernel).parameters)
-
-
 class _FlashVarlen(torch.autograd.Function):
-    """The flash kernels ``varlen_attn`` calls on CUDA, called directly: the kernel takes fewer K/V heads
-    than query heads itself (no repeated K/V, whose copies and gradient sums ``varlen_attn`` needs before
-    torch 2.12), and skips the custom-op dispatch and the per-call RNG-state tensor that
-    ``varlen_attn`` adds three times a layer per step (forward, recomputed forward, backward)."""
+    """The flash kernels that ``torch.nn.attention.varlen.varlen_attn`` calls on CUDA, called directly: they
+    take fewer K/V heads than query heads themselves (``varlen_attn`` has no ``enable_gqa`` before torch 2.12,
+    so the K/V heads would be repeated for it, and their gradients summed back) and a per-segment count of
+    keys to read (``seqused_k``, which ``varlen_attn`` takes from torch 2.12 on); no custom-op dispatch or
+    RNG-state tensor per call (three calls a layer per training step: forward, recomputed forward, backward)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size):
+    def forward(ctx, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size, seqused_k):
         out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
             query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, 0.0, window_size == CAUSAL,
-            return_debug_mask=False, scale=scale, window_size_left=window_size[0], window_size_right=window_size[1])
+            return_debug_mask=False, scale=scale, window_size_left=window_size[0], window_size_right=window_size[1],
+            seqused_k=seqused_k)
         ctx.save_for_backward(query, key, value, out, lse, cu_seq_q, cu_seq_k, seed, offset)
         ctx.shape = (max_q, max_k, scale, window_size)
         return out
@@ -77,58 +64,87 @@ class _FlashVarlen(torch.autograd.Function):
             grad_out.contiguous(), query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q, max_k, 0.0,
             window_size == CAUSAL, seed, offset, scale=scale, window_size_left=window_size[0],
             window_size_right=window_size[1])
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _flash_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_q: torch.Tensor,
+                  cu_seq_k: torch.Tensor, max_q: int, max_k: int, scale: Optional[float],
+                  window_size: tuple[int, int], seqused_k: Optional[torch.Tensor]) -> torch.Tensor:
+    """The kernel :func:`flash_varlen` calls (the CPU tests put a stand-in here)."""
+    return _FlashVarlen.apply(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size, seqused_k)
 
 
 def flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_q: torch.Tensor,
                  cu_seq_k: torch.Tensor, max_q: int, max_k: int, *, scale: Optional[float] = None,
-                 window_size: tuple[int, int] = CAUSAL, enable_gqa: bool = False) -> torch.Tensor:
-    """torch's ``varlen_attn`` with the keywords of torch 2.12 on any torch that has the kernel:
-    ``query`` (tokens, heads, dim), ``key``/``value`` (tokens, kv_heads, dim). On CUDA its flash kernels
-    run directly (:class:`_FlashVarlen`); elsewhere ``varlen_attn`` runs, with the K/V heads repeated where
-    it takes no ``enable_gqa`` and a causal window spelled ``is_causal`` where it takes no window."""
-    if query.is_cuda and hasattr(torch.ops.aten, "_flash_attention_forward"):
-        return _FlashVarlen.apply(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, tuple(window_size))
-    kernel = _torch_kernel()
-    params = _parameters(kernel)
-    if enable_gqa and key.shape[1] != query.shape[1] and "enable_gqa" not in params:
-        groups = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    kwargs: dict = {"scale": scale}
-    if "enable_gqa" in params:
-        kwargs["enable_gqa"] = enable_gqa
-    if "window_size" in params:
-        kwargs["window_size"] = window_size
-    elif window_size == CAUSAL:
-        kwargs["is_causal"] = True
-    elif window_size != (-1, -1):
-        raise ValueError(f"this torch's varlen_attn takes no window {window_size}")
-    return kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, **kwargs)
+                 window_size: tuple[int, int] = CAUSAL, enable_gqa: bool = False,
+                 seqused_k: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention within segments, with torch 2.12's ``varlen_attn`` keywords: ``query`` (tokens, heads, dim)
+    and ``key``/``value`` (tokens, kv_heads, dim, the token stride may be any); segment ``i`` holds the
+    queries ``cu_seq_q[i]:cu_seq_q[i + 1]`` and the keys from ``cu_seq_k[i]`` on, up to the next segment or
+    ``seqused_k[i]`` of them; ``window_size`` ``(-1, 0)`` is causal, ``(-1, -1)`` attends to every key."""
+    if key.shape[1] != query.shape[1] and not enable_gqa:
+        raise ValueError(f"{query.shape[1]} query heads on {key.shape[1]} K/V heads need enable_gqa")
+    return _flash_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, tuple(window_size), seqused_k)
+
+
+def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_q: torch.Tensor,
+                      cu_seq_k: torch.Tensor, scale: Optional[float], window_size: tuple[int, int],
+                      seqused_k: Optional[torch.Tensor]) -> torch.Tensor:
+    """What the kernel computes, one segment at a time with SDPA (K/V heads repeated): the reference its
+    probe checks it against."""
+    import torch.nn.functional as F
+
+    out = torch.empty_like(query)
+    groups = query.shape[1] // key.shape[1]
+    for i, (q0, q1, k0, k1) in enumerate(zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist(), cu_seq_k[:-1].tolist(),
+                                             cu_seq_k[1:].tolist())):
+        if seqused_k is not None:
+            k1 = k0 + int(seqused_k[i])
+        q, k, v = (x[a:b].transpose(0, 1) for x, a, b in ((query, q0, q1), (key, k0, k1), (value, k0, k1)))
+        k, v = (x.repeat_interleave(groups, dim=0) for x in (k, v))
+        # causal with fewer queries than keys: the queries are the segment's last tokens (flash's alignment)
+        mask = None if window_size != CAUSAL else torch.ones(q1 - q0, k1 - k0, dtype=torch.bool,
+                                                             device=query.device).tril(k1 - k0 - (q1 - q0))
+        out[q0:q1] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(0, 1)
+    return out
 
 
 @functools.cache
-def _runs_on(device: torch.device) -> bool:
-    """One tiny causal bf16 call of the kernel on ``device`` (4 query heads sharing 2 K/V heads)."""
+def _runs_on(device: torch.device, decoding: bool) -> bool:
+    """A tiny bf16 call of the kernel on ``device`` (4 query heads sharing 2 K/V heads) computes what
+    :func:`segment_attention` does: causal segments of a packed row, or (``decoding``) one query per segment
+    reading only ``seqused_k`` of its keys, as decoding from a cache does."""
     try:
-        q = torch.zeros(8, 4, 64, device=device, dtype=torch.bfloat16)
-        kv = torch.zeros(8, 2, 64, device=device, dtype=torch.bfloat16)
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(8, h, 64, device=device, dtype=torch.bfloat16, generator=g) for h in (4, 2, 2))
         cu = torch.tensor([0, 3, 8], device=device, dtype=torch.int32)
-        flash_varlen(q, kv, kv, cu, cu, 5, 5, enable_gqa=True)
-        torch.cuda.synchronize(device)
+        if decoding:
+            q, cu_q, max_q, window = q[:2], torch.tensor([0, 1, 2], device=device, dtype=torch.int32), 1, (-1, -1)
+            used = cu[1:] - cu[:-1] - 1  # fewer keys than the segments hold: the rest must not count
+        else:
+            cu_q, max_q, window, used = cu, 5, CAUSAL, None
+        got = flash_varlen(q, k, v, cu_q, cu, max_q, 5, window_size=window, enable_gqa=True, seqused_k=used)
+        want = segment_attention(q.float(), k.float(), v.float(), cu_q, cu, None, window, used)
+        if not torch.allclose(got.float(), want, atol=2e-2):
+            raise RuntimeError(f"differs from SDPA by {float((got.float() - want).abs().max()):.3f}")
         return True
     except Exception as exc:  # noqa: BLE001 - any failure means: keep the mask-based path
-        log.info("varlen attention unavailable on %s: %s", device, exc)
+        log.info("varlen attention%s unavailable on %s: %s", " (decoding)" if decoding else "", device, exc)
         return False
 
 
-def varlen_available(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Whether packed batches on ``device`` in ``dtype`` can attend through the varlen kernel."""
+def varlen_available(device: torch.device, dtype: torch.dtype = torch.bfloat16, decoding: bool = False) -> bool:
+    """Whether packed batches (or, ``decoding``, steps reading each row's filled part of a cache) on
+    ``device`` in ``dtype`` can attend through the kernel."""
     device = torch.device(device)
-    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or _torch_kernel() is None:
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not hasattr(torch.ops.aten, "_flash_attention_forward"):
         return False
     if not getattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)():
         return False
-    return _runs_on(torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device()))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _runs_on(torch.device("cuda", index), decoding)
 
 
 def attention_dtype(model) -> torch.dtype:
@@ -161,8 +177,12 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                      **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: ``query`` (batch, heads, seq, dim), ``key``/``value``
-    (batch, kv_heads, seq, dim) of a packed batch whose segments ``cu_seq_lens_q`` marks over the
-    flattened batch; returns (batch, seq, heads, dim) and no attention weights."""
+    (batch, kv_heads, kv_seq, dim); returns (batch, seq, heads, dim) and no attention weights.
+
+    A packed batch: ``cu_seq_lens_q``/``cu_seq_lens_k`` mark its segments over the flattened batch, each
+    attending causally to itself. A decoding step (``seqused_k`` given): one query per row, ``key``/``value``
+    a static cache laid out token-major (:func:`token_major`, so that flattening it copies nothing), row
+    ``i``'s query attending to the ``seqused_k[i]`` slots from ``cu_seq_lens_k[i]`` on."""
     if dropout:
         raise ValueError("varlen attention of packed batches takes no attention dropout")
     batch, heads, seq, dim = query.shape
@@ -172,12 +192,26 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         query, key, value = (x.to(torch.get_autocast_dtype(device)) for x in (query, key, value))
 
     def tokens(x: torch.Tensor) -> torch.Tensor:  # (batch, h, seq, dim) -> (batch * seq, h, dim)
-        return x.transpose(1, 2).reshape(batch * seq, x.shape[1], dim)
+        return x.transpose(1, 2).reshape(-1, x.shape[1], dim)
 
+    used = kwargs.get("seqused_k")
     out = flash_varlen(tokens(query), tokens(key), tokens(value), kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"],
-                       kwargs["max_length_q"], kwargs["max_length_k"], scale=scaling, window_size=CAUSAL,
-                       enable_gqa=key.shape[1] != heads)
+                       kwargs["max_length_q"], kwargs["max_length_k"], scale=scaling,
+                       window_size=CAUSAL if used is None else (-1, -1),  # a cache holds no later key
+                       enable_gqa=key.shape[1] != heads, seqused_k=used)
     return out.reshape(batch, seq, heads, dim), None
+
+
+def token_major(cache) -> None:
+    """Lay a transformers ``StaticCache``'s keys and values out token-major in memory, (rows, slots, kv heads,
+    dim), keeping their (rows, kv heads, slots, dim) shape as a view: a decoding step then reads the cache
+    through :func:`varlen_attention` without copying it. The cache must be initialised (its contents are
+    dropped)."""
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name)
+            rows, heads, slots, dim = tensor.shape
+            setattr(layer, name, tensor.new_zeros(rows, slots, heads, dim).transpose(1, 2))
 
 
 def register() -> str:
@@ -189,8 +223,9 @@ def register() -> str:
     return NAME
 
 
-def packed_attention(model) -> ContextManager:
-    """Within: ``model`` (transformers, under peft or not) attends through :func:`varlen_attention`."""
+def varlen_implementation(model) -> ContextManager:
+    """Within: ``model`` (transformers, under peft or not) attends through :func:`varlen_attention` (a packed
+    batch's forward, or a decoding step's)."""
     return attention_implementation(model, register())
 
 

@@ -214,7 +214,7 @@ def test_packed_prefill_fills_the_cache_as_the_padded_one_does(tiny_lora, stand_
     width = len(prompts[0])
 
     def filled(packed: bool) -> StaticCache:
-        monkeypatch.setattr(decoder_module, "varlen_available", lambda device, dtype: packed)
+        monkeypatch.setattr(decoder_module, "varlen_available", lambda device, dtype, decoding=False: packed)
         cache = StaticCache(config=model.config, max_cache_len=width + 3)
         # padded: slices of 1 (11 + 0 padding tokens), 2 (6 + 6) and 2 rows (1 + 0); packed: 1 and 4 (6 + 6 + 1 + 0)
         prefill(model, cache, prompts, width, tok.pad_token_id, token_budget=14)
@@ -242,6 +242,12 @@ def test_replies_after_a_packed_prefill_equal_the_eager_engines(tiny_lora, rando
     got, stats = Generator(model, tok, backend, decoding, 3, engine=engine).generate(random_prompts, progress=False)
     assert stand_in_kernel.calls > calls  # the prefill went through the kernel
     assert got == want
-    if engine == "compiled":  # metrics.json's per-batch profile says how each batch was prefilled
+    if engine == "compiled":  # metrics.json's per-batch profile says how each batch was prefilled and decoded
         assert [b["prefill"] for b in stats.batches] == ["packed"] * 3
+        assert [b["decode"] for b in stats.batches] == ["varlen"] * 3
         assert sum(b["prompt_tokens"] for b in stats.batches) == sum(len(p) - 1 for p in random_prompts)
+        # one kernel call per layer for each batch's prefill (the batch of a 1-token prompt has none) and for
+        # each of its decoding steps
+        layers = model.config.num_hidden_layers
+        assert stand_in_kernel.calls - calls == layers * sum((b["prompt_tokens"] > 0) + b["steps"]
+                                                             for b in stats.batches)

@@ -45,28 +45,68 @@ def test_without_the_kernel_packed_batches_keep_the_mask_and_give_the_same_loss(
     assert float(through_kernel) == pytest.approx(float(with_mask), rel=1e-5)
 
 
-def test_kernel_keywords_follow_the_installed_torch(monkeypatch):
-    seen = {}
+def test_segment_reference_is_block_diagonal_causal_attention_and_reads_only_the_used_keys():
+    """The reference the kernel's probe checks against, against independent computations: one SDPA over the
+    packed row with a block-diagonal causal mask; for decoding, each row's query over only its used keys."""
+    import torch.nn.functional as F
 
-    def torch_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, is_causal=False):
-        seen.update(heads=key.shape[1], is_causal=is_causal)
-        return query
+    g = torch.Generator().manual_seed(3)
+    lengths, heads, kv_heads = [5, 1, 3], 4, 2
+    q, k, v = (torch.randn(sum(lengths), h, 8, generator=g) for h in (heads, kv_heads, kv_heads))
+    cu = torch.tensor([0, 5, 6, 9], dtype=torch.int32)
+    segment = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))
+    pos = torch.arange(sum(lengths))
+    mask = (segment[:, None] == segment[None, :]) & (pos[:, None] >= pos[None, :])
+    dense = F.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1),
+                                           v.repeat_interleave(2, 1).transpose(0, 1), attn_mask=mask)
+    got = varlen.segment_attention(q, k, v, cu, cu, None, varlen.CAUSAL, None)
+    assert torch.allclose(got, dense.transpose(0, 1), atol=1e-5)
 
-    def torch_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
-                   enable_gqa=False):
-        seen.update(heads=key.shape[1], window_size=window_size, enable_gqa=enable_gqa)
-        return query
+    used = torch.tensor([3, 1, 2], dtype=torch.int32)
+    decoded = varlen.segment_attention(q[:3], k, v, torch.arange(4, dtype=torch.int32), cu, None, (-1, -1), used)
+    for row, (start, n) in enumerate(zip(cu[:-1].tolist(), used.tolist())):
+        keys, values = (x[start:start + n].repeat_interleave(2, 1).transpose(0, 1) for x in (k, v))
+        want = F.scaled_dot_product_attention(q[row, :, None], keys, values)[:, 0]
+        assert torch.allclose(decoded[row], want, atol=1e-5)
 
+
+def test_grouped_kv_heads_need_enable_gqa(stand_in_kernel):
     q, kv, cu = torch.zeros(6, 4, 8), torch.zeros(6, 2, 8), torch.tensor([0, 2, 6], dtype=torch.int32)
-    monkeypatch.setattr(varlen, "_torch_kernel", lambda: torch_2_10)
-    varlen.flash_varlen(q, kv, kv, cu, cu, 4, 4, enable_gqa=True)
-    assert seen == {"heads": 4, "is_causal": True}
-    with pytest.raises(ValueError, match="window"):
-        varlen.flash_varlen(q, kv, kv, cu, cu, 4, 4, window_size=(3, 0), enable_gqa=True)
-    seen.clear()
-    monkeypatch.setattr(varlen, "_torch_kernel", lambda: torch_2_12)
-    varlen.flash_varlen(q, kv, kv, cu, cu, 4, 4, enable_gqa=True)
-    assert seen == {"heads": 2, "window_size": (-1, 0), "enable_gqa": True}
+    with pytest.raises(ValueError, match="enable_gqa"):
+        varlen.flash_varlen(q, kv, kv, cu, cu, 4, 4)
+    assert varlen.flash_varlen(q, kv, kv, cu, cu, 4, 4, enable_gqa=True).shape == q.shape
+
+
+@pytest.mark.parametrize("decoding", [False, True])
+def test_the_probe_refuses_a_kernel_that_computes_something_else(monkeypatch, decoding):
+    """The feature check runs the kernel on tiny inputs and compares: here on the CPU with the reference
+    as the kernel (accepted) and with one that reads every key of its segment, ignoring ``seqused_k``,
+    as a kernel without it would (refused for decoding only)."""
+    probe = varlen._runs_on.__wrapped__
+    monkeypatch.setattr(varlen, "_flash_kernel", lambda q, k, v, cq, ck, mq, mk, scale, window, used:
+                        varlen.segment_attention(q.float(), k.float(), v.float(), cq, ck, scale, window, used))
+    assert probe(torch.device("cpu"), decoding)
+    monkeypatch.setattr(varlen, "_flash_kernel", lambda q, k, v, cq, ck, mq, mk, scale, window, used:
+                        varlen.segment_attention(q.float(), k.float(), v.float(), cq, ck, scale, window, None))
+    assert probe(torch.device("cpu"), decoding) is not decoding
+
+
+def test_a_token_major_cache_keeps_its_shape_and_flattens_its_tokens_without_a_copy(tiny_lora):
+    from transformers import StaticCache
+
+    _, model, _ = tiny_lora
+    cache = StaticCache(config=model.config, max_cache_len=8)
+    cache.early_initialization(3, model.config.num_key_value_heads, 16, torch.float32, torch.device("cpu"))
+    shape = cache.layers[0].keys.shape
+    varlen.token_major(cache)
+    layer = cache.layers[0]
+    assert layer.keys.shape == shape and layer.values.shape == shape
+    new = torch.randn(3, shape[1], 2, shape[3])
+    layer.cumulative_length.fill_(4)
+    keys, _ = layer.update(new, new)  # transformers' own write into the static cache
+    assert torch.equal(keys[:, :, 4:6], new)
+    flat = keys.transpose(1, 2).reshape(-1, shape[1], shape[3])
+    assert flat.data_ptr() == keys.data_ptr() and flat._base is not None  # a view: no copy of the cache
 
 
 def test_no_varlen_off_cuda_or_in_fp32():

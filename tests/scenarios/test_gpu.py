@@ -210,6 +210,44 @@ def test_direct_flash_kernel_equals_torch_varlen_attn_with_repeated_kv_heads():
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
 
 
+def test_varlen_decoding_step_reads_only_each_rows_filled_slots_of_a_token_major_cache():
+    """One decoding step of 64 rows with 8B heads (bf16) over a token-major static cache of 1,024 slots whose
+    rows hold 1 to 1,000 tokens from different first slots, the rest garbage: equal to SDPA over each row's
+    filled slots in fp32, within SDPA-bf16's own error."""
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, StaticCache
+
+    from bengali_empathy.models.varlen import token_major, varlen_attention, varlen_available
+
+    if not varlen_available(torch.device("cuda"), torch.bfloat16, decoding=True):
+        pytest.skip("torch has no varlen attention kernel for this GPU")
+    rows, heads, kv_heads, dim, slots = 64, 32, 8, 128, 1024
+    config = LlamaConfig(num_hidden_layers=1, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         hidden_size=heads * dim)
+    cache = StaticCache(config=config, max_cache_len=slots)
+    cache.early_initialization(rows, kv_heads, dim, torch.bfloat16, torch.device("cuda"))
+    token_major(cache)
+    layer = cache.layers[0]
+    g = torch.Generator(device="cuda").manual_seed(2)
+    layer.keys.copy_(torch.randn(layer.keys.shape, device="cuda", generator=g) * 4)  # garbage where unread
+    layer.values.copy_(torch.randn(layer.values.shape, device="cuda", generator=g))
+    first = torch.randint(0, 24, (rows,), device="cuda", generator=g, dtype=torch.int32)
+    used = torch.randint(1, 1000, (rows,), device="cuda", generator=g, dtype=torch.int32)
+    cu_k = torch.arange(rows + 1, device="cuda", dtype=torch.int32) * slots
+    cu_k[:-1] += first
+    query = torch.randn(rows, heads, 1, dim, device="cuda", generator=g, dtype=torch.bfloat16)
+    out, _ = varlen_attention(None, query, layer.keys, layer.values, None, scaling=dim ** -0.5,
+                              cu_seq_lens_q=torch.arange(rows + 1, device="cuda", dtype=torch.int32),
+                              cu_seq_lens_k=cu_k, max_length_q=1, max_length_k=slots, seqused_k=used)
+    for row in range(rows):
+        a, n = int(first[row]), int(used[row])
+        k, v = (x[row, :, a:a + n].repeat_interleave(heads // kv_heads, 0) for x in (layer.keys, layer.values))
+        exact = F.scaled_dot_product_attention(query[row].float(), k.float(), v.float())
+        in_bf16 = F.scaled_dot_product_attention(query[row], k, v).float()
+        err, sdpa_err = (float((x - exact).abs().max()) for x in (out[row].transpose(0, 1).float(), in_bf16))
+        assert err <= 2 * sdpa_err + 1e-3, (row, err, sdpa_err)
+
+
 MID_ARCH = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=12, num_attention_heads=16,
                 num_key_value_heads=8)
 
