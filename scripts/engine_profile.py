@@ -126,7 +126,8 @@ def main() -> None:
                     step(filled)
                 emit({"decode_step_ms": round((synchronized_time(device) - t) / 20 * 1e3, 2), "rows": 256,
                       "attended": step.attended(filled), "cache": step.cache_len,
-                      "no_cudnn": a.no_cudnn, "row_groups": grouped})
+                      "no_cudnn": a.no_cudnn, "decode": "varlen" if step.varlen else "row groups",
+                      "row_groups": grouped})
         if a.kernels:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(3):
