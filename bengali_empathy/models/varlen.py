@@ -84,6 +84,8 @@ def flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu
     ``seqused_k[i]`` of them; ``window_size`` ``(-1, 0)`` is causal, ``(-1, -1)`` attends to every key."""
     if key.shape[1] != query.shape[1] and not enable_gqa:
         raise ValueError(f"{query.shape[1]} query heads on {key.shape[1]} K/V heads need enable_gqa")
+    if seqused_k is not None and torch.is_grad_enabled() and query.requires_grad:
+        raise ValueError("seqused_k is for decoding: the backward pass reads every key of a segment")
     return _flash_kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, tuple(window_size), seqused_k)
 
 

@@ -70,11 +70,14 @@ def test_segment_reference_is_block_diagonal_causal_attention_and_reads_only_the
         assert torch.allclose(decoded[row], want, atol=1e-5)
 
 
-def test_grouped_kv_heads_need_enable_gqa(stand_in_kernel):
+def test_grouped_kv_heads_need_enable_gqa_and_used_key_counts_no_gradients(stand_in_kernel):
     q, kv, cu = torch.zeros(6, 4, 8), torch.zeros(6, 2, 8), torch.tensor([0, 2, 6], dtype=torch.int32)
     with pytest.raises(ValueError, match="enable_gqa"):
         varlen.flash_varlen(q, kv, kv, cu, cu, 4, 4)
     assert varlen.flash_varlen(q, kv, kv, cu, cu, 4, 4, enable_gqa=True).shape == q.shape
+    used = torch.tensor([1, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match="decoding"):
+        varlen.flash_varlen(q.requires_grad_(), kv, kv, cu, cu, 4, 4, enable_gqa=True, seqused_k=used)
 
 
 @pytest.mark.parametrize("decoding", [False, True])
