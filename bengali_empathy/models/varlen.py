@@ -48,10 +48,11 @@ class _FlashVarlen(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size, seqused_k):
+        used = {} if seqused_k is None else {"seqused_k": seqused_k}  # packed rows: no keyword a torch may lack
         out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
             query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, 0.0, window_size == CAUSAL,
             return_debug_mask=False, scale=scale, window_size_left=window_size[0], window_size_right=window_size[1],
-            seqused_k=seqused_k)
+            **used)
         ctx.save_for_backward(query, key, value, out, lse, cu_seq_q, cu_seq_k, seed, offset)
         ctx.shape = (max_q, max_k, scale, window_size)
         return out

@@ -126,3 +126,17 @@ def test_unsloth_gets_the_kernel_only_where_it_found_none(monkeypatch, found):
     monkeypatch.setitem(sys.modules, "unsloth.utils", utils)
     assert varlen.patch_unsloth() is True
     assert dispatch._TORCH_VARLEN_ATTN is (found or varlen.flash_varlen)
+
+
+def test_the_direct_flash_calls_match_the_installed_torchs_operator_schemas():
+    """The CUDA kernel cannot run here; its calls of aten's flash operators can, on meta tensors: forward and
+    backward of packed rows, and a decoding call with ``seqused_k``, all with the arguments the GPU gets."""
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    q, k, v = (torch.empty(10, h, 64, **meta).requires_grad_() for h in (4, 2, 2))
+    cu = torch.empty(3, device="meta", dtype=torch.int32)
+    out = varlen._flash_kernel(q, k, v, cu, cu, 5, 5, None, varlen.CAUSAL, None)
+    out.sum().backward()
+    assert out.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+    with torch.no_grad():
+        used = torch.empty(2, device="meta", dtype=torch.int32)
+        assert varlen._flash_kernel(q[:2], k, v, cu, cu, 1, 5, None, (-1, -1), used).shape == (2, 4, 64)
