@@ -208,11 +208,11 @@ class DecodeStep:
         self.varlen = varlen_available(device, dtype, decoding=True)
         if self.varlen:
             token_major(self.cache)
-        self.first_slot = torch.zeros(rows, dtype=torch.int32, device=device)  # each row's first prompt slot
-        self.segments = {"cu_seq_lens_q": torch.arange(rows + 1, dtype=torch.int32, device=device),
-                         "cu_seq_lens_k": torch.zeros(rows + 1, dtype=torch.int32, device=device),
-                         "max_length_q": 1, "max_length_k": cache_len,
-                         "seqused_k": torch.zeros(rows, dtype=torch.int32, device=device)}
+            self.first_slot = torch.zeros(rows, dtype=torch.int32, device=device)  # each row's first prompt slot
+            self.segments = {"cu_seq_lens_q": torch.arange(rows + 1, dtype=torch.int32, device=device),
+                             "cu_seq_lens_k": torch.zeros(rows + 1, dtype=torch.int32, device=device),
+                             "max_length_q": 1, "max_length_k": cache_len,
+                             "seqused_k": torch.zeros(rows, dtype=torch.int32, device=device)}
         self.input_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.position_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.mask = torch.zeros((rows, 1, 1, cache_len), dtype=torch.bool, device=device)
@@ -239,10 +239,11 @@ class DecodeStep:
         self.mask[:, 0, 0, :width] = mask.bool()
         self.input_ids.copy_(ids[:, -1:])
         self.position_ids.copy_(mask.sum(1, keepdim=True) - 1)
-        self.first_slot.copy_(width - mask.sum(1))
-        starts = torch.arange(self.rows + 1, device=self.first_slot.device) * self.cache_len
-        starts[:-1] += self.first_slot
-        self.segments["cu_seq_lens_k"].copy_(starts)
+        if self.varlen:
+            self.first_slot.copy_(width - mask.sum(1))
+            starts = torch.arange(self.rows + 1, device=self.first_slot.device) * self.cache_len
+            starts[:-1] += self.first_slot
+            self.segments["cu_seq_lens_k"].copy_(starts)
 
     def attended(self, filled: int) -> int:
         """Cache slots a step attends to where ``filled`` slots hold tokens (a graph for each such length)."""
@@ -294,7 +295,8 @@ class DecodeStep:
         """The next-token logits (rows, vocabulary) of the tokens in ``input_ids``, written into the cache,
         where ``filled`` slots (this step's own included) hold tokens."""
         attended = self.attended(filled)
-        torch.sub(filled, self.first_slot, out=self.segments["seqused_k"])  # this step's own slot included
+        if self.varlen:
+            torch.sub(filled, self.first_slot, out=self.segments["seqused_k"])  # this step's own slot included
         if not self.graphed:
             return self._forward(attended)
         if attended not in self.graphs:

@@ -35,7 +35,7 @@ from .attention import attention_implementation
 
 log = logging.getLogger(__name__)
 
-NAME = "packed_varlen"  # the transformers attention implementation of packed batches
+NAME = "packed_varlen"  # the transformers attention implementation of packed batches and decoding steps
 CAUSAL = (-1, 0)  # window_size: every earlier key of the segment, no later one
 
 
