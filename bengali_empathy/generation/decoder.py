@@ -187,8 +187,8 @@ class RotaryTable(torch.nn.Module):
 class DecodeStep:
     """One decoding step of ``model`` for ``rows`` rows and a static cache of ``cache_len`` slots.
 
-    Its inputs are fixed tensors written in place (``input_ids``, ``position_ids``, the boolean
-    ``mask`` over the cache's slots, the varlen segments). Where the varlen kernel decodes
+    Its inputs are fixed tensors written in place (``input_ids``, ``position_ids``, and either the varlen
+    segments or a boolean ``mask`` over the cache's slots). Where the varlen kernel decodes
     (:mod:`..models.varlen`), the cache is token-major and each row's query reads only the slots from its
     first prompt token to its newest token: one graph for every step. Elsewhere a step attends to the
     cache's first slots that can hold tokens yet, rounded up to ``CACHE_BUCKET`` (a 2,048-token reply
@@ -213,9 +213,10 @@ class DecodeStep:
                              "cu_seq_lens_k": torch.zeros(rows + 1, dtype=torch.int32, device=device),
                              "max_length_q": 1, "max_length_k": cache_len,
                              "seqused_k": torch.zeros(rows, dtype=torch.int32, device=device)}
+        else:
+            self.mask = torch.zeros((rows, 1, 1, cache_len), dtype=torch.bool, device=device)
         self.input_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.position_ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
-        self.mask = torch.zeros((rows, 1, 1, cache_len), dtype=torch.bool, device=device)
         self.graphed = device.type == "cuda"
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # attended slots -> graph, logits
         self.capture_seconds = 0.0
@@ -235,8 +236,6 @@ class DecodeStep:
         """Set the inputs for a batch's first step: ``ids`` and ``mask`` (rows, width) left-padded prompts
         whose all but last tokens are in the cache; the step feeds each row's last token."""
         width = ids.shape[1]
-        self.mask.zero_()
-        self.mask[:, 0, 0, :width] = mask.bool()
         self.input_ids.copy_(ids[:, -1:])
         self.position_ids.copy_(mask.sum(1, keepdim=True) - 1)
         if self.varlen:
@@ -244,6 +243,16 @@ class DecodeStep:
             starts = torch.arange(self.rows + 1, device=self.first_slot.device) * self.cache_len
             starts[:-1] += self.first_slot
             self.segments["cu_seq_lens_k"].copy_(starts)
+        else:
+            self.mask.zero_()
+            self.mask[:, 0, 0, :width] = mask.bool()
+
+    def advance(self, chosen: torch.Tensor, slot: int) -> None:
+        """Set the inputs for the next step: ``chosen`` (one token per row) goes into cache ``slot``."""
+        self.input_ids.copy_(chosen[:, None])
+        self.position_ids.add_(1)
+        if not self.varlen:  # the varlen segments count the new slot from ``filled`` at the next call
+            self.mask[:, 0, 0, slot] = True
 
     def attended(self, filled: int) -> int:
         """Cache slots a step attends to where ``filled`` slots hold tokens (a graph for each such length)."""
@@ -367,9 +376,7 @@ class GraphDecoder:
             ended = on_step is not None and on_step(chosen)
             if ended or k + 1 == new_tokens or ((k + 1) % check_every == 0 and bool(done.all())):
                 break
-            step.input_ids.copy_(chosen[:, None])
-            step.position_ids.add_(1)
-            step.mask[:, 0, 0, width + k] = True
+            step.advance(chosen, width + k)
         capture = step.capture_seconds - captured
         self.batches.append({"rows": len(prompts), "width": width, "cache": step.cache_len, "prefill": kind,
                              "decode": "varlen" if step.varlen else "row groups",

@@ -29,6 +29,7 @@ from typing import Callable, Literal, Optional, Sequence
 import torch
 
 from .decoder import PREFILL_TOKENS, cache_slots
+from .decoding import Decoding
 from .engines import Engine, GenerationEngine, engine_for, make_engine, resolve_engine
 from ..errors import UserError
 from ..models.gpu import head_dim, synchronized_time
