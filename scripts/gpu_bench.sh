@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks on a CUDA machine, from the repository root: bash scripts/gpu_bench.sh STEP...
-#   STEP: tests | unsloth | unsloth_plain | norearm | hf | hf_plain | corpus_packed | corpus_unpacked | corpus_grouped
+#   STEP: tests (every test marked gpu) | unsloth | unsloth_plain | norearm | hf | hf_plain | corpus_packed | corpus_unpacked | corpus_grouped
 #         | corpus_packed_hf | sft
 #         | model8b | predict | predicts | compare | fitbudget | probe | profile | gguf8b | dpo8b
 # Environment:
@@ -47,7 +47,8 @@ S=${STEPS:-25}
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
-    tests) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -m gpu --durations=0 tests/scenarios/test_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} -p no:cacheprovider -rP \
+    tests) timeout ${TEST_TIMEOUT:-480} python3 -m pytest -q -m gpu --durations=0 tests/scenarios/test_gpu.py \
+             tests/scenarios/test_ddp.py ${PYTEST_K:+-k "$PYTEST_K"} -p no:cacheprovider -rP \
              -W ignore::UserWarning --tb=short >"$OUT/gpu_tests.log" 2>&1; grep -E "passed|failed|^E |^FAILED" "$OUT/gpu_tests.log" | tail -30 ;;
     unsloth) timeout 240 $B --batch-size 2 --backend unsloth --loop lightning --steps $S --warmup 5 \
              --memory-budget ${BUDGET:-none} 2>&1 | tail -1 ;;

@@ -1,12 +1,8 @@
 """Packing, first-fit groups and the collator's loss tensors and generation prompts (bengali_empathy.data.batching)."""
 import pytest
-import torch
 
-from bengali_empathy.data import DEFAULT_SYSTEM_PROMPT, Collator, pack_examples, pack_groups
+from bengali_empathy.data import Collator, pack_examples, pack_groups
 from conftest import packable_examples, packed_and_single_batches, packed_and_weighted_loss
-
-
-
 
 
 def test_collator_pads_right_for_training_and_keeps_generation_prompts_unpadded():
