@@ -234,3 +234,30 @@ def test_running_out_of_gpu_memory_is_one_error_line_with_what_to_change():
     assert str(error).startswith("out of GPU memory (Tried to allocate 2.50 GiB): lower data.batch_size")
     assert "\n" not in str(error) and "model.memory.budget_gib" in str(error)
     assert as_user_error(RuntimeError("a bug")) is None
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_lightning_command_leaves_no_process_group_up_at_exit(tmp_path, monkeypatch, fails):
+    """A DDP rank's run, ended or failed, destroys its process group (a one-rank gloo group stands in for it):
+    gloo groups left up aborted two-rank runs at exit."""
+    import torch.distributed as dist
+
+    from bengali_empathy import cli
+
+    def command(args):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        if fails:
+            raise RuntimeError("a rank's fault")
+
+    monkeypatch.setattr(cli, "lightning_cli", command)
+    try:
+        if fails:
+            with pytest.raises(RuntimeError, match="a rank's fault"):
+                cli.lightning_main([])
+        else:
+            assert cli.lightning_main([]) == 0
+        left_up = dist.is_initialized()
+    finally:
+        if dist.is_initialized():  # the next test in this process starts without one either way
+            dist.destroy_process_group()
+    assert not left_up
