@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 NAME = "packed_varlen"  # the transformers attention implementation of packed batches and decoding steps
 CAUSAL = (-1, 0)  # window_size: every earlier key of the segment, no later one
+# How logs name this path: torch's kernel here; in Unsloth, flash-attn's where that is installed.
+VARLEN_KERNEL = "a varlen flash kernel"
 
 
 class _FlashVarlen(torch.autograd.Function):

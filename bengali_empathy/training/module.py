@@ -173,9 +173,12 @@ class EmpathyLM(L.LightningModule):
     def on_fit_start(self) -> None:
         self._fit_started = time.time()
         h = self.hparams
+        facts = self.facts or getattr(self.trainer.datamodule, "facts", None)  # unconnected outside the CLI
+        packed = bool(facts and facts.batching.get("pack"))
+        if packed:
+            with self.trainer.precision_plugin.forward_context():  # the precision the steps attend in
+                self.print(f"packed rows attend through {self.backend.packed_attention(self.model)}")
         if self.memory_plan is None and h.train_batch_size:
-            facts = self.facts or getattr(self.trainer.datamodule, "facts", None)  # unconnected outside the CLI
-            packed = bool(facts and facts.batching.get("pack"))
             self.memory_plan = plan_training_memory(self.model, self.backend, self.memory.budget_gib,
                                                     h.train_batch_size, h.max_seq_length,
                                                     self.trainer.precision_plugin.forward_context, report=self.print,

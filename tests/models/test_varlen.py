@@ -112,6 +112,17 @@ def test_a_token_major_cache_keeps_its_shape_and_flattens_its_tokens_without_a_c
     assert flat.data_ptr() == keys.data_ptr() and flat._base is not None  # a view: no copy of the cache
 
 
+def test_the_packed_attention_named_is_that_of_the_precision_the_steps_attend_in(tiny_lora, monkeypatch):
+    backend, model, _ = tiny_lora
+    asked = []
+    monkeypatch.setattr(backends, "varlen_available",
+                        lambda device, dtype, decoding=False: asked.append(dtype) or dtype == torch.bfloat16)
+    assert backend.packed_attention(model) == "a block-diagonal mask (SDPA)"  # fp32 weights: the kernel takes none
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as under Lightning's bf16-mixed
+        assert backend.packed_attention(model) == varlen.VARLEN_KERNEL
+    assert asked == [torch.float32, torch.bfloat16]
+
+
 def test_no_varlen_off_cuda_or_in_fp32():
     assert not varlen.varlen_available(torch.device("cpu"))
     assert not varlen.varlen_available(torch.device("cuda", 0), torch.float32)

@@ -100,7 +100,7 @@ def _packed_against_single_losses(lm) -> tuple:
 def test_unsloth_packed_multi_turn_loss_equals_per_conversation_loss(tiny_model_path, monkeypatch):
     from unsloth.utils import attention_dispatch
 
-    from bengali_empathy.models.varlen import varlen_available
+    from bengali_empathy.models.varlen import VARLEN_KERNEL, varlen_available
     from bengali_empathy.training.module import EmpathyLM
 
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="unsloth", max_seq_length=1024)
@@ -108,7 +108,7 @@ def test_unsloth_packed_multi_turn_loss_equals_per_conversation_loss(tiny_model_
     calls = []
     if varlen_available(torch.device("cuda")):  # Unsloth's packed batches then attend through a varlen kernel
         kernel = attention_dispatch._TORCH_VARLEN_ATTN
-        assert kernel is not None
+        assert kernel is not None and lm.backend.packed_attention(lm.model) == VARLEN_KERNEL
         monkeypatch.setattr(attention_dispatch, "_TORCH_VARLEN_ATTN",
                             lambda *a, **k: calls.append(1) or kernel(*a, **k))
     packed, n_p, weighted, n = _packed_against_single_losses(lm)
@@ -126,6 +126,8 @@ def test_hf_packed_loss_through_torch_varlen_equals_per_conversation_loss(tiny_m
         pytest.skip("torch has no varlen attention kernel for this GPU")
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="hf", max_seq_length=1024)
     lm.configure_model()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert lm.backend.packed_attention(lm.model) == varlen.VARLEN_KERNEL
     calls = []
     kernel = varlen.flash_varlen
     monkeypatch.setattr(varlen, "flash_varlen", lambda *a, **k: calls.append(1) or kernel(*a, **k))

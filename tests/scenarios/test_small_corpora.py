@@ -40,6 +40,7 @@ def test_validation_every_n_steps_spans_epochs_of_a_small_corpus(tmp_path):
     corpus = _qa_csv(tmp_path / "qa.csv")
     r = run_cli(["fit", *QUICK, *SMALL, "--data.corpus_path", corpus, "--trainer.max_steps", "4"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "packed rows attend" not in r.stdout  # rows of one conversation each: no packed attention to name
     vdir = tmp_path / "lightning_logs" / "version_0"
     ea = tensorboard_events(vdir)
     assert [e.step for e in ea.Scalars("val/loss")] == [3]  # after step 4 (logged at 0-based step 3)
