@@ -308,6 +308,8 @@ class UnslothBackend(Backend):
         return model, tokenizer
 
     def packed_attention(self, model) -> str:
+        # Unsloth 2026.10 takes its varlen kernel for a row of more than one conversation length where SDPA
+        # would run flash or cuDNN attention (bf16 on an H200); other rows go through its per-length SDPA.
         return VARLEN_KERNEL if self.varlen else "Unsloth's own attention (it found no torch varlen kernel)"
 
     def arm(self, model) -> None:
