@@ -202,11 +202,11 @@ def segment_sdpa(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, win
 def stand_in_kernel(monkeypatch):
     """The varlen path on the CPU: :func:`segment_sdpa` as the kernel, available on every device."""
     from bengali_empathy.generation import decoder
-    from bengali_empathy.models import backends, varlen
+    from bengali_empathy.models import varlen
 
     segment_sdpa.calls = 0
     monkeypatch.setattr(varlen, "_flash_kernel", segment_sdpa)
-    for user in (backends, decoder):  # the modules that ask (training's loss, generation's prefill and steps)
+    for user in (varlen, decoder):  # the modules that ask (packed forwards, generation's decoding steps)
         monkeypatch.setattr(user, "varlen_available", lambda device, dtype, decoding=False: True)
     return segment_sdpa
 

@@ -32,7 +32,8 @@ import torch
 
 from ..models.gpu import head_dim, synchronized_time
 from ..models.lora import base_model
-from ..models.varlen import attention_dtype, packed_kwargs, token_major, varlen_available, varlen_implementation
+from ..models.varlen import (packed_kwargs, packed_through_kernel, token_major, varlen_available,
+                             varlen_implementation)
 
 CACHE_BUCKET = 256  # cache lengths are multiples of this: batches of one bucket replay one graph
 CHECK_EVERY = 8  # decoding steps between the host's checks whether every row has stopped
@@ -74,7 +75,7 @@ def prefill(model, cache, prompts: Sequence[Sequence[int]], width: int, pad: int
     token_budget = token_budget or PREFILL_TOKENS
     cache.reset()
     device = next(model.parameters()).device
-    packed = varlen_available(device, attention_dtype(base_model(model)))
+    packed = packed_through_kernel(model)
     prefix = width - 1
     start = 0
     lengths = [len(p) - 1 for p in prompts]

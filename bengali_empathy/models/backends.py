@@ -25,7 +25,7 @@ from ..data import IGNORE_INDEX
 from ..errors import UserError
 from .gradient_checkpointing import checkpointed_layer_count, decoder_layers, limit_checkpointing
 from .lora import LoraSettings, base_model, check_modules_trained
-from .varlen import (VARLEN_KERNEL, attention_dtype, packed_kwargs, patch_unsloth, varlen_available,
+from .varlen import (VARLEN_KERNEL, packed_kwargs, packed_through_kernel, patch_unsloth, varlen_available,
                      varlen_implementation)
 
 log = logging.getLogger(__name__)
@@ -180,10 +180,7 @@ class Backend:
     def packed_attention(self, model) -> str:
         """What packed batches attend through on ``model``'s device in the current autocast (fit's log and
         benchmark lines name it: on an H200 the varlen kernel took 2.67 ms where the mask took 7.16)."""
-        base = base_model(model)
-        if varlen_available(base.get_input_embeddings().weight.device, attention_dtype(base)):
-            return VARLEN_KERNEL
-        return "a block-diagonal mask (SDPA)"
+        return VARLEN_KERNEL if packed_through_kernel(model) else "a block-diagonal mask (SDPA)"
 
     def sequence_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row: the summed log-probability of its labelled tokens and their number (the preference
@@ -205,8 +202,7 @@ def reply_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.
     select = targets != IGNORE_INDEX
     # A packed batch attends within its conversations through the varlen kernel where it runs; elsewhere
     # transformers derives a block-diagonal mask from the position ids.
-    varlen = (batch.get("packed_seq_lengths") is not None
-              and varlen_available(batch["input_ids"].device, attention_dtype(base)))
+    varlen = batch.get("packed_seq_lengths") is not None and packed_through_kernel(base)
     with varlen_implementation(base) if varlen else contextlib.nullcontext():
         out = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                                  position_ids=batch.get("position_ids"), use_cache=False,

@@ -32,6 +32,7 @@ from typing import ContextManager, Optional
 import torch
 
 from .attention import attention_implementation
+from .lora import base_model
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +153,14 @@ def varlen_available(device: torch.device, dtype: torch.dtype = torch.bfloat16, 
     return _runs_on(torch.device("cuda", index), decoding)
 
 
-def attention_dtype(model) -> torch.dtype:
-    """The precision ``model``'s attention will run in: autocast's where it is on, else its weights'."""
-    weight = model.get_input_embeddings().weight
+def packed_through_kernel(model) -> bool:
+    """Whether ``model``'s (under peft or not) packed forwards, training's packed batches and generation's
+    prefill, attend through the kernel: on its device, in the precision its attention runs in now (autocast's
+    where it is on, else its weights')."""
+    weight = base_model(model).get_input_embeddings().weight
     device = weight.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return varlen_available(weight.device, dtype)
 
 
 def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -207,6 +207,7 @@ def test_packed_prefill_fills_the_cache_as_the_padded_one_does(tiny_lora, stand_
     from transformers import StaticCache
 
     from bengali_empathy.generation.decoder import prefill
+    from bengali_empathy.models import varlen
 
     _, model, tok = tiny_lora
     g = torch.Generator().manual_seed(9)
@@ -214,7 +215,7 @@ def test_packed_prefill_fills_the_cache_as_the_padded_one_does(tiny_lora, stand_
     width = len(prompts[0])
 
     def filled(packed: bool) -> StaticCache:
-        monkeypatch.setattr(decoder_module, "varlen_available", lambda device, dtype, decoding=False: packed)
+        monkeypatch.setattr(varlen, "varlen_available", lambda device, dtype, decoding=False: packed)
         cache = StaticCache(config=model.config, max_cache_len=width + 3)
         # padded: slices of 1 (11 + 0 padding tokens), 2 (6 + 6) and 2 rows (1 + 0); packed: 1 and 4 (6 + 6 + 1 + 0)
         prefill(model, cache, prompts, width, tok.pad_token_id, token_budget=14)

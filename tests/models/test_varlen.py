@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from bengali_empathy.models import backends, varlen
+from bengali_empathy.models import varlen
 from conftest import packable_examples, packed_and_single_batches, packed_and_weighted_loss
 
 
@@ -39,7 +39,7 @@ def test_without_the_kernel_packed_batches_keep_the_mask_and_give_the_same_loss(
     model.eval()
     with torch.no_grad():
         through_kernel, _ = backend.loss(model, packed)
-        monkeypatch.setattr(backends, "varlen_available", lambda device, dtype: False)
+        monkeypatch.setattr(varlen, "varlen_available", lambda device, dtype: False)
         with_mask, _ = backend.loss(model, packed)
     assert stand_in_kernel.calls == model.config.num_hidden_layers
     assert float(through_kernel) == pytest.approx(float(with_mask), rel=1e-5)
@@ -115,7 +115,7 @@ def test_a_token_major_cache_keeps_its_shape_and_flattens_its_tokens_without_a_c
 def test_the_packed_attention_named_is_that_of_the_precision_the_steps_attend_in(tiny_lora, monkeypatch):
     backend, model, _ = tiny_lora
     asked = []
-    monkeypatch.setattr(backends, "varlen_available",
+    monkeypatch.setattr(varlen, "varlen_available",
                         lambda device, dtype, decoding=False: asked.append(dtype) or dtype == torch.bfloat16)
     assert backend.packed_attention(model) == "a block-diagonal mask (SDPA)"  # fp32 weights: the kernel takes none
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as under Lightning's bf16-mixed
