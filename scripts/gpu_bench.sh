@@ -51,21 +51,21 @@ for step in "$@"; do
              tests/scenarios/test_ddp.py ${PYTEST_K:+-k "$PYTEST_K"} -p no:cacheprovider -rP \
              -W ignore::UserWarning --tb=short >"$OUT/gpu_tests.log" 2>&1; grep -E "passed|failed|^E |^FAILED" "$OUT/gpu_tests.log" | tail -30 ;;
     unsloth) timeout 240 $B --batch-size 2 --backend unsloth --loop lightning --steps $S --warmup 5 \
-             --memory-budget ${BUDGET:-none} 2>&1 | tail -1 ;;
-    unsloth_plain) timeout 200 $B --batch-size 2 --backend unsloth --loop plain --steps $S --warmup 5 2>&1 | tail -1 ;;
-    norearm) timeout 200 $B --batch-size 2 --backend unsloth --loop lightning --steps 10 --warmup 3 --no-rearm 2>&1 | tail -1 ;;
-    hf) timeout 300 $B --batch-size 2 --backend hf --loop lightning --steps 8 --warmup 2 2>&1 | tail -1 ;;
-    hf_plain) timeout 300 $B --batch-size 2 --backend hf --loop plain --steps 8 --warmup 2 2>&1 | tail -1 ;;
+             --memory-budget ${BUDGET:-none} 2>&1 | tee -a "$OUT/$step.log" | tail -1 ;;
+    unsloth_plain) timeout 200 $B --batch-size 2 --backend unsloth --loop plain --steps $S --warmup 5 2>&1 | tee -a "$OUT/$step.log" | tail -1 ;;
+    norearm) timeout 200 $B --batch-size 2 --backend unsloth --loop lightning --steps 10 --warmup 3 --no-rearm 2>&1 | tee -a "$OUT/$step.log" | tail -1 ;;
+    hf) timeout 300 $B --batch-size 2 --backend hf --loop lightning --steps 8 --warmup 2 2>&1 | tee -a "$OUT/$step.log" | tail -1 ;;
+    hf_plain) timeout 300 $B --batch-size 2 --backend hf --loop plain --steps 8 --warmup 2 2>&1 | tee -a "$OUT/$step.log" | tail -1 ;;
     corpus_packed) timeout 300 $B --batch-size ${PACKED_BS:-2} --backend unsloth --loop lightning --steps $S --warmup 5 \
-             --corpus "$CORPUS" --pack --memory-budget ${BUDGET:-none} 2>&1 | tail -1 ;;
+             --corpus "$CORPUS" --pack --memory-budget ${BUDGET:-none} 2>&1 | tee -a "$OUT/$step.log" | tail -1 ;;
     corpus_packed_hf) timeout 300 $B --batch-size ${PACKED_BS:-2} --backend hf --loop lightning --steps $S --warmup 5 \
-             --corpus "$CORPUS" --pack --memory-budget ${BUDGET:-none} 2>&1 | tail -1 ;;
+             --corpus "$CORPUS" --pack --memory-budget ${BUDGET:-none} 2>&1 | tee -a "$OUT/$step.log" | tail -1 ;;
     sft) timeout 300 python3 "$SFT_PROBE" /tmp/llama8b "$CORPUS" --bs ${SFT_BS:-8} --steps $S --warmup 5 \
              2>"$OUT/sft.err" | tail -1 | tee -a "$OUT/bench.jsonl" ;;
     corpus_unpacked) timeout 300 $B --batch-size ${UNPACKED_BS:-8} --backend unsloth --loop lightning --steps $S \
-             --warmup 5 --corpus "$CORPUS" 2>&1 | tail -1 ;;
+             --warmup 5 --corpus "$CORPUS" 2>&1 | tee -a "$OUT/$step.log" | tail -1 ;;
     corpus_grouped) timeout 300 $B --batch-size ${UNPACKED_BS:-8} --backend unsloth --loop lightning --steps $S \
-             --warmup 5 --corpus "$CORPUS" --group-by-length --memory-budget ${BUDGET:-none} 2>&1 | tail -1 ;;
+             --warmup 5 --corpus "$CORPUS" --group-by-length --memory-budget ${BUDGET:-none} 2>&1 | tee -a "$OUT/$step.log" | tail -1 ;;
     compare) timeout ${COMPARE_TIMEOUT:-540} $B --batch-size 2 --steps $S --warmup 5 \
              --compare ${BUDGETS:-none,7,14,22,auto} 2>"$OUT/compare.err" | tee "$OUT/compare.out" ;;
     fitbudget) for b in ${FIT_BUDGETS:-14}; do

@@ -7,7 +7,7 @@ shape) and saves the recompute. Given a budget, :func:`plan_checkpointing` measu
 a short probe of training steps on the worst-case batch (``batch_size`` rows of
 ``max_seq_length`` tokens, every token trained):
 
-1. peak memory with every layer checkpointed: the minimum, an error when it is over budget;
+1. peak memory with every layer checkpointed: the minimum, an error when it is over ``PLAN_SHARE`` of the budget;
 2. a bisection on the number of layers left unflagged (the last ones), one measured step
    each (six for 32 layers), for the most whose peak fits ``PLAN_SHARE`` of the budget.
    A probe over what the card holds counts as not fitting.
@@ -195,9 +195,10 @@ def cap_reserved_memory(budget_gib: Optional[float], device: torch.device) -> No
     on that report."""
     if device.type != "cuda":
         return
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = torch.cuda.current_device() if device.index is None else device.index  # the call takes no bare "cuda"
+    total = torch.cuda.get_device_properties(index).total_memory
     fraction = 1.0 if budget_gib is None else min(1.0, budget_gib * GIB / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
 
 
 def below_minimum(budget_gib: float, minimum_gib: float, what: str) -> UserError:
@@ -237,9 +238,13 @@ def plan_checkpointing(model, arm: Callable[[], None], train_step: Callable[[], 
     if math.isinf(minimum):
         raise UserError(f"training at batch {batch_size} x {seq_len} tokens runs out of GPU memory even with every "
                         f"layer checkpointed; give a smaller batch or max_seq_length")
-    if minimum > budget_gib:
-        raise below_minimum(budget_gib, minimum,
-                            f"training needs at batch {batch_size} x {seq_len} tokens with every layer checkpointed")
+    # The minimum must fit the planning share too: a real step adds the optimizer's state and batches of other
+    # shapes to the probe's peak, and a probe at 7.69 GiB under a 7.7 GiB budget ran out of memory in training.
+    if minimum > PLAN_SHARE * budget_gib:
+        raise below_minimum(budget_gib, minimum / PLAN_SHARE,
+                            f"training needs at batch {batch_size} x {seq_len} tokens with every layer checkpointed "
+                            f"(the probe peaked at {minimum:.2f} GiB; a plan keeps {1 - PLAN_SHARE:.0%} of the budget for the "
+                            f"optimizer and other batch shapes)")
     fits, over = 0, layers + 1
     while over - fits > 1:
         mid = (fits + over) // 2

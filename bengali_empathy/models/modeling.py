@@ -52,6 +52,7 @@ def write_random_model(target: str | os.PathLike, arch: dict | None = None, seed
                        device: str = "cpu", **overrides) -> Path:
     """Random-initialise a Llama-3.1-style model and save it (with the tokenizer) to ``target``."""
     import torch
+    from safetensors.torch import save_model
     from transformers import LlamaForCausalLM
 
     target = Path(target)
@@ -68,7 +69,12 @@ def write_random_model(target: str | os.PathLike, arch: dict | None = None, seed
     model.generation_config.do_sample = False
     try:
         with atomic_directory(target, replace=False) as tmp:
-            model.save_pretrained(str(tmp), safe_serialization=True)
+            # Not model.save_pretrained: once torch.distributed is initialised it writes nothing on a rank other
+            # than 0, and a DDP fit's second rank that built the tiny model first published it without weights.
+            model.config.architectures = [type(model).__name__]  # as save_pretrained records it
+            model.config.save_pretrained(str(tmp))
+            model.generation_config.save_pretrained(str(tmp))
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             load_tokenizer(None).save_pretrained(str(tmp))
     except FileExistsError:
         pass  # another process wrote it first, from the same seed

@@ -333,9 +333,11 @@ def _random_packed_batch(rows: int, seq_len: int, g: torch.Generator) -> dict:
 @needs_unsloth
 def test_a_budget_planned_on_packed_rows_holds_for_packed_corpus_batches(mid_model_path):
     """The memory plan of a packed fit probes packed rows; real packed batches of other conversation lengths,
-    four rows flattened into one, then train within the budget (no out-of-memory traceback mid-fit)."""
+    four rows flattened into one, then train within the budget (no out-of-memory traceback mid-fit), and a
+    budget that the probe's minimum only just fits is one error before training."""
     import gc
 
+    from bengali_empathy.errors import UserError
     from bengali_empathy.generation.decoding import Decoding
     from bengali_empathy.models.memory import GIB, MemorySettings, cap_reserved_memory, plan_training_memory
     from bengali_empathy.training.module import EmpathyLM
@@ -345,6 +347,8 @@ def test_a_budget_planned_on_packed_rows_holds_for_packed_corpus_batches(mid_mod
     lm.configure_model()
     roomy = plan_training_memory(lm.model, lm.backend, lm.memory.budget_gib, 4, 2048, packed=True)
     assert roomy.packed and roomy.checkpointed_layers == 0
+    with pytest.raises(UserError, match="is below the .* GiB training needs at batch 4 x 2048 tokens"):
+        plan_training_memory(lm.model, lm.backend, 1.01 * roomy.minimum_gib, 4, 2048, packed=True)
     budget = roomy.minimum_gib + 0.5 * (roomy.probe_peak_gib - roomy.minimum_gib)
     plan = plan_training_memory(lm.model, lm.backend, budget, 4, 2048, packed=True)
     assert 0 < plan.checkpointed_layers < plan.layers, plan
