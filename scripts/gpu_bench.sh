@@ -47,9 +47,11 @@ S=${STEPS:-25}
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
-    tests) timeout ${TEST_TIMEOUT:-480} python3 -m pytest -q -m gpu --durations=0 tests/scenarios/test_gpu.py \
+    tests) # -v: each test's outcome is in the log as it ends, so a run cut short by the timeout still says which passed
+           timeout ${TEST_TIMEOUT:-480} python3 -m pytest -v -m gpu --durations=0 tests/scenarios/test_gpu.py \
              tests/scenarios/test_ddp.py ${PYTEST_K:+-k "$PYTEST_K"} -p no:cacheprovider -rP \
-             -W ignore::UserWarning --tb=short >"$OUT/gpu_tests.log" 2>&1; grep -E "passed|failed|^E |^FAILED" "$OUT/gpu_tests.log" | tail -30 ;;
+             -W ignore::UserWarning --tb=short >"$OUT/gpu_tests.log" 2>&1
+           grep -E "PASSED|FAILED|passed|failed|^E " "$OUT/gpu_tests.log" | tail -40 ;;
     unsloth) timeout 240 $B --batch-size 2 --backend unsloth --loop lightning --steps $S --warmup 5 \
              --memory-budget ${BUDGET:-none} 2>&1 | tee -a "$OUT/$step.log" | tail -1 ;;
     unsloth_plain) timeout 200 $B --batch-size 2 --backend unsloth --loop plain --steps $S --warmup 5 2>&1 | tee -a "$OUT/$step.log" | tail -1 ;;
