@@ -44,6 +44,8 @@ CORPUS=${CORPUS:-.gpu_data/conversations.jsonl}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 B="python3 -m bengali_empathy benchmark --arch llama-3.1-8b --seq-len 2048 --json $OUT/bench.jsonl"
 S=${STEPS:-25}
+# bench SECONDS ARGS...: one benchmark run; its whole output goes to $OUT/STEP.log, its result line to stdout
+bench() { timeout "$1" $B "${@:2}" 2>&1 | tee -a "$OUT/$step.log" | tail -1; }
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
@@ -52,22 +54,22 @@ for step in "$@"; do
              tests/scenarios/test_ddp.py ${PYTEST_K:+-k "$PYTEST_K"} -p no:cacheprovider -rP \
              -W ignore::UserWarning --tb=short >"$OUT/gpu_tests.log" 2>&1
            grep -E "PASSED|FAILED|passed|failed|^E " "$OUT/gpu_tests.log" | tail -40 ;;
-    unsloth) timeout 240 $B --batch-size 2 --backend unsloth --loop lightning --steps $S --warmup 5 \
-             --memory-budget ${BUDGET:-none} 2>&1 | tee -a "$OUT/$step.log" | tail -1 ;;
-    unsloth_plain) timeout 200 $B --batch-size 2 --backend unsloth --loop plain --steps $S --warmup 5 2>&1 | tee -a "$OUT/$step.log" | tail -1 ;;
-    norearm) timeout 200 $B --batch-size 2 --backend unsloth --loop lightning --steps 10 --warmup 3 --no-rearm 2>&1 | tee -a "$OUT/$step.log" | tail -1 ;;
-    hf) timeout 300 $B --batch-size 2 --backend hf --loop lightning --steps 8 --warmup 2 2>&1 | tee -a "$OUT/$step.log" | tail -1 ;;
-    hf_plain) timeout 300 $B --batch-size 2 --backend hf --loop plain --steps 8 --warmup 2 2>&1 | tee -a "$OUT/$step.log" | tail -1 ;;
-    corpus_packed) timeout 300 $B --batch-size ${PACKED_BS:-2} --backend unsloth --loop lightning --steps $S --warmup 5 \
-             --corpus "$CORPUS" --pack --memory-budget ${BUDGET:-none} 2>&1 | tee -a "$OUT/$step.log" | tail -1 ;;
-    corpus_packed_hf) timeout 300 $B --batch-size ${PACKED_BS:-2} --backend hf --loop lightning --steps $S --warmup 5 \
-             --corpus "$CORPUS" --pack --memory-budget ${BUDGET:-none} 2>&1 | tee -a "$OUT/$step.log" | tail -1 ;;
+    unsloth) bench 240 --batch-size 2 --backend unsloth --loop lightning --steps $S --warmup 5 \
+             --memory-budget ${BUDGET:-none} ;;
+    unsloth_plain) bench 200 --batch-size 2 --backend unsloth --loop plain --steps $S --warmup 5 ;;
+    norearm) bench 200 --batch-size 2 --backend unsloth --loop lightning --steps 10 --warmup 3 --no-rearm ;;
+    hf) bench 300 --batch-size 2 --backend hf --loop lightning --steps 8 --warmup 2 ;;
+    hf_plain) bench 300 --batch-size 2 --backend hf --loop plain --steps 8 --warmup 2 ;;
+    corpus_packed) bench 300 --batch-size ${PACKED_BS:-2} --backend unsloth --loop lightning --steps $S --warmup 5 \
+             --corpus "$CORPUS" --pack --memory-budget ${BUDGET:-none} ;;
+    corpus_packed_hf) bench 300 --batch-size ${PACKED_BS:-2} --backend hf --loop lightning --steps $S --warmup 5 \
+             --corpus "$CORPUS" --pack --memory-budget ${BUDGET:-none} ;;
     sft) timeout 300 python3 "$SFT_PROBE" /tmp/llama8b "$CORPUS" --bs ${SFT_BS:-8} --steps $S --warmup 5 \
              2>"$OUT/sft.err" | tail -1 | tee -a "$OUT/bench.jsonl" ;;
-    corpus_unpacked) timeout 300 $B --batch-size ${UNPACKED_BS:-8} --backend unsloth --loop lightning --steps $S \
-             --warmup 5 --corpus "$CORPUS" 2>&1 | tee -a "$OUT/$step.log" | tail -1 ;;
-    corpus_grouped) timeout 300 $B --batch-size ${UNPACKED_BS:-8} --backend unsloth --loop lightning --steps $S \
-             --warmup 5 --corpus "$CORPUS" --group-by-length --memory-budget ${BUDGET:-none} 2>&1 | tee -a "$OUT/$step.log" | tail -1 ;;
+    corpus_unpacked) bench 300 --batch-size ${UNPACKED_BS:-8} --backend unsloth --loop lightning --steps $S \
+             --warmup 5 --corpus "$CORPUS" ;;
+    corpus_grouped) bench 300 --batch-size ${UNPACKED_BS:-8} --backend unsloth --loop lightning --steps $S \
+             --warmup 5 --corpus "$CORPUS" --group-by-length --memory-budget ${BUDGET:-none} ;;
     compare) timeout ${COMPARE_TIMEOUT:-540} $B --batch-size 2 --steps $S --warmup 5 \
              --compare ${BUDGETS:-none,7,14,22,auto} 2>"$OUT/compare.err" | tee "$OUT/compare.out" ;;
     fitbudget) for b in ${FIT_BUDGETS:-14}; do

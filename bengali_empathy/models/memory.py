@@ -243,8 +243,8 @@ def plan_checkpointing(model, arm: Callable[[], None], train_step: Callable[[], 
     if minimum > PLAN_SHARE * budget_gib:
         raise below_minimum(budget_gib, minimum / PLAN_SHARE,
                             f"training needs at batch {batch_size} x {seq_len} tokens with every layer checkpointed "
-                            f"(the probe peaked at {minimum:.2f} GiB; a plan keeps {1 - PLAN_SHARE:.0%} of the budget for the "
-                            f"optimizer and other batch shapes)")
+                            f"(the probe peaked at {minimum:.2f} GiB; a plan keeps {1 - PLAN_SHARE:.0%} of the budget "
+                            f"for the optimizer and other batch shapes)")
     fits, over = 0, layers + 1
     while over - fits > 1:
         mid = (fits + over) // 2
