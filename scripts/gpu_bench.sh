@@ -15,7 +15,7 @@
 # steps that take /tmp/llama8b need it first.
 # sft: Unsloth's own TRL SFTTrainer (padding-free, batch $SFT_BS, default 8) on $CORPUS and /tmp/llama8b through
 # $SFT_PROBE, a script taking MODEL_DIR CORPUS --bs --steps --warmup that prints one JSON line.
-# unsloth, corpus_*: $BUDGET (default none) is the memory budget, e.g. the sft step's peak.
+# unsloth, hf, corpus_*: $BUDGET (default none) is the memory budget, e.g. the sft step's peak.
 # compare: Unsloth's TRL SFTTrainer and this package at each memory budget of $BUDGETS, one table.
 # fitbudget: `fit` of the 8B config on $CORPUS for 30 steps at each budget of $FIT_BUDGETS: the plan line,
 # tokens/s and the peak against the budget.
@@ -58,7 +58,7 @@ for step in "$@"; do
              --memory-budget ${BUDGET:-none} ;;
     unsloth_plain) bench 200 --batch-size 2 --backend unsloth --loop plain --steps $S --warmup 5 ;;
     norearm) bench 200 --batch-size 2 --backend unsloth --loop lightning --steps 10 --warmup 3 --no-rearm ;;
-    hf) bench 300 --batch-size 2 --backend hf --loop lightning --steps 8 --warmup 2 ;;
+    hf) bench 300 --batch-size 2 --backend hf --loop lightning --steps 8 --warmup 2 --memory-budget ${BUDGET:-none} ;;
     hf_plain) bench 300 --batch-size 2 --backend hf --loop plain --steps 8 --warmup 2 ;;
     corpus_packed) bench 300 --batch-size ${PACKED_BS:-2} --backend unsloth --loop lightning --steps $S --warmup 5 \
              --corpus "$CORPUS" --pack --memory-budget ${BUDGET:-none} ;;

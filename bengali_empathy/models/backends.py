@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..data import IGNORE_INDEX
 from ..errors import UserError
+from .attention import recomputed_as_attended
 from .gradient_checkpointing import checkpointed_layer_count, decoder_layers, limit_checkpointing
 from .lora import LoraSettings, base_model, check_modules_trained
 from .varlen import (VARLEN_KERNEL, packed_kwargs, packed_through_kernel, patch_unsloth, varlen_available,
@@ -247,7 +248,7 @@ class HFPeftBackend(Backend):
             warnings.warn(f"load_in_4bit ignored ({why}): loading {model_path.name} in {dtype}", stacklevel=2)
         model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
         model.config.use_cache = False
-        gc_kwargs = {"use_reentrant": False}
+        gc_kwargs = {"use_reentrant": False, "context_fn": recomputed_as_attended(model)}
         if self.quantized:
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=self.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs

@@ -32,6 +32,34 @@ def test_hf_packed_loss_through_the_varlen_path_equals_per_conversation_loss(tin
     assert model.config._attn_implementation != varlen.NAME  # restored after the call
 
 
+def test_checkpointed_layers_recompute_a_packed_batch_through_the_kernel_and_give_the_same_gradients(
+        tiny_model_path, stand_in_kernel):
+    """The backward pass recomputes a checkpointed layer after the forward's switch to the kernel is undone:
+    the recomputation must attend through the kernel too (through SDPA, torch found a different number of
+    saved tensors on an H100 and stopped), and the gradients equal those of the layers kept whole."""
+    from bengali_empathy.models.backends import HFPeftBackend, LoraSettings
+    from bengali_empathy.models.gradient_checkpointing import limit_checkpointing
+
+    backend = HFPeftBackend(load_in_4bit=False, gradient_checkpointing=True)
+    model, tok = backend.load(tiny_model_path, 768, LoraSettings(), None)
+    packed, _ = packed_and_single_batches(tok, packable_examples(tok))
+    layers = model.config.num_hidden_layers
+
+    def gradients(checkpointed: int) -> dict:
+        backend.arm(model)
+        limit_checkpointing(model, checkpointed)
+        model.zero_grad(set_to_none=True)
+        stand_in_kernel.calls = 0
+        backend.loss(model, packed)[0].backward()
+        assert stand_in_kernel.calls == layers + checkpointed  # each recomputation through the kernel as well
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    whole, recomputed = gradients(0), gradients(layers)
+    assert whole.keys() == recomputed.keys() and any(g.abs().sum() > 0 for g in whole.values())
+    for name, grad in whole.items():
+        assert torch.allclose(recomputed[name], grad, atol=1e-6), name
+
+
 def test_without_the_kernel_packed_batches_keep_the_mask_and_give_the_same_loss(tiny_lora, stand_in_kernel,
                                                                                   monkeypatch):
     backend, model, tok = tiny_lora
