@@ -14,7 +14,9 @@ timed run, model weights included. ``--arch llama-3.1-8b`` writes a random-weigh
 Llama-3.1-8B checkpoint (bf16) to the cache once.
 
 ``--compare 7,14,22,auto`` runs TRL's path and this package at each budget, each in
-its own process, and prints one table.
+its own process, and prints one table. ``--profile FILE`` runs :data:`PROFILED_STEPS` more
+steps after the timed ones under torch's profiler (which would slow the timed steps) and
+writes the operators that took their time, device time first, as a table to FILE.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+PROFILED_STEPS = 3  # steps after the timed ones that --profile records
 
 
 def random_batches(n: int, batch_size: int, seq_len: int, seed: int = 0, prompt_len: int = 16):
@@ -125,14 +129,16 @@ def run(args) -> dict:
     if not lm.backend.quantized:
         lm.to(device)
     total_steps = args.warmup + args.steps
+    profiled = PROFILED_STEPS if args.profile else 0
     if args.corpus:
         from ..models.modeling import TINY_MODEL
 
-        batches, val_batches = corpus_batches(args.corpus, total_steps, args.batch_size, args.seq_len, args.pack,
-                                              args.group_by_length, None if path == TINY_MODEL else path)
+        batches, val_batches = corpus_batches(args.corpus, total_steps + profiled, args.batch_size, args.seq_len,
+                                              args.pack, args.group_by_length, None if path == TINY_MODEL else path)
     else:
-        batches = random_batches(total_steps, args.batch_size, args.seq_len)
+        batches = random_batches(total_steps + profiled, args.batch_size, args.seq_len)
         val_batches = batches[:1]
+    profiler = StepProfiler(args.profile, cuda) if args.profile else None
     # Planned here, before any Trainer: the plain loop has none, and under one fit keeps this plan.
     lm.memory_plan = plan_training_memory(lm.model, lm.backend, lm.memory.budget_gib, args.batch_size,
                                           args.seq_len, report=lambda line: print(line, file=sys.stderr),
@@ -168,17 +174,27 @@ def run(args) -> dict:
                 if cuda:
                     torch.cuda.synchronize()
                 times["t0"] = time.perf_counter()
+            if i == total_steps:
+                if cuda:
+                    torch.cuda.synchronize()
+                times["t1"] = time.perf_counter()
+                result["final_loss"] = round(float(loss.detach()), 4)
+                profiler.start()
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with precision_ctx():
                 loss, _ = lm(batch)
             loss.backward()
-            gc_seen.append(lm.backend.checkpointing_as_planned(lm.model))
+            if i < total_steps:
+                gc_seen.append(lm.backend.checkpointing_as_planned(lm.model))
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        times["t1"] = time.perf_counter()
-        result["final_loss"] = round(float(loss.detach()), 4)
+        if profiler:
+            profiler.stop()
+        else:
+            if cuda:
+                torch.cuda.synchronize()
+            times["t1"] = time.perf_counter()
+            result["final_loss"] = round(float(loss.detach()), 4)
     else:
         import lightning as L
         from torch.utils.data import DataLoader
@@ -189,14 +205,19 @@ def run(args) -> dict:
                     if cuda:
                         torch.cuda.synchronize()
                     times["t0"] = time.perf_counter()
+                if batch_idx == total_steps:
+                    profiler.start()
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                gc_seen.append(lm.backend.checkpointing_as_planned(lm.model))
+                if batch_idx < total_steps:
+                    gc_seen.append(lm.backend.checkpointing_as_planned(lm.model))
                 if batch_idx == total_steps - 1:
                     if cuda:
                         torch.cuda.synchronize()
                     times["t1"] = time.perf_counter()
                     result["final_loss"] = round(float(outputs["loss"]), 4)
+                if batch_idx == total_steps + profiled - 1 and profiler:
+                    profiler.stop()
 
         def loader(bs):
             return DataLoader(bs, batch_size=None)
@@ -207,7 +228,7 @@ def run(args) -> dict:
         trainer = L.Trainer(
             default_root_dir=root.name,
             accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
-            max_steps=total_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            max_steps=total_steps + profiled, logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, num_sanity_val_steps=1 if args.sanity_val else 0,
             limit_val_batches=1, val_check_interval=None, check_val_every_n_epoch=1000, callbacks=[Timer()],
         )
@@ -216,17 +237,42 @@ def run(args) -> dict:
     if "t1" not in times:
         raise SystemExit("benchmark did not complete its timed steps")
     dt = times["t1"] - times["t0"]
+    timed = batches[args.warmup:total_steps]
     # Non-padding tokens: a padded or partly filled packed row counts only what it holds.
-    result["tokens_per_sec"] = round(sum(int(b["n_tokens"]) for b in batches[args.warmup:]) / dt, 1)
-    result["fill"] = round(sum(int(b["n_tokens"]) for b in batches[args.warmup:])
-                           / sum(b["input_ids"].numel() for b in batches[args.warmup:]), 3)
+    result["tokens_per_sec"] = round(sum(int(b["n_tokens"]) for b in timed) / dt, 1)
+    result["fill"] = round(sum(int(b["n_tokens"]) for b in timed) / sum(b["input_ids"].numel() for b in timed), 3)
     result["step_s"] = round(dt / args.steps, 4)
     # Every timed step trained with the planned split (all layers checkpointed without a budget).
     result["checkpointing_as_planned"] = bool(gc_seen) and all(gc_seen[args.warmup:])
     if cuda:
         result["peak_mem_allocated_gib"] = _gib(torch.cuda.max_memory_allocated())
         result["peak_mem_reserved_gib"] = _gib(torch.cuda.max_memory_reserved())
+    if profiler:
+        result["profile"] = args.profile
     return result
+
+
+class StepProfiler:
+    """torch's profiler over the steps between :meth:`start` and :meth:`stop`; ``stop`` writes the operators
+    that took the time to ``path``, most device time first (CPU time without a GPU)."""
+
+    def __init__(self, path: str, cuda: bool) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self.path, self.cuda = Path(path), cuda
+        self.profile = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+
+    def start(self) -> None:
+        self.profile.__enter__()
+
+    def stop(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.profile.__exit__(None, None, None)
+        key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(f"{PROFILED_STEPS} training steps after the timed ones, sorted by {key}\n"
+                             + self.profile.key_averages().table(sort_by=key, row_limit=40), encoding="utf-8")
 
 
 def run_trl(args) -> dict:
@@ -379,7 +425,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--group-by-length", action="store_true",
                    help="with --corpus and no --pack: batch conversations of similar length together")
     p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    p.add_argument("--profile", default=None,
+                   help=f"write to this file the operators that took the time of {PROFILED_STEPS} steps run "
+                        "after the timed ones under torch's profiler")
     args = p.parse_args(argv)
+    if args.profile and (args.compare or args.loop == "trl"):
+        from ..errors import UserError
+
+        raise UserError("--profile records this package's own steps: not with --compare or --loop trl")
     results = compare(args) if args.compare else [run(args)]
     for result in results:
         line = json.dumps(result, ensure_ascii=False)
