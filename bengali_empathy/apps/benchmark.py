@@ -160,6 +160,15 @@ def run(args) -> dict:
     }
     times: dict = {}
     gc_seen: list = []
+
+    def end_of_timed_steps(loss: torch.Tensor) -> None:
+        """The clock, the last loss and the peak memory, at the end of the timed steps (a profile runs after)."""
+        if cuda:
+            torch.cuda.synchronize()
+            result["peak_mem_allocated_gib"] = _gib(torch.cuda.max_memory_allocated())
+            result["peak_mem_reserved_gib"] = _gib(torch.cuda.max_memory_reserved())
+        times["t1"] = time.perf_counter()
+        result["final_loss"] = round(float(loss.detach()), 4)
     # The precision the steps run in: Lightning's bf16-mixed on CUDA, which the plain loop enters itself.
     precision_ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     if args.corpus and args.pack:  # the timed path: the kernel against the mask differs several-fold
@@ -175,10 +184,7 @@ def run(args) -> dict:
                     torch.cuda.synchronize()
                 times["t0"] = time.perf_counter()
             if i == total_steps:
-                if cuda:
-                    torch.cuda.synchronize()
-                times["t1"] = time.perf_counter()
-                result["final_loss"] = round(float(loss.detach()), 4)
+                end_of_timed_steps(loss)
                 profiler.start()
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with precision_ctx():
@@ -191,10 +197,7 @@ def run(args) -> dict:
         if profiler:
             profiler.stop()
         else:
-            if cuda:
-                torch.cuda.synchronize()
-            times["t1"] = time.perf_counter()
-            result["final_loss"] = round(float(loss.detach()), 4)
+            end_of_timed_steps(loss)
     else:
         import lightning as L
         from torch.utils.data import DataLoader
@@ -212,10 +215,7 @@ def run(args) -> dict:
                 if batch_idx < total_steps:
                     gc_seen.append(lm.backend.checkpointing_as_planned(lm.model))
                 if batch_idx == total_steps - 1:
-                    if cuda:
-                        torch.cuda.synchronize()
-                    times["t1"] = time.perf_counter()
-                    result["final_loss"] = round(float(outputs["loss"]), 4)
+                    end_of_timed_steps(outputs["loss"])
                 if batch_idx == total_steps + profiled - 1 and profiler:
                     profiler.stop()
 
@@ -244,9 +244,6 @@ def run(args) -> dict:
     result["step_s"] = round(dt / args.steps, 4)
     # Every timed step trained with the planned split (all layers checkpointed without a budget).
     result["checkpointing_as_planned"] = bool(gc_seen) and all(gc_seen[args.warmup:])
-    if cuda:
-        result["peak_mem_allocated_gib"] = _gib(torch.cuda.max_memory_allocated())
-        result["peak_mem_reserved_gib"] = _gib(torch.cuda.max_memory_reserved())
     if profiler:
         result["profile"] = args.profile
     return result
