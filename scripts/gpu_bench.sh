@@ -16,7 +16,8 @@
 # sft: Unsloth's own TRL SFTTrainer (padding-free, batch $SFT_BS, default 8) on $CORPUS and /tmp/llama8b through
 # $SFT_PROBE, a script taking MODEL_DIR CORPUS --bs --steps --warmup that prints one JSON line.
 # unsloth, hf, corpus_*: $BUDGET (default none) is the memory budget, e.g. the sft step's peak; PROFILE=1: each
-# writes the operators that took the time of 3 more steps to $OUT/STEP.profile.txt (benchmark --profile).
+# writes the operators that took the time of the steps after the timed ones to $OUT/STEP.profile.txt
+# (benchmark --profile).
 # compare: Unsloth's TRL SFTTrainer and this package at each memory budget of $BUDGETS, one table.
 # fitbudget: `fit` of the 8B config on $CORPUS for 30 steps at each budget of $FIT_BUDGETS: the plan line,
 # tokens/s and the peak against the budget.
@@ -46,7 +47,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 B="python3 -m bengali_empathy benchmark --arch llama-3.1-8b --seq-len 2048 --json $OUT/bench.jsonl"
 S=${STEPS:-25}
 # bench SECONDS ARGS...: one benchmark run; its whole output goes to $OUT/STEP.log, its result line to stdout;
-# with PROFILE=1 the operators of 3 steps after the timed ones go to $OUT/STEP.profile.txt
+# with PROFILE=1 the operators of the steps after the timed ones go to $OUT/STEP.profile.txt
 bench() { timeout "$1" $B "${@:2}" ${PROFILE:+--profile "$OUT/$step.profile.txt"} 2>&1 | tee -a "$OUT/$step.log" \
   | tail -1; }
 for step in "$@"; do

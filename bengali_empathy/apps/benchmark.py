@@ -161,6 +161,11 @@ def run(args) -> dict:
     times: dict = {}
     gc_seen: list = []
 
+    def start_of_timed_steps() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+        times["t0"] = time.perf_counter()
+
     def end_of_timed_steps(loss: torch.Tensor) -> None:
         """The clock, the last loss and the peak memory, at the end of the timed steps (a profile runs after)."""
         if cuda:
@@ -178,26 +183,27 @@ def run(args) -> dict:
     if args.loop == "plain":
         lm.backend.for_training(lm.model)
         opt = lm.configure_optimizers()["optimizer"]
-        for i, batch in enumerate(batches):
-            if i == args.warmup:
-                if cuda:
-                    torch.cuda.synchronize()
-                times["t0"] = time.perf_counter()
-            if i == total_steps:
-                end_of_timed_steps(loss)
-                profiler.start()
+
+        def train_step(batch: dict) -> torch.Tensor:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with precision_ctx():
                 loss, _ = lm(batch)
             loss.backward()
-            if i < total_steps:
-                gc_seen.append(lm.backend.checkpointing_as_planned(lm.model))
             opt.step()
             opt.zero_grad(set_to_none=True)
+            return loss
+
+        for i, batch in enumerate(batches[:total_steps]):
+            if i == args.warmup:
+                start_of_timed_steps()
+            loss = train_step(batch)
+            gc_seen.append(lm.backend.checkpointing_as_planned(lm.model))
+        end_of_timed_steps(loss)
         if profiler:
+            profiler.start()
+            for batch in batches[total_steps:]:
+                train_step(batch)
             profiler.stop()
-        else:
-            end_of_timed_steps(loss)
     else:
         import lightning as L
         from torch.utils.data import DataLoader
@@ -205,9 +211,7 @@ def run(args) -> dict:
         class Timer(L.Callback):
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 if batch_idx == args.warmup:
-                    if cuda:
-                        torch.cuda.synchronize()
-                    times["t0"] = time.perf_counter()
+                    start_of_timed_steps()
                 if batch_idx == total_steps:
                     profiler.start()
 
