@@ -26,8 +26,8 @@ from ..errors import UserError
 from .attention import recomputed_as_attended
 from .gradient_checkpointing import checkpointed_layer_count, decoder_layers, limit_checkpointing
 from .lora import LoraSettings, base_model, check_modules_trained
-from .varlen import (VARLEN_KERNEL, packed_kwargs, packed_through_kernel, patch_unsloth, varlen_available,
-                     varlen_implementation)
+from .varlen import (UNSLOTH_SEGMENTS, VARLEN_KERNEL, packed_kwargs, packed_through_kernel, patch_unsloth,
+                     route_unsloth_segments, varlen_available, varlen_implementation)
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +277,7 @@ class UnslothBackend(Backend):
 
     name = "unsloth"
     varlen = False  # load sets it: Unsloth's packed batches attend through a torch varlen kernel
+    segments = False  # load sets it: they pass their segments under UNSLOTH_SEGMENTS (compiled layers)
 
     def load(self, model_path: Path, max_seq_length: int, lora: LoraSettings, adapter_path: Optional[str]):
         _quiet_unsloth_env()
@@ -299,6 +300,7 @@ class UnslothBackend(Backend):
         if adapter_path:
             load_adapter_weights(model, adapter_path)
         self.varlen = varlen_available(next(model.parameters()).device) and patch_unsloth()
+        self.segments = self.varlen and route_unsloth_segments(model)
         check_modules_trained(model, lora.modules_to_save)  # users report Unsloth dropping embed_tokens silently
         # Our tokenizer (pad = <|finetune_right_pad_id|>, right padding) for both backends.
         tokenizer = load_tokenizer(model_path)
@@ -332,6 +334,10 @@ class UnslothBackend(Backend):
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         # Unsloth's fused cross-entropy returns a token mean over labels != -100
         # (and empty logits), so the loss is the only output we use.
+        if batch.get("packed_seq_lengths") is not None and self.segments:
+            out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                        **{UNSLOTH_SEGMENTS: packed_kwargs(batch["position_ids"])})
+            return out.loss, _reply_token_count(batch)
         if batch.get("packed_seq_lengths") is not None:
             # Unsloth keeps packed conversations apart (varlen attention, see .varlen) only within
             # one row: several packed rows would attend across conversations. Flatten them;

@@ -18,8 +18,11 @@ keep their mask-based paths.
 * the ``hf`` backend runs a packed batch through transformers' attention interface under the name
   :data:`NAME`, with ``cu_seq_lens_q``/``max_length_q`` (derived from the position ids) passed down
   the model's keyword arguments (:func:`packed_kwargs`, :func:`varlen_attention`);
-* the ``unsloth`` backend's packed batches (``packed_seq_lengths``) already call a torch varlen kernel
-  when torch has ``enable_gqa``; :func:`patch_unsloth` gives it this module's kernel otherwise;
+* the ``unsloth`` backend's packed batches on Unsloth's Llama attention carry :func:`packed_kwargs` under
+  :data:`UNSLOTH_SEGMENTS` to :func:`varlen_attention` (:func:`route_unsloth_segments`), inside the layers'
+  compiled regions; on other architectures they pass ``packed_seq_lengths``, which Unsloth attends
+  through a torch varlen kernel when torch has ``enable_gqa`` (:func:`patch_unsloth` gives it this
+  module's kernel otherwise), outside those regions;
 * generation's prefill concatenates a slice's prompts into one packed row, and its decoding steps read
   each row's filled slots of a token-major static cache (``seqused_k``, :func:`token_major`).
 """
@@ -252,3 +255,59 @@ def patch_unsloth() -> bool:
     if attention_dispatch._TORCH_VARLEN_ATTN is None:
         attention_dispatch._TORCH_VARLEN_ATTN = flash_varlen
     return True
+
+
+# The keyword of Unsloth's model forward that carries a packed batch's segments (packed_kwargs) to its
+# layers: a name of ours, because a call with ``packed_seq_lengths`` runs each layer outside its compiled
+# region (Unsloth's per-layer torch.compile, torch >= 2.11, skips calls whose lengths it would read on
+# the host), about a tenth slower.
+UNSLOTH_SEGMENTS = "bengali_empathy_segments"
+
+
+def route_unsloth_segments(model) -> bool:
+    """Teach Unsloth's Llama attention :data:`UNSLOTH_SEGMENTS`: its layers then find a packed batch's
+    segments where they look for packed lengths, and attend through :func:`varlen_attention` (idempotent).
+    True where ``model``'s (under peft or not) every decoder layer runs that attention; elsewhere nothing
+    would read the keyword, and the rows' conversations would attend to each other."""
+    try:
+        from unsloth.models import llama
+    except ImportError:
+        return False
+    layers = getattr(getattr(base_model(model), "model", None), "layers", None) or []
+    if not layers or any(type(layer.self_attn).forward is not llama.LlamaAttention_fast_forward for layer in layers):
+        return False
+    if not getattr(llama.run_attention, "_reads_segments", False):
+        llama.get_packed_info_from_kwargs = _segments_or(llama.get_packed_info_from_kwargs)
+        llama.run_attention = _kernel_for_segments(llama.run_attention)
+    return True
+
+
+def _segments_or(get_packed_info):
+    """Unsloth's ``get_packed_info_from_kwargs`` (what its attention calls ``seq_info``), answering with
+    the segments of :data:`UNSLOTH_SEGMENTS` where they are given."""
+
+    @functools.wraps(get_packed_info)
+    def get_packed_info_from_kwargs(kwargs: dict, device, position_ids=None):
+        segments = kwargs.get(UNSLOTH_SEGMENTS)
+        if segments is None:
+            return get_packed_info(kwargs, device, position_ids)
+        # The model forward asks with the position ids, to turn a row's position resets into
+        # packed_seq_lengths (and so run the layers uncompiled): none here. The layers ask without.
+        return None if position_ids is not None else segments
+
+    return get_packed_info_from_kwargs
+
+
+def _kernel_for_segments(run_attention):
+    """Unsloth's ``run_attention``, which sends a call carrying :data:`UNSLOTH_SEGMENTS`' segments to
+    :func:`varlen_attention`; its query (batch, heads, seq, dim) and result (batch, seq, heads, dim) are
+    laid out as there."""
+
+    @functools.wraps(run_attention)
+    def run_segments_or(*, config, context, Q, K, V):
+        if isinstance(context.seq_info, dict):  # Unsloth's own seq_info is a tuple
+            return varlen_attention(None, Q, K, V, None, **context.seq_info)[0]
+        return run_attention(config=config, context=context, Q=Q, K=K, V=V)
+
+    run_segments_or._reads_segments = True
+    return run_segments_or

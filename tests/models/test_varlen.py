@@ -167,6 +167,63 @@ def test_unsloth_gets_the_kernel_only_where_it_found_none(monkeypatch, found):
     assert dispatch._TORCH_VARLEN_ATTN is (found or varlen.flash_varlen)
 
 
+def _stub_unsloth_llama(monkeypatch) -> types.ModuleType:
+    """``unsloth.models.llama`` as :func:`varlen.route_unsloth_segments` sees it: its Llama attention forward
+    and the two functions that attention calls, which record how they were called."""
+    llama = types.ModuleType("unsloth.models.llama")
+    llama.LlamaAttention_fast_forward = lambda self, *a, **k: None
+    llama.get_packed_info_from_kwargs = lambda kwargs, device, position_ids=None: ("unsloth's", position_ids)
+    llama.run_attention = lambda *, config, context, Q, K, V: "unsloth's attention"
+    models = types.ModuleType("unsloth.models")
+    models.llama = llama
+    for name, module in (("unsloth", types.ModuleType("unsloth")), ("unsloth.models", models),
+                         ("unsloth.models.llama", llama)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return llama
+
+
+def _model_with_attention(forward) -> torch.nn.Module:
+    attention = type("Attention", (torch.nn.Module,), {"forward": forward})
+    layer = torch.nn.Module()
+    layer.self_attn = attention()
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = torch.nn.ModuleList([layer, layer])
+    return model
+
+
+def test_unsloths_llama_layers_read_our_segments_and_attend_within_them(monkeypatch, stand_in_kernel):
+    llama = _stub_unsloth_llama(monkeypatch)
+    assert varlen.route_unsloth_segments(_model_with_attention(llama.LlamaAttention_fast_forward))
+    patched = llama.run_attention
+    assert varlen.route_unsloth_segments(_model_with_attention(llama.LlamaAttention_fast_forward))
+    assert llama.run_attention is patched  # patched once
+
+    position_ids = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]])
+    segments = varlen.packed_kwargs(position_ids)
+    kwargs = {varlen.UNSLOTH_SEGMENTS: segments}
+    assert llama.get_packed_info_from_kwargs(kwargs, "cpu") is segments  # a layer asks
+    assert llama.get_packed_info_from_kwargs(kwargs, "cpu", position_ids) is None  # the model forward asks
+    assert llama.get_packed_info_from_kwargs({}, "cpu", position_ids) == ("unsloth's", position_ids)
+
+    q, k, v = (torch.randn(2, heads, 5, 8) for heads in (4, 2, 2))
+    got = llama.run_attention(config=None, context=types.SimpleNamespace(seq_info=segments), Q=q, K=k, V=v)
+    tokens = [x.transpose(1, 2).reshape(10, x.shape[1], 8) for x in (q, k, v)]
+    want = varlen.segment_attention(*tokens, segments["cu_seq_lens_q"], segments["cu_seq_lens_k"], None,
+                                    varlen.CAUSAL, None)
+    assert stand_in_kernel.calls == 1
+    torch.testing.assert_close(got, want.reshape(2, 5, 4, 8))
+    unsloths = types.SimpleNamespace(seq_info=(torch.tensor([3, 2]), None, 3))  # Unsloth's own packed lengths
+    assert llama.run_attention(config=None, context=unsloths, Q=q, K=k, V=v) == "unsloth's attention"
+
+
+def test_other_attentions_keep_unsloths_packed_lengths(monkeypatch):
+    llama = _stub_unsloth_llama(monkeypatch)
+    original = llama.run_attention
+    assert not varlen.route_unsloth_segments(_model_with_attention(lambda self, *a, **k: None))
+    assert llama.run_attention is original
+
+
 def test_the_direct_flash_calls_match_the_installed_torchs_operator_schemas():
     """The CUDA kernel cannot run here; its calls of aten's flash operators can, on meta tensors: forward and
     backward of packed rows, and a decoding call with ``seqused_k``, all with the arguments the GPU gets."""

@@ -100,22 +100,62 @@ def _packed_against_single_losses(lm) -> tuple:
 def test_unsloth_packed_multi_turn_loss_equals_per_conversation_loss(tiny_model_path, monkeypatch):
     from unsloth.utils import attention_dispatch
 
-    from bengali_empathy.models.varlen import VARLEN_KERNEL, varlen_available
+    from bengali_empathy.models import varlen
     from bengali_empathy.training.module import EmpathyLM
 
     lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="unsloth", max_seq_length=1024)
     lm.configure_model()
     calls = []
-    if varlen_available(torch.device("cuda")):  # Unsloth's packed batches then attend through a varlen kernel
-        kernel = attention_dispatch._TORCH_VARLEN_ATTN
-        assert kernel is not None and lm.backend.packed_attention(lm.model) == VARLEN_KERNEL
-        monkeypatch.setattr(attention_dispatch, "_TORCH_VARLEN_ATTN",
-                            lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    if varlen.varlen_available(torch.device("cuda")):  # Unsloth's packed batches then attend through a varlen kernel
+        assert lm.backend.segments  # Llama: through varlen_attention, with the segments of UNSLOTH_SEGMENTS
+        kernel = varlen.flash_varlen
+        monkeypatch.setattr(varlen, "flash_varlen", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+        monkeypatch.setattr(attention_dispatch, "_TORCH_VARLEN_ATTN", None)  # not Unsloth's packed path
+        assert lm.backend.packed_attention(lm.model) == varlen.VARLEN_KERNEL
     packed, n_p, weighted, n = _packed_against_single_losses(lm)
     assert int(n_p) == n
     assert float(packed) == pytest.approx(weighted, rel=2e-2)
-    if varlen_available(torch.device("cuda")):
-        assert len(calls) >= lm.model.config.num_hidden_layers  # the packed batch, once per layer
+    if varlen.varlen_available(torch.device("cuda")):
+        assert len(calls) == lm.model.config.num_hidden_layers  # the packed batch, and only it, once per layer
+
+
+@needs_unsloth
+def test_unsloth_packed_training_step_runs_the_compiled_layers_and_equals_per_conversation_steps(tiny_model_path):
+    """Train mode, where Unsloth compiles each layer (torch >= 2.11): the packed batch's loss and LoRA
+    gradients equal the sum of the per-conversation ones, and no layer fell back to its eager forward."""
+    from bengali_empathy.models.lora import base_model
+    from bengali_empathy.training.module import EmpathyLM
+
+    lm = EmpathyLM(model_name_or_path=str(tiny_model_path), backend="unsloth", max_seq_length=1024)
+    lm.configure_model()
+    if not lm.backend.segments:
+        pytest.skip("no varlen kernel here: packed batches take Unsloth's packed_seq_lengths path")
+    packed, singles = packed_and_single_batches(lm.tokenizer, packable_examples(lm.tokenizer))
+    lm.backend.for_training(lm.model)
+    lora = [p for p in lm.model.parameters() if p.requires_grad]
+
+    def summed_loss_and_grads(batches: list) -> tuple:
+        for p in lora:
+            p.grad = None
+        total = 0.0
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            for batch in batches:
+                loss, n = lm.backend.loss(lm.model, _on_cuda(batch))
+                (loss * n).backward()
+                total += float(loss) * int(n)
+        return total, torch.cat([p.grad.float().flatten() for p in lora])
+
+    packed_sum, packed_grads = summed_loss_and_grads([packed])
+    layers = base_model(lm.model).model.layers
+    if getattr(type(layers[0]).forward, "_unsloth_block_compiled", False):  # Unsloth compiles each layer
+        # Unsloth marks a layer (bit 2) once its compiled region ran with gradients; mode 0: eager fallback
+        ran = [(layer.__dict__.get("_unsloth_block_checked", 0), layer.__dict__.get("_unsloth_block_mode"))
+               for layer in layers]
+        assert all(checked & 2 and mode for checked, mode in ran), ran
+    single_sum, single_grads = summed_loss_and_grads(singles)
+    assert packed_sum == pytest.approx(single_sum, rel=2e-2)
+    assert float(packed_grads.norm()) > 0
+    assert float((packed_grads - single_grads).norm()) < 0.05 * float(single_grads.norm())
 
 
 def test_hf_packed_loss_through_torch_varlen_equals_per_conversation_loss(tiny_model_path, monkeypatch):
