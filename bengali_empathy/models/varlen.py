@@ -274,11 +274,17 @@ def route_unsloth_segments(model) -> bool:
     except ImportError:
         return False
     layers = getattr(getattr(base_model(model), "model", None), "layers", None) or []
-    if not layers or any(type(layer.self_attn).forward is not llama.LlamaAttention_fast_forward for layer in layers):
+    forwards = [type(layer.self_attn).forward for layer in layers]
+    code = llama.LlamaAttention_fast_forward.__code__
+    if not forwards or any(getattr(forward, "__code__", None) is not code for forward in forwards):
         return False
-    if not getattr(llama.run_attention, "_reads_segments", False):
-        llama.get_packed_info_from_kwargs = _segments_or(llama.get_packed_info_from_kwargs)
-        llama.run_attention = _kernel_for_segments(llama.run_attention)
+    # Unsloth's per-layer compile may run a copy of the attention forward on a copy of its module's
+    # globals: patch the globals each forward reads, and the module's (its model forward asks there).
+    namespaces = {id(g): g for g in (llama.__dict__, *(forward.__globals__ for forward in forwards))}
+    for namespace in namespaces.values():
+        if not getattr(namespace["run_attention"], "_reads_segments", False):
+            namespace["get_packed_info_from_kwargs"] = _segments_or(namespace["get_packed_info_from_kwargs"])
+            namespace["run_attention"] = _kernel_for_segments(namespace["run_attention"])
     return True
 
 

@@ -171,7 +171,7 @@ def _stub_unsloth_llama(monkeypatch) -> types.ModuleType:
     """``unsloth.models.llama`` as :func:`varlen.route_unsloth_segments` sees it: its Llama attention forward
     and the two functions that attention calls, which record how they were called."""
     llama = types.ModuleType("unsloth.models.llama")
-    llama.LlamaAttention_fast_forward = lambda self, *a, **k: None
+    llama.LlamaAttention_fast_forward = types.FunctionType((lambda self, *a, **k: None).__code__, llama.__dict__)
     llama.get_packed_info_from_kwargs = lambda kwargs, device, position_ids=None: ("unsloth's", position_ids)
     llama.run_attention = lambda *, config, context, Q, K, V: "unsloth's attention"
     models = types.ModuleType("unsloth.models")
@@ -194,8 +194,11 @@ def _model_with_attention(forward) -> torch.nn.Module:
 
 def test_unsloths_llama_layers_read_our_segments_and_attend_within_them(monkeypatch, stand_in_kernel):
     llama = _stub_unsloth_llama(monkeypatch)
-    assert varlen.route_unsloth_segments(_model_with_attention(llama.LlamaAttention_fast_forward))
+    # a copy of the forward on a copy of its globals, as Unsloth's per-layer compile may run it
+    rebound = types.FunctionType(llama.LlamaAttention_fast_forward.__code__, dict(llama.__dict__))
+    assert varlen.route_unsloth_segments(_model_with_attention(rebound))
     patched = llama.run_attention
+    assert rebound.__globals__["run_attention"]._reads_segments and patched._reads_segments
     assert varlen.route_unsloth_segments(_model_with_attention(llama.LlamaAttention_fast_forward))
     assert llama.run_attention is patched  # patched once
 
