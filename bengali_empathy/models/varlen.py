@@ -269,23 +269,31 @@ def route_unsloth_segments(model) -> bool:
     segments where they look for packed lengths, and attend through :func:`varlen_attention` (idempotent).
     True where ``model``'s (under peft or not) every decoder layer runs that attention; elsewhere nothing
     would read the keyword, and the rows' conversations would attend to each other."""
-    try:
-        from unsloth.models import llama
-    except ImportError:
-        return False
-    layers = getattr(getattr(base_model(model), "model", None), "layers", None) or []
+    base = base_model(model)
+    layers = getattr(getattr(base, "model", None), "layers", None) or []
     forwards = [type(layer.self_attn).forward for layer in layers]
-    code = llama.LlamaAttention_fast_forward.__code__
-    if not forwards or any(getattr(forward, "__code__", None) is not code for forward in forwards):
+    if not forwards or not all(_reads_packed_info(forward, "LlamaAttention_fast_forward") for forward in forwards):
         return False
-    # Unsloth's per-layer compile may run a copy of the attention forward on a copy of its module's
-    # globals: patch the globals each forward reads, and the module's (its model forward asks there).
-    namespaces = {id(g): g for g in (llama.__dict__, *(forward.__globals__ for forward in forwards))}
+    # Patched where each forward looks them up: its globals (Unsloth's module, or the copy its per-layer
+    # compile may rebind a forward to), and its model forward's, which asks for packed lengths too.
+    namespaces = {id(f.__globals__): f.__globals__ for f in forwards}
+    model_forward = type(base.model).forward
+    if _reads_packed_info(model_forward, "LlamaModel_fast_forward"):
+        namespaces.setdefault(id(model_forward.__globals__), model_forward.__globals__)
     for namespace in namespaces.values():
-        if not getattr(namespace["run_attention"], "_reads_segments", False):
-            namespace["get_packed_info_from_kwargs"] = _segments_or(namespace["get_packed_info_from_kwargs"])
-            namespace["run_attention"] = _kernel_for_segments(namespace["run_attention"])
+        for name, wrap in (("get_packed_info_from_kwargs", _segments_or), ("run_attention", _kernel_for_segments)):
+            if name in namespace and not getattr(namespace[name], "_reads_segments", False):
+                namespace[name] = wrap(namespace[name])
     return True
+
+
+def _reads_packed_info(forward, name: str) -> bool:
+    """Whether ``forward`` is Unsloth's function ``name``, looking up what it calls in its globals."""
+    code = getattr(forward, "__code__", None)
+    names = {"get_packed_info_from_kwargs", "run_attention"} if name.startswith("LlamaAttention") \
+        else {"get_packed_info_from_kwargs"}
+    return (getattr(forward, "__name__", None) == name and code is not None and names <= set(code.co_names)
+            and names <= set(forward.__globals__))
 
 
 def _segments_or(get_packed_info):
@@ -301,6 +309,7 @@ def _segments_or(get_packed_info):
         # packed_seq_lengths (and so run the layers uncompiled): none here. The layers ask without.
         return None if position_ids is not None else segments
 
+    get_packed_info_from_kwargs._reads_segments = True
     return get_packed_info_from_kwargs
 
 

@@ -167,64 +167,67 @@ def test_unsloth_gets_the_kernel_only_where_it_found_none(monkeypatch, found):
     assert dispatch._TORCH_VARLEN_ATTN is (found or varlen.flash_varlen)
 
 
-def _stub_unsloth_llama(monkeypatch) -> types.ModuleType:
-    """``unsloth.models.llama`` as :func:`varlen.route_unsloth_segments` sees it: its Llama attention forward
-    and the two functions that attention calls, which record how they were called."""
-    llama = types.ModuleType("unsloth.models.llama")
-    llama.LlamaAttention_fast_forward = types.FunctionType((lambda self, *a, **k: None).__code__, llama.__dict__)
-    llama.get_packed_info_from_kwargs = lambda kwargs, device, position_ids=None: ("unsloth's", position_ids)
-    llama.run_attention = lambda *, config, context, Q, K, V: "unsloth's attention"
-    models = types.ModuleType("unsloth.models")
-    models.llama = llama
-    for name, module in (("unsloth", types.ModuleType("unsloth")), ("unsloth.models", models),
-                         ("unsloth.models.llama", llama)):
-        monkeypatch.setitem(sys.modules, name, module)
-    return llama
+def _unsloth_llama_namespace() -> dict:
+    """The globals of Unsloth's Llama forwards as :func:`varlen.route_unsloth_segments` sees them: its
+    attention and model forwards, and the two functions they call, which say how they were called."""
+    namespace = {"__name__": "unsloth.models.llama"}
+    exec("def LlamaAttention_fast_forward(self, *args, **kwargs):\n"
+         "    return run_attention(config=None, context=get_packed_info_from_kwargs(kwargs, None), Q=0, K=0, V=0)\n"
+         "def LlamaModel_fast_forward(self, *args, **kwargs):\n"
+         "    return get_packed_info_from_kwargs(kwargs, None, None)\n", namespace)
+    namespace["get_packed_info_from_kwargs"] = lambda kwargs, device, position_ids=None: ("unsloth's", position_ids)
+    namespace["run_attention"] = lambda *, config, context, Q, K, V: "unsloth's attention"
+    return namespace
 
 
-def _model_with_attention(forward) -> torch.nn.Module:
-    attention = type("Attention", (torch.nn.Module,), {"forward": forward})
+def _model_with(attention_forward, model_forward) -> torch.nn.Module:
+    attention = type("Attention", (torch.nn.Module,), {"forward": attention_forward})
     layer = torch.nn.Module()
     layer.self_attn = attention()
     model = torch.nn.Module()
-    model.model = torch.nn.Module()
+    model.model = type("Model", (torch.nn.Module,), {"forward": model_forward})()
     model.model.layers = torch.nn.ModuleList([layer, layer])
     return model
 
 
-def test_unsloths_llama_layers_read_our_segments_and_attend_within_them(monkeypatch, stand_in_kernel):
-    llama = _stub_unsloth_llama(monkeypatch)
-    # a copy of the forward on a copy of its globals, as Unsloth's per-layer compile may run it
-    rebound = types.FunctionType(llama.LlamaAttention_fast_forward.__code__, dict(llama.__dict__))
-    assert varlen.route_unsloth_segments(_model_with_attention(rebound))
-    patched = llama.run_attention
-    assert rebound.__globals__["run_attention"]._reads_segments and patched._reads_segments
-    assert varlen.route_unsloth_segments(_model_with_attention(llama.LlamaAttention_fast_forward))
-    assert llama.run_attention is patched  # patched once
+def test_unsloths_llama_layers_read_our_segments_and_attend_within_them(stand_in_kernel):
+    unsloth = _unsloth_llama_namespace()
+    # the attention forward on a copy of its globals, as Unsloth's per-layer compile may run it
+    rebound = types.FunctionType(unsloth["LlamaAttention_fast_forward"].__code__, dict(unsloth),
+                                 "LlamaAttention_fast_forward")
+    assert varlen.route_unsloth_segments(_model_with(rebound, unsloth["LlamaModel_fast_forward"]))
+    copy = rebound.__globals__
+    for namespace in (unsloth, copy):  # the model forward's globals and the attention's
+        assert namespace["run_attention"]._reads_segments and namespace["get_packed_info_from_kwargs"]._reads_segments
+    patched = copy["run_attention"]
+    assert varlen.route_unsloth_segments(_model_with(rebound, unsloth["LlamaModel_fast_forward"]))
+    assert copy["run_attention"] is patched  # patched once
 
+    get_packed_info = copy["get_packed_info_from_kwargs"]
     position_ids = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]])
     segments = varlen.packed_kwargs(position_ids)
     kwargs = {varlen.UNSLOTH_SEGMENTS: segments}
-    assert llama.get_packed_info_from_kwargs(kwargs, "cpu") is segments  # a layer asks
-    assert llama.get_packed_info_from_kwargs(kwargs, "cpu", position_ids) is None  # the model forward asks
-    assert llama.get_packed_info_from_kwargs({}, "cpu", position_ids) == ("unsloth's", position_ids)
+    assert get_packed_info(kwargs, "cpu") is segments  # a layer asks
+    assert get_packed_info(kwargs, "cpu", position_ids) is None  # the model forward asks
+    assert get_packed_info({}, "cpu", position_ids) == ("unsloth's", position_ids)
 
     q, k, v = (torch.randn(2, heads, 5, 8) for heads in (4, 2, 2))
-    got = llama.run_attention(config=None, context=types.SimpleNamespace(seq_info=segments), Q=q, K=k, V=v)
+    got = copy["run_attention"](config=None, context=types.SimpleNamespace(seq_info=segments), Q=q, K=k, V=v)
     tokens = [x.transpose(1, 2).reshape(10, x.shape[1], 8) for x in (q, k, v)]
     want = varlen.segment_attention(*tokens, segments["cu_seq_lens_q"], segments["cu_seq_lens_k"], None,
                                     varlen.CAUSAL, None)
     assert stand_in_kernel.calls == 1
     torch.testing.assert_close(got, want.reshape(2, 5, 4, 8))
     unsloths = types.SimpleNamespace(seq_info=(torch.tensor([3, 2]), None, 3))  # Unsloth's own packed lengths
-    assert llama.run_attention(config=None, context=unsloths, Q=q, K=k, V=v) == "unsloth's attention"
+    assert copy["run_attention"](config=None, context=unsloths, Q=q, K=k, V=v) == "unsloth's attention"
 
 
-def test_other_attentions_keep_unsloths_packed_lengths(monkeypatch):
-    llama = _stub_unsloth_llama(monkeypatch)
-    original = llama.run_attention
-    assert not varlen.route_unsloth_segments(_model_with_attention(lambda self, *a, **k: None))
-    assert llama.run_attention is original
+def test_other_attentions_keep_unsloths_packed_lengths():
+    unsloth = _unsloth_llama_namespace()
+    original = unsloth["run_attention"]
+    other = types.FunctionType(unsloth["LlamaAttention_fast_forward"].__code__, unsloth, "MistralAttention_fast_forward")
+    assert not varlen.route_unsloth_segments(_model_with(other, unsloth["LlamaModel_fast_forward"]))
+    assert unsloth["run_attention"] is original
 
 
 def test_the_direct_flash_calls_match_the_installed_torchs_operator_schemas():

@@ -109,7 +109,7 @@ def test_unsloth_packed_multi_turn_loss_equals_per_conversation_loss(tiny_model_
     if varlen.varlen_available(torch.device("cuda")):  # Unsloth's packed batches then attend through a varlen kernel
         forward = type(lm.model.get_base_model().model.layers[0].self_attn).forward
         # Llama: through varlen_attention, with the segments of UNSLOTH_SEGMENTS
-        assert lm.backend.segments, (forward, getattr(forward, "__module__", None))
+        assert lm.backend.segments, (forward, lm.backend.varlen, getattr(forward, "__code__", None).co_names)
         kernel = varlen.flash_varlen
         monkeypatch.setattr(varlen, "flash_varlen", lambda *a, **k: calls.append(1) or kernel(*a, **k))
         monkeypatch.setattr(attention_dispatch, "_TORCH_VARLEN_ATTN", None)  # not Unsloth's packed path
