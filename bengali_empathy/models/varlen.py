@@ -29,6 +29,7 @@ keep their mask-based paths.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from typing import ContextManager, Optional
 
@@ -271,13 +272,14 @@ def route_unsloth_segments(model) -> bool:
     would read the keyword, and the rows' conversations would attend to each other."""
     base = base_model(model)
     layers = getattr(getattr(base, "model", None), "layers", None) or []
-    forwards = [type(layer.self_attn).forward for layer in layers]
+    # unwrapped: Unsloth gates its forwards, calling them only on the modules of models it loaded
+    forwards = [inspect.unwrap(type(layer.self_attn).forward) for layer in layers]
     if not forwards or not all(_reads_packed_info(forward, "LlamaAttention_fast_forward") for forward in forwards):
         return False
     # Patched where each forward looks them up: its globals (Unsloth's module, or the copy its per-layer
     # compile may rebind a forward to), and its model forward's, which asks for packed lengths too.
     namespaces = {id(f.__globals__): f.__globals__ for f in forwards}
-    model_forward = type(base.model).forward
+    model_forward = inspect.unwrap(type(base.model).forward)
     if _reads_packed_info(model_forward, "LlamaModel_fast_forward"):
         namespaces.setdefault(id(model_forward.__globals__), model_forward.__globals__)
     for namespace in namespaces.values():

@@ -1,5 +1,6 @@
 """Packed batches through the varlen attention path (bengali_empathy.models.varlen), on the CPU with a stand-in
 for torch's CUDA kernel; the kernel itself is compared with SDPA in tests/scenarios/test_gpu.py."""
+import functools
 import sys
 import types
 
@@ -180,12 +181,17 @@ def _unsloth_llama_namespace() -> dict:
     return namespace
 
 
+def _gated(forward):
+    """``forward`` behind a wrapper, as Unsloth gates the forwards it patches into transformers' classes."""
+    return functools.wraps(forward)(lambda self, *args, **kwargs: forward(self, *args, **kwargs))
+
+
 def _model_with(attention_forward, model_forward) -> torch.nn.Module:
-    attention = type("Attention", (torch.nn.Module,), {"forward": attention_forward})
+    attention = type("Attention", (torch.nn.Module,), {"forward": _gated(attention_forward)})
     layer = torch.nn.Module()
     layer.self_attn = attention()
     model = torch.nn.Module()
-    model.model = type("Model", (torch.nn.Module,), {"forward": model_forward})()
+    model.model = type("Model", (torch.nn.Module,), {"forward": _gated(model_forward)})()
     model.model.layers = torch.nn.ModuleList([layer, layer])
     return model
 
