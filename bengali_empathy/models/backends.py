@@ -334,16 +334,17 @@ class UnslothBackend(Backend):
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         # Unsloth's fused cross-entropy returns a token mean over labels != -100
         # (and empty logits), so the loss is the only output we use.
-        if batch.get("packed_seq_lengths") is not None and self.segments:
-            out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-                        **{UNSLOTH_SEGMENTS: packed_kwargs(batch["position_ids"])})
-            return out.loss, _reply_token_count(batch)
         if batch.get("packed_seq_lengths") is not None:
-            # Unsloth keeps packed conversations apart (varlen attention, see .varlen) only within
-            # one row: several packed rows would attend across conversations. Flatten them;
-            # each row starts with a masked <|begin_of_text|>, so no label crosses a seam.
-            out = model(input_ids=batch["input_ids"].reshape(1, -1), position_ids=batch["position_ids"].reshape(1, -1),
-                        labels=batch["labels"].reshape(1, -1), packed_seq_lengths=batch["packed_seq_lengths"])
+            if self.segments:  # each layer attends within the segments, inside its compiled region (see .varlen)
+                out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                            **{UNSLOTH_SEGMENTS: packed_kwargs(batch["position_ids"])})
+            else:
+                # Unsloth keeps packed conversations apart (varlen attention, see .varlen) only within
+                # one row: several packed rows would attend across conversations. Flatten them;
+                # each row starts with a masked <|begin_of_text|>, so no label crosses a seam.
+                out = model(input_ids=batch["input_ids"].reshape(1, -1),
+                            position_ids=batch["position_ids"].reshape(1, -1), labels=batch["labels"].reshape(1, -1),
+                            packed_seq_lengths=batch["packed_seq_lengths"])
             return out.loss, _reply_token_count(batch)
         mask = batch.get("attention_mask")
         if mask is not None and bool(mask.all()):

@@ -274,13 +274,14 @@ def route_unsloth_segments(model) -> bool:
     layers = getattr(getattr(base, "model", None), "layers", None) or []
     # unwrapped: Unsloth gates its forwards, calling them only on the modules of models it loaded
     forwards = [inspect.unwrap(type(layer.self_attn).forward) for layer in layers]
-    if not forwards or not all(_reads_packed_info(forward, "LlamaAttention_fast_forward") for forward in forwards):
+    calls = {"get_packed_info_from_kwargs", "run_attention"}
+    if not forwards or not all(_unsloths(forward, "LlamaAttention_fast_forward", calls) for forward in forwards):
         return False
     # Patched where each forward looks them up: its globals (Unsloth's module, or the copy its per-layer
     # compile may rebind a forward to), and its model forward's, which asks for packed lengths too.
     namespaces = {id(f.__globals__): f.__globals__ for f in forwards}
     model_forward = inspect.unwrap(type(base.model).forward)
-    if _reads_packed_info(model_forward, "LlamaModel_fast_forward"):
+    if _unsloths(model_forward, "LlamaModel_fast_forward", {"get_packed_info_from_kwargs"}):
         namespaces.setdefault(id(model_forward.__globals__), model_forward.__globals__)
     for namespace in namespaces.values():
         for name, wrap in (("get_packed_info_from_kwargs", _segments_or), ("run_attention", _kernel_for_segments)):
@@ -289,13 +290,11 @@ def route_unsloth_segments(model) -> bool:
     return True
 
 
-def _reads_packed_info(forward, name: str) -> bool:
-    """Whether ``forward`` is Unsloth's function ``name``, looking up what it calls in its globals."""
+def _unsloths(forward, name: str, calls: set[str]) -> bool:
+    """Whether ``forward`` is Unsloth's function ``name``, looking up the functions ``calls`` in its globals."""
     code = getattr(forward, "__code__", None)
-    names = {"get_packed_info_from_kwargs", "run_attention"} if name.startswith("LlamaAttention") \
-        else {"get_packed_info_from_kwargs"}
-    return (getattr(forward, "__name__", None) == name and code is not None and names <= set(code.co_names)
-            and names <= set(forward.__globals__))
+    return (getattr(forward, "__name__", None) == name and code is not None and calls <= set(code.co_names)
+            and calls <= set(forward.__globals__))
 
 
 def _segments_or(get_packed_info):
