@@ -261,7 +261,8 @@ def patch_unsloth() -> bool:
 # The keyword of Unsloth's model forward that carries a packed batch's segments (packed_kwargs) to its
 # layers: a name of ours, because a call with ``packed_seq_lengths`` runs each layer outside its compiled
 # region (Unsloth's per-layer torch.compile, torch >= 2.11, skips calls whose lengths it would read on the
-# host). That way packed rows trained at 0.87x the random-token rate on an H200, in uncompiled kernels.
+# host). That way packed rows trained at 0.87x the random-token rate on an H200, in uncompiled kernels; this
+# way at 1.01x on an H100 (docs/benchmarks.md).
 UNSLOTH_SEGMENTS = "bengali_empathy_segments"
 
 
