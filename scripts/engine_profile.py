@@ -18,6 +18,7 @@ preimport_unsloth("predict")
 import torch  # noqa: E402
 
 from bengali_empathy.generation import decoder  # noqa: E402
+from bengali_empathy.models import fused  # noqa: E402
 from bengali_empathy.models.gpu import synchronized_time  # noqa: E402
 from bengali_empathy.generation.decoding import Decoding
 from bengali_empathy.generation.engines import grouped_decode_attention  # noqa: E402
@@ -37,7 +38,18 @@ def load_variant(path: str):
     return module.prefill
 
 
-def kernel_table(prof, rows: int = 12) -> list:
+def eager_kernels(prefill):
+    """``prefill`` with the eager elementwise kernels."""
+    def run(*args):
+        available, fused.fused_available = fused.fused_available, lambda device, config: False
+        try:
+            return prefill(*args)
+        finally:
+            fused.fused_available = available
+    return run
+
+
+def kernel_table(prof, rows: int = 20) -> list:
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     events.sort(key=lambda e: -e.self_device_time_total)
     total = sum(e.self_device_time_total for e in events)
@@ -51,12 +63,19 @@ def main() -> None:
     p.add_argument("--corpus", required=True)
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--variants", nargs="*", default=[])
+    p.add_argument("--batch-rows", type=int, default=256, help="rows of each of the two prefill/decoding batches "
+                   "(their KV cache must fit beside the merged model: 128 on an 80 GB card)")
     p.add_argument("--budgets", nargs="*", type=int, default=[16384])
     p.add_argument("--e2e", nargs="*", default=[], help="max_new_tokens of end-to-end runs per variant")
     p.add_argument("--reps", type=int, default=2, help="prefills of each batch per variant (the first: the process's first)")
     p.add_argument("--no-main", action="store_true", help="only the --variants, not the package's own prefill")
     p.add_argument("--no-cudnn", action="store_true", help="SDPA without its cuDNN backend")
     p.add_argument("--kernels", action="store_true", help="kernel profiles of a prefill slice and a decoding step")
+    p.add_argument("--eager-kernels", action="store_true",
+                   help="the whole process without the fused elementwise kernels (models/fused.py)")
+    p.add_argument("--fused-variant", action="store_true",
+                   help="also the package's prefill without the fused kernels, as variant 'eager_kernels', and the "
+                        "difference of its keys and values from main's")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     if a.no_cudnn:
@@ -70,7 +89,11 @@ def main() -> None:
             out.write(line + "\n")
             out.flush()
 
+    if a.eager_kernels:
+        fused.fused_available = lambda device, config: False
     variants = {} if a.no_main else {"main": decoder.prefill}
+    if a.fused_variant:
+        variants["eager_kernels"] = eager_kernels(decoder.prefill)
     for path in a.variants:
         variants[path.rsplit("/", 1)[-1][:-3]] = load_variant(path)
     lm = EmpathyLM(model_name_or_path=a.model, backend="hf", max_seq_length=2048,
@@ -84,10 +107,11 @@ def main() -> None:
     emit({"merge_s": round(synchronized_time(device) - t, 2), "rows": len(prompts),
           "tokens": sum(map(len, prompts))})
     pad = lm.tokenizer.pad_token_id
-    batches = [prompts[:256], prompts[256:512]]
+    rows = a.batch_rows
+    batches = [prompts[:rows], prompts[rows:2 * rows]]
     width = len(batches[0][0])
     with grouped_decode_attention(model):
-        step = decoder.DecodeStep(model, 256, decoder.cache_slots(width, 128))
+        step = decoder.DecodeStep(model, rows, decoder.cache_slots(width, 128))
         stats0 = torch.cuda.memory_stats()
         for rep in range(1, a.reps + 1):
             for name, fn in variants.items():
@@ -104,6 +128,18 @@ def main() -> None:
                               "cudaFree": s1["num_device_free"] - s0["num_device_free"],
                               "retries": s1["num_alloc_retries"] - s0["num_alloc_retries"]})
         emit({"cudaMalloc_total": torch.cuda.memory_stats()["num_device_alloc"] - stats0["num_device_alloc"]})
+        if a.fused_variant:  # the first batch's keys and values of every layer: eager kernels against main
+            caches, layers = {}, (0, len(step.cache.layers) // 2, len(step.cache.layers) - 1)
+            for name in ("main", "eager_kernels"):
+                variants[name](model, step.cache, batches[0], width, pad, 16384)
+                caches[name] = [torch.cat([step.cache.layers[i].keys, step.cache.layers[i].values]).clone()
+                                for i in layers]
+            diffs = [(m.float() - e.float()).abs() for m, e in zip(caches["main"], caches["eager_kernels"])]
+            emit({"kv_diff": "main - eager_kernels", "layers": layers, "max_abs": [round(float(d.max()), 4) for d in diffs],
+                  "mean_abs": [round(float(d.mean()), 6) for d in diffs],
+                  "mean_abs_value": [round(float(e.float().abs().mean()), 4) for e in caches["eager_kernels"]],
+                  "equal_fraction": [round(float((d == 0).float().mean()), 4) for d in diffs]})
+            del caches, diffs
         # Kernel profile of one slice (the longest prompts) per variant.
         part = batches[0][:max(1, 16384 // len(batches[0][0]))]
         for name, fn in variants.items() if a.kernels else ():
@@ -124,7 +160,7 @@ def main() -> None:
                 t = synchronized_time(device)
                 for _ in range(20):
                     step(filled)
-                emit({"decode_step_ms": round((synchronized_time(device) - t) / 20 * 1e3, 2), "rows": 256,
+                emit({"decode_step_ms": round((synchronized_time(device) - t) / 20 * 1e3, 2), "rows": rows,
                       "attended": step.attended(filled), "cache": step.cache_len,
                       "no_cudnn": a.no_cudnn, "decode": "varlen" if step.varlen else "row groups",
                       "row_groups": grouped})
@@ -145,7 +181,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
             t = time.perf_counter()
             _, st = gen.generate(prompts, progress=False)
-            emit({"e2e": name, "no_cudnn": a.no_cudnn, "new": int(new), "wall_s": round(time.perf_counter() - t, 2), **st.as_dict()})
+            emit({"e2e": name, "eager_kernels": a.eager_kernels, "no_cudnn": a.no_cudnn, "new": int(new), "wall_s": round(time.perf_counter() - t, 2), **st.as_dict()})
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from bengali_empathy.training.module import EmpathyLM  # noqa: E402
 
 
 def corpus_prompts(corpus: str, model: str, rows: int) -> list[list[int]]:
-    from bengali_empathy.data.datamodule import tokenizer_path_for
+    from bengali_empathy.models.modeling import tokenizer_path_for
 
     dm = EmpatheticDialogueDataModule(corpus_path=corpus, tokenizer_path=tokenizer_path_for(model), max_seq_length=2048,
                                       encoding=EncodingSettings(on_too_long="drop"),

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import traceback
+import types
 from pathlib import Path
 from unittest import mock
 
@@ -209,6 +210,39 @@ def stand_in_kernel(monkeypatch):
     for user in (varlen, decoder):  # the modules that ask (packed forwards, generation's decoding steps)
         monkeypatch.setattr(user, "varlen_available", lambda device, dtype, decoding=False: True)
     return segment_sdpa
+
+
+@pytest.fixture
+def stand_in_fused_kernels(monkeypatch):
+    """Liger's fused kernels (models/fused.py) on the CPU: stand-ins that compute RMSNorm, the rotary embedding
+    and SiLU-times-up as written out here, available on every device; ``.calls`` counts each one's calls."""
+    import collections
+
+    import torch.nn.functional as F
+
+    from bengali_empathy.models import fused
+
+    calls = collections.Counter()
+
+    def rms_norm(x, weight, eps):
+        calls["rms_norm"] += 1
+        x32 = x.float()
+        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def rotary(q, k, cos, sin):
+        calls["rotary"] += 1
+        half = q.shape[-1] // 2
+        turned = [torch.cat((-x[..., half:], x[..., :half]), -1) for x in (q, k)]
+        return tuple(x * cos[:, None] + t * sin[:, None] for x, t in zip((q, k), turned))
+
+    def silu_mul(gate, up):
+        calls["silu_mul"] += 1
+        return F.silu(gate) * up
+
+    for name, stand_in in (("rms_norm", rms_norm), ("rotary", rotary), ("silu_mul", silu_mul)):
+        monkeypatch.setattr(fused, name, stand_in)
+    monkeypatch.setattr(fused, "fused_available", lambda device, config: True)
+    return types.SimpleNamespace(calls=calls)
 
 
 def two_pair_batch(tokenizer, device="cpu"):

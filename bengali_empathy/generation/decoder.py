@@ -16,8 +16,9 @@ first) of one bucket share a graph, and a shorter bucket records a new one (a fr
 rather than attending over the longest batch's cache length. Where the varlen kernel runs, each row's
 query reads only its own filled slots (:mod:`..models.varlen`); elsewhere the step attends with the
 grouped-query decoding attention of :mod:`..models.attention`, and where a batch's prompts differ much
-in length its rows attend in groups that each skip their left padding (:func:`row_groups`). Chat
-streams each step's token through ``on_step``.
+in length its rows attend in groups that each skip their left padding (:func:`row_groups`). Both the
+prefill and the steps run Liger's fused norm, rotary and MLP kernels where they run (:mod:`..models.fused`).
+Chat streams each step's token through ``on_step``.
 
 The step computes what ``generate`` computes for left-padded rows (positions counted from the
 attention mask, finished rows fed padding), so greedy replies equal the ``eager`` engine's; off the
@@ -30,6 +31,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..models.fused import fused_kernels, fuses
 from ..models.gpu import head_dim, synchronized_time
 from ..models.lora import base_model
 from ..models.varlen import (packed_kwargs, packed_through_kernel, token_major, varlen_available,
@@ -132,7 +134,7 @@ def _padded_slice(model, part: Sequence[Sequence[int]], longest: int, pad: int, 
     ids, mask = left_padded([p[:-1] for p in part], longest, pad)
     positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
     computed = DynamicCache()
-    with sdpa_kernel(kernels):
+    with sdpa_kernel(kernels), fused_kernels(model):
         base_model(model).get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device),
                                         position_ids=positions.to(device), past_key_values=computed,
                                         use_cache=True)
@@ -148,7 +150,7 @@ def _packed_slice(model, part: Sequence[Sequence[int]], device: torch.device):
     ids = torch.tensor([t for p in tokens for t in p], device=device)[None]
     positions = torch.cat([torch.arange(len(p)) for p in tokens]).to(device)[None]
     computed = DynamicCache()
-    with varlen_implementation(model):
+    with varlen_implementation(model), fused_kernels(model):
         base_model(model).get_decoder()(input_ids=ids, position_ids=positions, past_key_values=computed,
                                         use_cache=True, **packed_kwargs(positions))
     return computed
@@ -264,14 +266,15 @@ class DecodeStep:
     def _forward(self, attended: int) -> torch.Tensor:
         self.decoder.rotary_emb = self.rotary_table
         try:
-            if self.varlen:
-                with varlen_implementation(self.model):
+            with fused_kernels(self.model):
+                if self.varlen:
+                    with varlen_implementation(self.model):
+                        out = self.model(input_ids=self.input_ids, position_ids=self.position_ids,
+                                         past_key_values=self.cache, use_cache=True, logits_to_keep=1, **self.segments)
+                else:
                     out = self.model(input_ids=self.input_ids, position_ids=self.position_ids,
-                                     past_key_values=self.cache, use_cache=True, logits_to_keep=1, **self.segments)
-            else:
-                out = self.model(input_ids=self.input_ids, position_ids=self.position_ids,
-                                 attention_mask=self.mask[..., :attended], past_key_values=self.cache,
-                                 use_cache=True, logits_to_keep=1, row_groups=self.row_groups)
+                                     attention_mask=self.mask[..., :attended], past_key_values=self.cache,
+                                     use_cache=True, logits_to_keep=1, row_groups=self.row_groups)
         finally:
             self.decoder.rotary_emb = self.rotary
         return out.logits[:, -1]
@@ -330,7 +333,7 @@ class GraphDecoder:
         self.processors = decoding.logits_processors()
         self.step: Optional[DecodeStep] = None
         self.batches: list[dict] = []  # per batch: rows, width, cache length, prefill kind and prompt tokens,
-        # prefill/capture/decode seconds, steps
+        # decoding attention, elementwise kernels (models/fused.py), prefill/capture/decode seconds, steps
 
     def release(self) -> None:
         """Drop the recorded step and its cache (before a retry at a smaller batch)."""
@@ -381,6 +384,7 @@ class GraphDecoder:
         capture = step.capture_seconds - captured
         self.batches.append({"rows": len(prompts), "width": width, "cache": step.cache_len, "prefill": kind,
                              "decode": "varlen" if step.varlen else "row groups",
+                             "kernels": "fused" if fuses(self.model) else "eager",
                              "prompt_tokens": sum(len(p) - 1 for p in prompts),
                              "prefill_s": prefilled - t0, "capture_s": capture,
                              "decode_s": synchronized_time(self.device) - prefilled - capture, "steps": k + 1})

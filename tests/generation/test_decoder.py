@@ -252,3 +252,20 @@ def test_replies_after_a_packed_prefill_equal_the_eager_engines(tiny_lora, rando
         layers = model.config.num_hidden_layers
         assert stand_in_kernel.calls - calls == layers * sum((b["prompt_tokens"] > 0) + b["steps"]
                                                              for b in stats.batches)
+
+
+def test_replies_through_the_fused_kernels_equal_the_eager_engines(tiny_lora, random_prompts, stand_in_kernel,
+                                                                     stand_in_fused_kernels):
+    """The compiled engine's prefill and decoding steps run the fused kernels (models/fused.py), the eager engine
+    (the reference) does not; the replies are equal and each batch's profile says so."""
+    backend, model, tok = tiny_lora
+    decoding = Decoding(max_new_tokens=7)
+    want, _ = Generator(model, tok, backend, decoding, 3, engine="eager").generate(random_prompts, progress=False)
+    assert not stand_in_fused_kernels.calls
+    got, stats = Generator(model, tok, backend, decoding, 3, engine="compiled").generate(random_prompts,
+                                                                                          progress=False)
+    assert got == want
+    assert [b["kernels"] for b in stats.batches] == ["fused"] * 3
+    layers = model.config.num_hidden_layers
+    forwards = sum((b["prompt_tokens"] > 0) + b["steps"] for b in stats.batches)  # prefills and decoding steps
+    assert stand_in_fused_kernels.calls["rotary"] == stand_in_fused_kernels.calls["silu_mul"] == layers * forwards

@@ -1,5 +1,6 @@
 """GPU-only tests (marked ``gpu``; skipped without CUDA): Unsloth and 4-bit bitsandbytes paths."""
 import contextlib
+import copy
 import importlib.util
 
 import pytest
@@ -177,6 +178,47 @@ def test_hf_packed_loss_through_torch_varlen_equals_per_conversation_loss(tiny_m
     assert len(calls) == lm.model.config.num_hidden_layers  # the packed batch, and only it, through the kernel
     assert int(n_p) == n
     assert float(packed) == pytest.approx(weighted, rel=2e-2)
+
+
+def test_fused_kernels_compute_llama_layers_as_close_to_fp32_as_the_eager_bf16_modules_and_are_swapped_back(
+        monkeypatch):
+    """Liger's kernels (models/fused.py) in two bf16 Llama layers of Llama-3.1-8B's widths, as a prefill (1,500
+    tokens in two rows) and as a decoding step (256 rows of one token): the hidden states are as close to an fp32
+    computation as the eager bf16 modules' are; after the context the eager modules and rotary function are back."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama import modeling_llama as llama
+
+    from bengali_empathy.models import fused as fused_module
+    from bengali_empathy.models.fused import fused_kernels, fuses
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+                         num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                         attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        exact_model = LlamaForCausalLM(config).eval()
+    model = copy.deepcopy(exact_model).to(torch.bfloat16)
+    if not fuses(model):
+        pytest.skip("liger-kernel is not installed or its kernels do not run on this GPU")
+    calls = {}
+    for name in ("rms_norm", "rotary", "silu_mul"):
+        kernel = getattr(fused_module, name)
+        monkeypatch.setattr(fused_module, name, lambda *a, _k=kernel, _n=name: calls.update({_n: calls.get(_n, 0) + 1})
+                            or _k(*a))
+    rotary = llama.apply_rotary_pos_emb
+    for ids in (torch.randint(0, 1000, (2, 750), device="cuda"), torch.randint(0, 1000, (256, 1), device="cuda")):
+        with torch.no_grad():
+            exact = exact_model.model(input_ids=ids).last_hidden_state
+            eager = model.model(input_ids=ids).last_hidden_state.float()
+            with fused_kernels(model) as fused_on, fused_kernels(model) as nested_on:
+                assert fused_on and nested_on and llama.apply_rotary_pos_emb is not rotary
+                fused = model.model(input_ids=ids).last_hidden_state.float()
+        fused_err, eager_err = (float((x - exact).abs().max()) for x in (fused, eager))
+        assert fused_err <= 2 * eager_err, (ids.shape, fused_err, eager_err)
+    # per forward: two norms a layer and the final one, one rotary and one MLP a layer
+    assert calls == {"rms_norm": 2 * 5, "rotary": 2 * 2, "silu_mul": 2 * 2}
+    assert llama.apply_rotary_pos_emb is rotary
+    assert not any("forward" in vars(m) for m in model.modules())
 
 
 def test_varlen_attention_matches_sdpa_with_a_block_diagonal_mask_forward_and_backward():
