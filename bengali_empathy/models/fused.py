@@ -139,6 +139,11 @@ def _rotary_or(eager):
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         if unsqueeze_dim != 1 or not q.dtype == k.dtype == cos.dtype == sin.dtype:
             return eager(q, k, cos, sin, unsqueeze_dim)
+        if q.shape[2] == 1 < q.shape[0] == cos.shape[0]:
+            # A decoding step, one token a row, goes in as one row of tokens (the same memory): Triton compiles
+            # Liger's kernel once for each batch size it is called with, and a run's batches differ in rows.
+            q, k = rotary(q.transpose(0, 2), k.transpose(0, 2), cos.transpose(0, 1), sin.transpose(0, 1))
+            return q.transpose(0, 2), k.transpose(0, 2)
         return rotary(q, k, cos, sin)
 
     return apply_rotary_pos_emb

@@ -75,3 +75,15 @@ def test_a_model_of_another_architecture_keeps_its_modules(stand_in_fused_kernel
     model = tiny_lora_of("mistral", tokenizer)
     with fused_kernels(model) as on:
         assert not on and not swapped(model)
+
+
+def test_the_probe_takes_kernels_that_compute_what_eager_does_and_refuses_one_that_does_not(stand_in_fused_kernels,
+                                                                                              monkeypatch):
+    from bengali_empathy.models import fused
+
+    probe = fused._runs_on.__wrapped__  # uncached: a CPU stands for the GPU here
+    widths = (256, 896, 8, 2, 32)  # hidden, intermediate, heads, K/V heads, head width
+    assert probe(torch.device("cpu"), *widths)
+    assert stand_in_fused_kernels.calls == {"rms_norm": 1, "rotary": 1, "silu_mul": 1}
+    monkeypatch.setattr(fused, "silu_mul", lambda gate, up: gate * up)  # no SiLU
+    assert not probe(torch.device("cpu"), *widths)

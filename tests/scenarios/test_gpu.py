@@ -183,8 +183,9 @@ def test_hf_packed_loss_through_torch_varlen_equals_per_conversation_loss(tiny_m
 def test_fused_kernels_compute_llama_layers_as_close_to_fp32_as_the_eager_bf16_modules_and_are_swapped_back(
         monkeypatch):
     """Liger's kernels (models/fused.py) in two bf16 Llama layers of Llama-3.1-8B's widths, as a prefill (1,500
-    tokens in two rows) and as a decoding step (256 rows of one token): the hidden states are as close to an fp32
-    computation as the eager bf16 modules' are; after the context the eager modules and rotary function are back."""
+    tokens in two rows) and as a decoding step (256 rows of one token, each at its own position): the hidden states
+    are as close to an fp32 computation as the eager bf16 modules' are; after the context the eager modules and
+    rotary function are back."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama import modeling_llama as llama
 
@@ -206,15 +207,18 @@ def test_fused_kernels_compute_llama_layers_as_close_to_fp32_as_the_eager_bf16_m
         monkeypatch.setattr(fused_module, name, lambda *a, _k=kernel, _n=name: calls.update({_n: calls.get(_n, 0) + 1})
                             or _k(*a))
     rotary = llama.apply_rotary_pos_emb
-    for ids in (torch.randint(0, 1000, (2, 750), device="cuda"), torch.randint(0, 1000, (256, 1), device="cuda")):
+    prefill = {"input_ids": torch.randint(0, 1000, (2, 750), device="cuda")}
+    step = {"input_ids": torch.randint(0, 1000, (256, 1), device="cuda"),  # each row at its own position
+            "position_ids": torch.randint(0, 700, (256, 1), device="cuda")}
+    for inputs in (prefill, step):
         with torch.no_grad():
-            exact = exact_model.model(input_ids=ids).last_hidden_state
-            eager = model.model(input_ids=ids).last_hidden_state.float()
+            exact = exact_model.model(**inputs).last_hidden_state
+            eager = model.model(**inputs).last_hidden_state.float()
             with fused_kernels(model) as fused_on, fused_kernels(model) as nested_on:
                 assert fused_on and nested_on and llama.apply_rotary_pos_emb is not rotary
-                fused = model.model(input_ids=ids).last_hidden_state.float()
+                fused = model.model(**inputs).last_hidden_state.float()
         fused_err, eager_err = (float((x - exact).abs().max()) for x in (fused, eager))
-        assert fused_err <= 2 * eager_err, (ids.shape, fused_err, eager_err)
+        assert fused_err <= 2 * eager_err, (inputs["input_ids"].shape, fused_err, eager_err)
     # per forward: two norms a layer and the final one, one rotary and one MLP a layer
     assert calls == {"rms_norm": 2 * 5, "rotary": 2 * 2, "silu_mul": 2 * 2}
     assert llama.apply_rotary_pos_emb is rotary
