@@ -64,7 +64,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--variants", nargs="*", default=[])
     p.add_argument("--batch-rows", type=int, default=256, help="rows of each of the two prefill/decoding batches "
-                   "(their KV cache must fit beside the merged model: 128 on an 80 GB card)")
+                   "(their KV cache must fit beside the merged model)")
     p.add_argument("--budgets", nargs="*", type=int, default=[16384])
     p.add_argument("--e2e", nargs="*", default=[], help="max_new_tokens of end-to-end runs per variant")
     p.add_argument("--reps", type=int, default=2, help="prefills of each batch per variant (the first: the process's first)")
@@ -128,16 +128,19 @@ def main() -> None:
                               "cudaFree": s1["num_device_free"] - s0["num_device_free"],
                               "retries": s1["num_alloc_retries"] - s0["num_alloc_retries"]})
         emit({"cudaMalloc_total": torch.cuda.memory_stats()["num_device_alloc"] - stats0["num_device_alloc"]})
-        if a.fused_variant:  # the first batch's keys and values of every layer: eager kernels against main
+        if a.fused_variant:  # the first batch's keys and values in the first, middle and last layers
             caches, layers = {}, (0, len(step.cache.layers) // 2, len(step.cache.layers) - 1)
             for name in ("main", "eager_kernels"):
                 variants[name](model, step.cache, batches[0], width, pad, 16384)
                 caches[name] = [torch.cat([step.cache.layers[i].keys, step.cache.layers[i].values]).clone()
                                 for i in layers]
-            diffs = [(m.float() - e.float()).abs() for m, e in zip(caches["main"], caches["eager_kernels"])]
-            emit({"kv_diff": "main - eager_kernels", "layers": layers, "max_abs": [round(float(d.max()), 4) for d in diffs],
-                  "mean_abs": [round(float(d.mean()), 6) for d in diffs],
-                  "mean_abs_value": [round(float(e.float().abs().mean()), 4) for e in caches["eager_kernels"]],
+            # over the filled slots only (padding slots are zeros in both)
+            filled = [(m != 0) | (e != 0) for m, e in zip(caches["main"], caches["eager_kernels"])]
+            diffs = [(m.float() - e.float()).abs()[f] for m, e, f in zip(caches["main"], caches["eager_kernels"], filled)]
+            emit({"kv_diff": "main - eager_kernels", "layers": layers, "filled_values": [int(f.sum()) for f in filled],
+                  "max_abs": [round(float(d.max()), 4) for d in diffs], "mean_abs": [round(float(d.mean()), 6) for d in diffs],
+                  "mean_abs_value": [round(float(e.float().abs()[f].mean()), 4)
+                                     for e, f in zip(caches["eager_kernels"], filled)],
                   "equal_fraction": [round(float((d == 0).float().mean()), 4) for d in diffs]})
             del caches, diffs
         # Kernel profile of one slice (the longest prompts) per variant.

@@ -10,8 +10,9 @@ of fp32 sums may differ.
 
 :func:`fused_kernels` swaps them into a model for a while: its RMSNorm and MLP modules' forwards, and
 transformers' Llama ``apply_rotary_pos_emb`` (a function of its module that every Llama attention looks up
-when called: patched while any model is within, restored when the last leaves). Where a module's input is
-not in its weight's dtype (fp32 norms of a k-bit-prepared model) it runs eagerly. The kernels are found by
+when called: patched while any model is within, restored when the last leaves). A norm whose input is not in
+its weight's dtype (the fp32 norms of a k-bit-prepared model), or a rotary embedding whose cos/sin are not in
+the queries' dtype, runs eagerly: eager promotes to fp32 there, the kernels would not. The kernels are found by
 feature: tiny calls on the device must compute what the eager modules compute (:func:`fused_available`);
 elsewhere (CPU, no Triton, no ``liger-kernel``) nothing changes.
 """
@@ -126,10 +127,7 @@ def _norm_forward(norm: torch.nn.Module):
 
 def _mlp_forward(mlp: torch.nn.Module):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-        if gate.dtype != up.dtype:
-            return mlp.down_proj(mlp.act_fn(gate) * up)
-        return mlp.down_proj(silu_mul(gate, up))
+        return mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
 
     return forward
 
