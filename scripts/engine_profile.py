@@ -38,10 +38,15 @@ def load_variant(path: str):
     return module.prefill
 
 
+def no_fused_kernels(device, config) -> bool:
+    """``fused.fused_available`` where the eager elementwise kernels are to run."""
+    return False
+
+
 def eager_kernels(prefill):
     """``prefill`` with the eager elementwise kernels."""
     def run(*args):
-        available, fused.fused_available = fused.fused_available, lambda device, config: False
+        available, fused.fused_available = fused.fused_available, no_fused_kernels
         try:
             return prefill(*args)
         finally:
@@ -90,7 +95,7 @@ def main() -> None:
             out.flush()
 
     if a.eager_kernels:
-        fused.fused_available = lambda device, config: False
+        fused.fused_available = no_fused_kernels
     variants = {} if a.no_main else {"main": decoder.prefill}
     if a.fused_variant:
         variants["eager_kernels"] = eager_kernels(decoder.prefill)
