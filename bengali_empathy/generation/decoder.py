@@ -26,6 +26,7 @@ GPU the same step runs without a graph (that is what the CPU tests compare).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable, Optional, Sequence
 
@@ -264,17 +265,16 @@ class DecodeStep:
         return min(self.cache_len, -(-filled // CACHE_BUCKET) * CACHE_BUCKET)
 
     def _forward(self, attended: int) -> torch.Tensor:
+        if self.varlen:
+            attention, attends = varlen_implementation(self.model), self.segments
+        else:
+            attention = contextlib.nullcontext()
+            attends = {"attention_mask": self.mask[..., :attended], "row_groups": self.row_groups}
         self.decoder.rotary_emb = self.rotary_table
         try:
-            with fused_kernels(self.model):
-                if self.varlen:
-                    with varlen_implementation(self.model):
-                        out = self.model(input_ids=self.input_ids, position_ids=self.position_ids,
-                                         past_key_values=self.cache, use_cache=True, logits_to_keep=1, **self.segments)
-                else:
-                    out = self.model(input_ids=self.input_ids, position_ids=self.position_ids,
-                                     attention_mask=self.mask[..., :attended], past_key_values=self.cache,
-                                     use_cache=True, logits_to_keep=1, row_groups=self.row_groups)
+            with fused_kernels(self.model), attention:
+                out = self.model(input_ids=self.input_ids, position_ids=self.position_ids, past_key_values=self.cache,
+                                 use_cache=True, logits_to_keep=1, **attends)
         finally:
             self.decoder.rotary_emb = self.rotary
         return out.logits[:, -1]
