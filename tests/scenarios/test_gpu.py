@@ -468,17 +468,20 @@ def test_a_budget_planned_on_packed_rows_holds_for_packed_corpus_batches(mid_mod
 def test_compiled_engine_replays_cuda_graphs_equal_to_the_step_run_directly(tiny_model_path, load_in_4bit,
                                                                            monkeypatch):
     """The recorded graph computes what the step computes when run kernel by kernel, token for token, in
-    4-bit too, with rows attending in groups that skip their padding. Unquantised (bf16 on CUDA), with all
-    rows in one group and decoding through SDPA, the replies equal the ``static`` engine's (the same prefill,
-    transformers' ``generate`` decoding with the same attention). Not against ``eager``: its prefill may take
-    SDPA's cuDNN kernel, which :func:`.decoder.prefill` leaves out; groups of fewer rows, or the varlen
-    kernel's decoding steps, split the attention's sums differently. Each may flip a near-tie of the random
-    model's flat logits (the varlen decoding against the static engine did so on an H100)."""
+    4-bit too, with rows attending in groups that skip their padding, and Liger's fused kernels where they run.
+    Unquantised (bf16 on CUDA), with all rows in one group, decoding through SDPA and PyTorch's elementwise
+    kernels, the replies equal the ``static`` engine's (the same prefill, transformers' ``generate`` decoding
+    with the same attention and kernels). Not against ``eager``: its prefill may take SDPA's cuDNN kernel, which
+    :func:`.decoder.prefill` leaves out; groups of fewer rows, the varlen kernel's decoding steps, or the fused
+    kernels in the compiled steps but not in ``generate``'s round and sum differently. Each may flip a near-tie
+    of the random model's flat logits (the varlen decoding did so on an H100, the fused kernels on another);
+    the peaked-logits test below compares the engines with all of them in place."""
     if load_in_4bit:
         pytest.importorskip("bitsandbytes")
     from bengali_empathy.generation import decoder
     from bengali_empathy.generation.decoding import Decoding
     from bengali_empathy.generation.generator import Generator
+    from bengali_empathy.models import fused
     from bengali_empathy.models.memory import MemorySettings
     from bengali_empathy.training.module import EmpathyLM
 
@@ -500,8 +503,9 @@ def test_compiled_engine_replays_cuda_graphs_equal_to_the_step_run_directly(tiny
         return gen.generate(prompts, progress=False)
 
     if not load_in_4bit:  # one attention group (ROW_GROUP rows): the sums split as in transformers' decoding
-        with monkeypatch.context() as sdpa_decoding:
-            sdpa_decoding.setattr(decoder, "varlen_available", lambda device, dtype, decoding=False: False)
+        with monkeypatch.context() as as_generate_decodes:
+            as_generate_decodes.setattr(decoder, "varlen_available", lambda device, dtype, decoding=False: False)
+            as_generate_decodes.setattr(fused, "fused_available", lambda device, config: False)
             assert replies("compiled")[0] == replies("static")[0]
     monkeypatch.setattr(decoder, "ROW_GROUP", 2)  # first batch (300, 260 | 90, 41): the second pair from slot 208
     monkeypatch.setattr(decoder, "GROUP_SLOT", 8)
@@ -522,8 +526,9 @@ def test_compiled_engine_replays_cuda_graphs_equal_to_the_step_run_directly(tiny
 def test_chat_on_the_compiled_engine_replays_graphs_and_streams_the_static_engines_reply(tiny_model_path,
                                                                                           monkeypatch):
     """Chat decodes in a worker thread: the graphs recorded there give the static engine's reply (bf16, both
-    decoding through SDPA: the varlen kernel's sums may flip a near-tie of the random model), and the next
-    reply of the same cache bucket replays them without recording."""
+    decoding through SDPA and PyTorch's elementwise kernels: the varlen or fused kernels' sums may flip a
+    near-tie of the random model), and the next reply of the same cache bucket replays them without recording."""
+    from bengali_empathy.models import fused
     from bengali_empathy.models.backends import HFPeftBackend, LoraSettings
     from bengali_empathy.generation import decoder
     from bengali_empathy.generation.chat import Replier
@@ -533,6 +538,7 @@ def test_chat_on_the_compiled_engine_replays_graphs_and_streams_the_static_engin
 
     monkeypatch.setattr(peft.tuners.lora.torchao, "is_torchao_available", lambda: False)  # as above
     monkeypatch.setattr(decoder, "varlen_available", lambda device, dtype, decoding=False: False)
+    monkeypatch.setattr(fused, "fused_available", lambda device, config: False)
     backend = HFPeftBackend(load_in_4bit=False, gradient_checkpointing=False)
     model, tok = backend.load(tiny_model_path, 768, LoraSettings(), None)
     model = model.to("cuda").eval()
